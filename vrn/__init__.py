@@ -1,0 +1,1 @@
+"""vrn: volumetric regression network for 3D face reconstruction."""

@@ -1,0 +1,210 @@
+"""Asset registry: every model or data file the project loads is resolved here.
+
+Lookup order for an asset ``name`` (e.g. ``"3ddfa_v2/mb05_120x120.pth"``):
+
+1. an explicit path (a config value) -- used as is, must exist;
+2. ``$VRN_ASSETS_DIR/<name>`` -- a local mirror (CI and tests point it at ``../shared/assets``);
+3. the user cache ``$VRN_CACHE_DIR`` or ``~/.cache/vrn/<name>``;
+4. a download from the upstream URL into the cache, verified against the sha256.
+
+Offline with nothing found, :class:`AssetNotFoundError` names the file, the URL and
+where to place it by hand. Nothing is ever half-written: downloads go to a temporary
+file that is renamed only after the checksum matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Asset", "AssetNotFoundError", "REGISTRY", "resolve", "cache_dir", "sha256_of"]
+
+_3DDFA_V2 = "https://github.com/cleardusk/3DDFA_V2/raw/master/"
+_3DDFA_V1 = "https://github.com/cleardusk/3DDFA/raw/master/"
+_EOS = "https://github.com/patrikhuber/eos/raw/master/share/"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One registered file: its registry name, upstream URL and expected sha256."""
+
+    name: str
+    url: str | None
+    sha256: str | None
+    description: str = ""
+
+
+class AssetNotFoundError(FileNotFoundError):
+    """Raised when an asset is neither present locally nor downloadable."""
+
+
+def _a(name: str, url: str | None, sha: str | None, desc: str = "") -> Asset:
+    return Asset(name, url, sha, desc)
+
+
+REGISTRY: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        # --- 3DDFA_V2 (Guo et al., ECCV 2020; MIT code, BFM-derived data) ---
+        _a("3ddfa_v2/mb05_120x120.pth", _3DDFA_V2 + "weights/mb05_120x120.pth",
+           "f93ed7f1c4c0382b16d7c18480a5f67473c1917a47475a9823924f38aeb27280",
+           "MobileNetV1 x0.5 3DMM regressor"),
+        _a("3ddfa_v2/mb1_120x120.pth", _3DDFA_V2 + "weights/mb1_120x120.pth", None,
+           "MobileNetV1 x1.0 3DMM regressor"),
+        _a("3ddfa_v2/FaceBoxesProd.pth", _3DDFA_V2 + "FaceBoxes/weights/FaceBoxesProd.pth",
+           "c0cb2b1e40710c0aa5fc32a8759b1496a0fe0a126c907ca0ffe35b4bd0709d09",
+           "FaceBoxes face detector"),
+        _a("3ddfa_v2/param_mean_std_62d_120x120.pkl",
+           _3DDFA_V2 + "configs/param_mean_std_62d_120x120.pkl",
+           "090d7150f77cb66c29ddae21e4508fbde59123dcd1dea7facc24a7ed06d1c795",
+           "regressor output mean/std"),
+        _a("3ddfa_v2/tri.pkl", _3DDFA_V2 + "configs/tri.pkl",
+           "0562a594d8369f7d1c86306522ff76fd3a2c81cf90ba9443893c1191ad0abbb8",
+           "triangles of the 38,365-vertex no-neck BFM"),
+        _a("3ddfa_v2/indices.npy", _3DDFA_V2 + "configs/indices.npy",
+           "b341debcdf26492332c1f96ced438e727e74164d1524cab9cca0aedf6ccd39c8"),
+        _a("3ddfa_v2/ncc_code.npy", _3DDFA_V2 + "configs/ncc_code.npy",
+           "edab94fb09d2e25660d62eb068316becf8998e793dfe2ae3ac89196ebc0af981"),
+        _a("3ddfa_v2/BFM_UV.mat", _3DDFA_V2 + "configs/BFM_UV.mat",
+           "60be915f601563e274d9737abd54c6b925e8e737fa1c89d3cd64933315629ce1"),
+        _a("3ddfa_v2/bfm_noneck_v3.pkl", _3DDFA_V2 + "configs/bfm_noneck_v3.pkl", None,
+           "dense 38,365-vertex BFM shape/expression bases"),
+        _a("3ddfa_v2/bfm_noneck_v3_offline.npz", None,
+           "c368000720b0ff6a723d689e9023425d5cdfaa78f4f1442a23bb3c34ab25f21a",
+           "offline stand-in for bfm_noneck_v3.pkl (exact mean face and landmarks only); "
+           "built from the 3DDFA files, not downloadable: copy it from a vrn assets mirror"),
+        # --- 3DDFA v1 (68-point BFM basis) ---
+        _a("3ddfa_v1/keypoints_sim.npy", _3DDFA_V1 + "train.configs/keypoints_sim.npy",
+           "065053f041b03ed32e36641d26fcd9aefef36f6c518899091cdc6038a6246c13"),
+        _a("3ddfa_v1/u_shp.npy", _3DDFA_V1 + "train.configs/u_shp.npy",
+           "8a3b8b5ba3b0526ce3ddd3e287b26e0192c150e477767f374a6e333a365ff7dd"),
+        _a("3ddfa_v1/u_exp.npy", _3DDFA_V1 + "train.configs/u_exp.npy",
+           "69049fb360bfff61090f7705ba510ed9bd817da871edbaa69e2fed7df624cf19"),
+        _a("3ddfa_v1/u_base.txt", _3DDFA_V1 + "c++/weights/u_base.txt",
+           "1ea7c3116070aeee720605a4a44ca9db582ac550095c321c3cf65ec925fe43cf"),
+        _a("3ddfa_v1/w_shp_base.txt", _3DDFA_V1 + "c++/weights/w_shp_base.txt",
+           "bec9a2189eb77c61ff940c801dcd9e5cd7f1973b6d91949494d9cd7ac121b7f6"),
+        _a("3ddfa_v1/w_exp_base.txt", _3DDFA_V1 + "c++/weights/w_exp_base.txt",
+           "4dc637c92c34bfd69faab74cafce23913f2b6181ff00c57a7ab69c1204d20b18"),
+        _a("3ddfa_v1/param_mean_v2.txt", _3DDFA_V1 + "c++/weights/param_mean_v2.txt",
+           "aea8b3e0a3784a8b122919a21f554b88b24904bcc915e4b9d7d1034267e8944d"),
+        _a("3ddfa_v1/param_std_v2.txt", _3DDFA_V1 + "c++/weights/param_std_v2.txt",
+           "8982896dec0c32838cecf3e021dfd08bdd6a0733e7029d0fb9a31061c6c08662"),
+        # --- Surrey Face Model via eos (Huber et al., VISAPP 2016; non-commercial) ---
+        _a("sfm/sfm_shape_3448.bin", _EOS + "sfm_shape_3448.bin",
+           "43750338ae533e7fb981e924b6f67ebde3d292f15ec4fc886ae5af14308ad980",
+           "Surrey Face Model, 3448 vertices, 63 shape components"),
+        _a("sfm/expression_blendshapes_3448.bin", _EOS + "expression_blendshapes_3448.bin",
+           "a77c81712fc5e8b08a1be4cd2824d51514e5bde6578109ae5240dfb3489efd43",
+           "6 expression blendshapes of the SFM"),
+        _a("sfm/ibug_to_sfm.txt", _EOS + "ibug_to_sfm.txt",
+           "810810c457184526c7d54305ecbc5da764e2431b5e66025d921a7d424aebfac9",
+           "68 iBUG landmarks -> SFM vertex ids"),
+        _a("sfm/sfm_model_contours.json", _EOS + "sfm_model_contours.json",
+           "c9e69bfa995ab19ac6b27abb07729eb0520a00bb192be12426ca6bce76f3fded"),
+        _a("sfm/sfm_reference.obj", _EOS + "sfm_reference.obj",
+           "1ac929fc7db5a2ec5a1bc9160b92cf8478a360866422a35105717dbc5992ca56"),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """The user cache: ``$VRN_CACHE_DIR`` or ``~/.cache/vrn``."""
+    return Path(os.environ.get("VRN_CACHE_DIR", Path.home() / ".cache" / "vrn")).expanduser()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _help(asset: Asset, tried: list[Path], reason: str) -> str:
+    where = "\n".join(f"  - {p}" for p in tried)
+    url = asset.url or "(no public URL: the file is built from upstream files)"
+    return (
+        f"Asset '{asset.name}' not found ({reason}).\n"
+        f"Looked in:\n{where}\n"
+        f"Upstream: {url}\n"
+        f"Fix: download it by hand and place it at {cache_dir() / asset.name}, "
+        f"or set VRN_ASSETS_DIR to a folder that holds '{asset.name}' "
+        f"(e.g. VRN_ASSETS_DIR=../shared/assets), or pass an explicit path in the config."
+    )
+
+
+def _download(asset: Asset, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(asset.url, timeout=60) as resp:
+            shutil.copyfileobj(resp, out)
+        if asset.sha256 is not None:
+            got = sha256_of(tmp)
+            if got != asset.sha256:
+                raise AssetNotFoundError(
+                    f"Checksum mismatch for '{asset.name}' from {asset.url}: "
+                    f"expected {asset.sha256}, got {got}. The download was discarded."
+                )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def resolve(name: str, path: str | os.PathLike | None = None, download: bool | None = None) -> Path:
+    """Return a local path to the asset ``name``.
+
+    Args:
+        name: registry name, e.g. ``"sfm/sfm_shape_3448.bin"``.
+        path: explicit path from a config; when given it must exist and wins.
+        download: allow a download from upstream (default: unless ``VRN_OFFLINE=1``).
+
+    Raises:
+        AssetNotFoundError: naming the file, the URL and where to put it.
+    """
+    if name not in REGISTRY:
+        raise KeyError(f"Unknown asset '{name}'. Known: {', '.join(sorted(REGISTRY))}")
+    asset = REGISTRY[name]
+    tried: list[Path] = []
+    if path is not None:
+        p = Path(path).expanduser()
+        if p.is_file():
+            return p
+        raise AssetNotFoundError(_help(asset, [p], "the configured path does not exist"))
+    mirror = os.environ.get("VRN_ASSETS_DIR")
+    if mirror:
+        p = Path(mirror).expanduser() / name
+        tried.append(p)
+        if p.is_file():
+            return p
+    p = cache_dir() / name
+    tried.append(p)
+    if p.is_file():
+        return p
+    if download is None:
+        download = os.environ.get("VRN_OFFLINE", "0") not in ("1", "true", "yes")
+    if not download or asset.url is None:
+        raise AssetNotFoundError(_help(asset, tried, "offline" if asset.url else "not downloadable"))
+    try:
+        _download(asset, p)
+    except AssetNotFoundError:
+        raise
+    except Exception as e:  # network errors: say what to do
+        raise AssetNotFoundError(_help(asset, tried, f"download failed: {e}")) from e
+    return p
+
+
+def available(name: str) -> bool:
+    """True when the asset can be resolved without a download."""
+    try:
+        resolve(name, download=False)
+        return True
+    except AssetNotFoundError:
+        return False
