@@ -1,0 +1,161 @@
+"""LightningDataModules over packed folders (real data) and the synthetic-face cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import AugmentConfig, augment_sample
+from .packed import PackedReader
+
+__all__ = ["VolumeDataset", "collate_volumes", "PackedDataModule", "SyntheticDataModule"]
+
+
+class VolumeDataset(Dataset):
+    """Samples of a packed folder as tensors.
+
+    Each item is a dict: ``image`` (3, H, W) float32 RGB [0, 1]; ``lo``/``hi`` (H, W) uint8
+    first depth run per column; ``extra`` (K, 3) int64 further runs (pixel, lo, hi); ``id`` str.
+    Dense targets are decoded on the training device (see ``vrn.lit_module.batch_targets``).
+    """
+
+    def __init__(self, reader: PackedReader, augment: AugmentConfig | None = None, seed: int = 0) -> None:
+        self.reader = reader
+        self.augment = augment
+        self.seed = seed
+        self._draws = 0
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.reader[i]
+        image = s.image.astype(np.float32) / 255.0
+        code = s.code
+        if self.augment is not None and self.augment.enabled:
+            self._draws += 1
+            rng = np.random.default_rng([self.seed, i, self._draws])
+            image, code = augment_sample(image, code, self.augment, rng)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "lo": torch.from_numpy(np.ascontiguousarray(code.lo)),
+            "hi": torch.from_numpy(np.ascontiguousarray(code.hi)),
+            "extra": torch.from_numpy(code.extra.astype(np.int64)).reshape(-1, 3),
+            "id": str(s.row.get("id", i)),
+        }
+
+
+def collate_volumes(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images and run maps; keep the variable-length extra runs as a list."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "lo": torch.stack([it["lo"] for it in items]),
+        "hi": torch.stack([it["hi"] for it in items]),
+        "extra": [it["extra"] for it in items],
+        "id": [it["id"] for it in items],
+    }
+
+
+class PackedDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over a packed folder (``data=folder``, ``data=300w_lp``).
+
+    Args:
+        root: packed folder (``meta.json``, ``manifest.jsonl``, ``index.npy``, ``*.bin``).
+        batch_size, num_workers, pin_memory: loader settings.
+        augment: training augmentation (AugmentConfig fields as a dict), or None.
+        splits: names of the train/val/test splits in the manifest.
+        seed: augmentation seed.
+    """
+
+    def __init__(self, root: str, batch_size: int = 8, num_workers: int = 0, pin_memory: bool = False,
+                 augment: dict[str, Any] | None = None, train_split: str = "train", val_split: str = "val",
+                 test_split: str = "test", seed: int = 0) -> None:
+        super().__init__()
+        self.root = root
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.augment = AugmentConfig(**augment) if augment else None
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.seed = seed
+        self._sets: dict[str, VolumeDataset] = {}
+
+    def _check_root(self) -> Path:
+        root = Path(os.path.expanduser(str(self.root)))
+        if not (root / "meta.json").is_file():
+            raise FileNotFoundError(
+                f"data.root={root} is not a packed dataset (no meta.json). Build one with "
+                f"`python -m data_pipeline.run input_dir=... output_dir=...`, or use data=synthetic."
+            )
+        return root
+
+    def setup(self, stage: str | None = None) -> None:
+        root = self._check_root()
+        for key, split in self.splits.items():
+            if key not in self._sets:
+                reader = PackedReader(root, split=split)
+                aug = self.augment if key == "train" else None
+                self._sets[key] = VolumeDataset(reader, aug, seed=self.seed)
+        if len(self._sets["train"]) == 0:
+            raise ValueError(f"{root} has no samples in split '{self.splits['train']}'")
+
+    def _loader(self, key: str, shuffle: bool) -> DataLoader:
+        ds = self._sets[key]
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, collate_fn=collate_volumes,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+class SyntheticDataModule(PackedDataModule):
+    """Synthetic Surrey-Face-Model faces, generated once into a packed cache (``data=synthetic``).
+
+    The cache folder name encodes the generation settings, so changing any of them builds a
+    new cache; the same settings always give the same bytes (deterministic by seed).
+
+    Args:
+        cache_dir: where generated datasets live.
+        num_train, num_val, num_test: sample counts per split.
+        generator: keyword arguments of :class:`vrn.data.synthetic.SyntheticFaceConfig`.
+        gen_seed: seed of the generator.
+        num_gen_workers: processes used to generate.
+        other args: see :class:`PackedDataModule`.
+    """
+
+    def __init__(self, cache_dir: str, num_train: int = 512, num_val: int = 64, num_test: int = 64,
+                 generator: dict[str, Any] | None = None, gen_seed: int = 0, num_gen_workers: int = 0,
+                 **kw: Any) -> None:
+        from .synthetic import SyntheticFaceConfig, cache_name
+
+        self.gen_cfg = SyntheticFaceConfig(**(generator or {}))
+        self.counts = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
+        self.gen_seed = int(gen_seed)
+        self.num_gen_workers = int(num_gen_workers)
+        root = Path(os.path.expanduser(cache_dir)) / cache_name(self.gen_cfg, self.counts, self.gen_seed)
+        super().__init__(root=str(root), **kw)
+
+    def prepare_data(self) -> None:
+        from .synthetic import generate_packed
+
+        if not (Path(self.root) / "meta.json").is_file():
+            generate_packed(self.root, self.gen_cfg, self.counts, seed=self.gen_seed, workers=self.num_gen_workers)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # idempotent; covers direct use without a Trainer
+        super().setup(stage)

@@ -1,0 +1,121 @@
+"""VRNLitModule: loss, metrics, optimiser and scheduler around a registered VRN variant."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn import functional as F
+
+from .metrics import front_depth_mae, voxel_iou
+from .models import create_model
+from .volume.codec import decode_torch
+
+__all__ = ["VRNLitModule", "volume_bce_loss", "batch_targets"]
+
+
+def volume_bce_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | None = None) -> torch.Tensor:
+    """Per-voxel sigmoid binary cross-entropy, averaged over all voxels (VRN's loss).
+
+    Not a softmax across depth: every voxel is an independent occupied/empty decision.
+
+    Args:
+        logits: (B, D, H, W) float32.
+        target: (B, D, H, W) float32 in {0, 1}.
+        pos_weight: optional weight of occupied voxels.
+    """
+    pw = None if pos_weight is None else torch.tensor(pos_weight, device=logits.device, dtype=logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw)
+
+
+def batch_targets(batch: dict[str, Any], depth_bins: int) -> torch.Tensor:
+    """Decode the batch's compact targets to a dense (B, D, H, W) bool volume on its device."""
+    return decode_torch(batch["lo"], batch["hi"], batch.get("extra"), depth_bins)
+
+
+class VRNLitModule(pl.LightningModule):
+    """Trains a VRN variant with per-voxel BCE.
+
+    Args:
+        net: model spec ``{"name": <registered variant>, **overrides}``; stored in the
+            checkpoint so inference rebuilds the network without Hydra.
+        optimizer: partial optimiser (``_partial_: true`` in config), called with params.
+        scheduler: optional partial LR scheduler, called with the optimiser.
+        scheduler_interval: "epoch" or "step".
+        pos_weight: optional BCE weight of occupied voxels.
+        compile: ``torch.compile`` the network (GPU runs).
+    """
+
+    def __init__(
+        self,
+        net: dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        pos_weight: float | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(net, DictConfig):
+            net = OmegaConf.to_container(net, resolve=True)
+        net = dict(net)
+        self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.net: nn.Module = create_model(**net)
+        self.depth_bins: int = int(getattr(self.net, "depth_bins", 200))
+        if compile:
+            self.net = torch.compile(self.net)
+        self.val_preview: dict[str, torch.Tensor] | None = None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: (B, 3, H, W) float32 RGB [0, 1] -> logits (B, D, H, W)."""
+        return self.net(image)
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        logits = self(batch["image"])
+        target = batch_targets(batch, self.depth_bins)
+        loss = volume_bce_loss(logits, target.float(), self.hparams.pos_weight)
+        with torch.no_grad():
+            pred = logits > 0  # sigmoid(logit) > 0.5
+            iou = voxel_iou(pred, target).mean()
+            mae = front_depth_mae(pred, target).nanmean()
+        bs = logits.shape[0]
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log(f"{stage}/iou", iou, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs)
+        if not torch.isnan(mae):
+            self.log(f"{stage}/depth_mae", mae, on_step=False, on_epoch=True, batch_size=bs)
+        if stage == "val" and self.val_preview is None:
+            self.val_preview = {
+                "image": batch["image"][:4].detach().cpu(),
+                "prob": torch.sigmoid(logits[:4]).detach().float().cpu(),
+                "target": target[:4].detach().cpu(),
+            }
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_preview = None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval,
+                             "monitor": "val/iou"},
+        }

@@ -1,0 +1,55 @@
+"""Volume metrics: voxel IoU and front-surface depth error.
+
+All functions take batched tensors in the volume frame ``(B, D, H, W)`` = (batch, depth
+bin, row, column), depth bins growing toward the camera.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["voxel_iou", "front_depth", "front_depth_mae"]
+
+
+def voxel_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample voxel IoU.
+
+    Args:
+        pred, target: (B, D, H, W) bool occupancy (threshold probabilities at 0.5 first).
+    Returns:
+        (B,) float32 IoU; 1.0 where both volumes are empty.
+    """
+    inter = (pred & target).flatten(1).sum(1).float()
+    union = (pred | target).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def front_depth(occupancy: torch.Tensor) -> torch.Tensor:
+    """Front-surface depth map: the highest occupied depth bin of each column.
+
+    Args:
+        occupancy: (B, D, H, W) bool.
+    Returns:
+        (B, H, W) float32 depth-bin index of the front surface, -1 where the column is empty.
+    """
+    d = torch.arange(occupancy.shape[1], device=occupancy.device, dtype=torch.float32)
+    d = d.view(1, -1, 1, 1)
+    return torch.where(occupancy, d, torch.full_like(d, -1.0)).amax(dim=1)
+
+
+def front_depth_mae(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of the front-surface depth, in voxels (depth bins).
+
+    Averaged over pixels where both prediction and target have a surface; samples with no
+    such pixel give NaN (ignored by ``nanmean`` when batching).
+
+    Args:
+        pred, target: (B, D, H, W) bool occupancy.
+    Returns:
+        (B,) float32.
+    """
+    fp, ft = front_depth(pred), front_depth(target)
+    both = (fp >= 0) & (ft >= 0)
+    err = (fp - ft).abs() * both
+    n = both.flatten(1).sum(1).float()
+    return torch.where(n > 0, err.flatten(1).sum(1) / n.clamp(min=1), torch.full_like(n, float("nan")))

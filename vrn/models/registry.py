@@ -1,0 +1,62 @@
+"""Model variants registered by name (timm style): ``create_model("vrn_unguided")``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from .vrn import VRN
+
+__all__ = ["register_model", "create_model", "list_models"]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register a model factory under its function name."""
+    if fn.__name__ in _REGISTRY:
+        raise ValueError(f"model '{fn.__name__}' registered twice")
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered variant; ``overrides`` replace its default arguments."""
+    if name not in _REGISTRY:
+        raise KeyError(f"Unknown model '{name}'. Registered: {', '.join(list_models())}")
+    return _REGISTRY[name](**overrides)
+
+
+def _variant(defaults: dict[str, Any], overrides: dict[str, Any]) -> VRN:
+    return VRN(**{**defaults, **overrides})
+
+
+@register_model
+def vrn_unguided(**kw: Any) -> VRN:
+    """The released VRN-unguided network: 2 stacks, 256 features, 4-level VRN hourglass (19.18 M params)."""
+    return _variant(dict(features=256, stacks=2, hourglass="vrn", hourglass_depth=4, n_modules=3), kw)
+
+
+@register_model
+def vrn_standard(**kw: Any) -> VRN:
+    """Same stem/head with Newell et al.'s standard hourglass (recursion in the pooled branch)."""
+    return _variant(dict(features=256, stacks=2, hourglass="standard", hourglass_depth=4, n_modules=1), kw)
+
+
+@register_model
+def vrn_small(**kw: Any) -> VRN:
+    """A CPU-trainable VRN: 1 stack, 64 features, 2-level VRN hourglass, one block per segment."""
+    return _variant(dict(features=64, stacks=1, hourglass="vrn", hourglass_depth=2, n_modules=1,
+                         stem_channels=(32, 64)), kw)
+
+
+@register_model
+def vrn_tiny(**kw: Any) -> VRN:
+    """Smallest variant for tests: 1 stack, 32 features, 1-level hourglass."""
+    return _variant(dict(features=32, stacks=1, hourglass="vrn", hourglass_depth=1, n_modules=1,
+                         stem_channels=(16, 32)), kw)

@@ -1,0 +1,95 @@
+"""The VRN network: stem, stacked hourglass stages, volumetric head."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .blocks import Bottleneck, ConvBnRelu
+from .hourglass import StandardHourglass, VRNHourglass
+
+__all__ = ["VRN"]
+
+
+class VRN(nn.Module):
+    """Volumetric Regression Network (Jackson et al., ICCV 2017), unguided variant.
+
+    Layer for layer as the released graph when built with the defaults::
+
+        stem : conv7x7/2 (3->64), BN, ReLU, residual 64->128, max-pool 2,
+               residual 128->128, residual 128->256
+        stage: x + f(x),  f = hourglass -> residual -> 2 x [conv1x1, BN, ReLU]
+               (stacked ``stacks`` times; no intermediate supervision)
+        head : conv1x1 (F->F), BN, ReLU, conv1x1 (F->depth_bins), bilinear x4
+
+    The head returns *logits*; the released model ends in a sigmoid, which belongs to the
+    loss (``BCEWithLogits``) and to inference here.
+
+    Args:
+        depth_bins: output channels = depth bins of the volume (200).
+        features: hourglass width (256).
+        stacks: number of hourglass stages (2).
+        hourglass: ``"vrn"`` (released nesting) or ``"standard"`` (Newell et al.).
+        hourglass_depth: nested levels per hourglass (4).
+        n_modules: residual blocks per hourglass branch segment (3 for "vrn").
+        stem_channels: widths of the first two stem stages (64, 128).
+        in_channels: 3 for RGB.
+        align_corners: bilinear x4 mode; True matches Torch7's SpatialUpSamplingBilinear.
+    Shapes:
+        x: (B, 3, H, W) float32 RGB in [0, 1], H and W divisible by ``4 * 2**levels``
+        returns logits (B, depth_bins, H, W) indexed (depth bin, row, column).
+    """
+
+    def __init__(
+        self,
+        depth_bins: int = 200,
+        features: int = 256,
+        stacks: int = 2,
+        hourglass: Literal["vrn", "standard"] = "vrn",
+        hourglass_depth: int = 4,
+        n_modules: int = 3,
+        stem_channels: tuple[int, int] = (64, 128),
+        in_channels: int = 3,
+        align_corners: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in dict(depth_bins=depth_bins, features=features, stacks=stacks,
+                                hourglass_depth=hourglass_depth, n_modules=n_modules).items():
+            if int(value) < 1:
+                raise ValueError(f"VRN: {name} must be >= 1, got {value}")
+        if hourglass not in ("vrn", "standard"):
+            raise ValueError(f"VRN: hourglass must be 'vrn' or 'standard', got {hourglass!r}")
+        c1, c2 = stem_channels
+        self.depth_bins = depth_bins
+        self.align_corners = align_corners
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 7, stride=2, padding=3),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(inplace=True),
+            Bottleneck(c1, c2),
+            nn.MaxPool2d(2, 2),
+            Bottleneck(c2, c2),
+            Bottleneck(c2, features),
+        )
+        hg = VRNHourglass if hourglass == "vrn" else StandardHourglass
+        self.stages = nn.ModuleList(
+            nn.Sequential(
+                hg(hourglass_depth, features, n_modules),
+                Bottleneck(features, features),
+                ConvBnRelu(features, features),
+                ConvBnRelu(features, features),
+            )
+            for _ in range(stacks)
+        )
+        self.head = nn.Sequential(ConvBnRelu(features, features), nn.Conv2d(features, depth_bins, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        x = self.stem(x)
+        for stage in self.stages:
+            x = x + stage(x)
+        logits = self.head(x)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)

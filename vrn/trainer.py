@@ -1,0 +1,92 @@
+"""Build the Lightning Trainer, callbacks and loggers from Hydra config."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_trainer", "build_callbacks", "build_loggers", "resolve_gpus_alias", "wandb_has_api_key"]
+
+
+def resolve_gpus_alias(trainer_cfg: DictConfig) -> DictConfig:
+    """Map the removed Lightning 1.x ``gpus=N`` argument onto ``accelerator=gpu, devices=N``.
+
+    Returns a copy without ``gpus``. ``gpus=null`` or absent changes nothing; ``gpus=0``
+    means CPU. Emits a deprecation note pointing at ``trainer.devices``.
+    """
+    cfg = OmegaConf.create(OmegaConf.to_container(trainer_cfg, resolve=False))
+    gpus = cfg.get("gpus", None)
+    with open_dict(cfg):
+        cfg.pop("gpus", None)
+        if gpus is None:
+            return cfg
+        msg = (f"trainer.gpus={gpus} is deprecated (Lightning 2 removed `gpus`): "
+               f"use trainer.accelerator=gpu trainer.devices={gpus} instead")
+        warnings.warn(msg, DeprecationWarning, stacklevel=2)
+        log.warning(msg)
+        if isinstance(gpus, int) and gpus == 0:
+            cfg.accelerator, cfg.devices = "cpu", 1
+        else:
+            cfg.accelerator, cfg.devices = "gpu", gpus
+            n = gpus if isinstance(gpus, int) else len(gpus) if isinstance(gpus, (list, tuple)) else None
+            if n is not None and n > 1 and cfg.get("strategy", "auto") == "auto":
+                cfg.strategy = "ddp"
+    return cfg
+
+
+def build_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
+    out: list[pl.Callback] = []
+    if not cfg:
+        return out
+    for name, cb in cfg.items():
+        if isinstance(cb, DictConfig) and "_target_" in cb:
+            out.append(hydra.utils.instantiate(cb))
+    return out
+
+
+def wandb_has_api_key() -> bool:
+    """True when W&B can authenticate (env key or a stored login)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def build_loggers(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate loggers; a W&B logger with ``offline: null`` goes offline without an API key."""
+    out: list[Any] = []
+    if not cfg:
+        return out
+    for name, lg in cfg.items():
+        if not (isinstance(lg, DictConfig) and "_target_" in lg):
+            continue
+        if "Wandb" in str(lg._target_):
+            lg = OmegaConf.create(OmegaConf.to_container(lg, resolve=True))
+            if lg.get("offline") is None:
+                lg.offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_has_api_key()
+                if lg.offline:
+                    log.info("W&B: no API key found, logging offline (sync later with `wandb sync`)")
+            Path(lg.save_dir).mkdir(parents=True, exist_ok=True)
+        out.append(hydra.utils.instantiate(lg))
+    return out
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] | None = None,
+                  logger: list[Any] | bool | None = None) -> pl.Trainer:
+    """Instantiate ``pl.Trainer`` from ``cfg`` (the ``trainer`` group), honouring the ``gpus`` alias."""
+    tcfg = resolve_gpus_alias(cfg)
+    if logger is None or logger == []:
+        logger = False
+    return hydra.utils.instantiate(tcfg, callbacks=callbacks or [], logger=logger)
