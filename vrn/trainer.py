@@ -23,7 +23,7 @@ def resolve_gpus_alias(trainer_cfg: DictConfig) -> DictConfig:
     Returns a copy without ``gpus``. ``gpus=null`` or absent changes nothing; ``gpus=0``
     means CPU. Emits a deprecation note pointing at ``trainer.devices``.
     """
-    cfg = OmegaConf.create(OmegaConf.to_container(trainer_cfg, resolve=False))
+    cfg = OmegaConf.create(OmegaConf.to_container(trainer_cfg, resolve=True))
     gpus = cfg.get("gpus", None)
     with open_dict(cfg):
         cfg.pop("gpus", None)

@@ -31,7 +31,7 @@ from ..conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR, depth_centre_z
 from ..geometry.raster import rasterize
 from ..geometry.transforms import euler_to_matrix
 from ..volume.codec import VolumeCode
-from ..volume.voxelize import voxelize_face
+from ..volume.voxelize import closed_face_mesh, voxelize_face
 from .packed import PackedWriter
 from .sfm import SurreyFaceModel, load_sfm
 
@@ -52,7 +52,7 @@ class SyntheticFaceConfig:
     yaw_deg: float = 90.0
     pitch_deg: float = 30.0
     roll_deg: float = 20.0
-    px_per_mm: float = 0.58          # SFM mean ~148 mm wide -> ~86 crop px
+    px_per_mm: float = 0.55          # SFM mean ~148 mm wide -> ~81 crop px
     scale_jitter: float = 0.08       # relative, uniform
     translation_px: float = 6.0      # uniform, per axis
     shape_std: float = 1.0           # in units of the model's standard deviations
@@ -88,7 +88,7 @@ def _feature_weights() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         d = np.linalg.norm(m.mean[:, None, :] - pts[None, :, :], axis=2).min(axis=1)
         return np.exp(-((d / radius_mm) ** 2)).astype(np.float32)
 
-    return mask(_BROWS, 6.0), mask(_EYES, 5.0), mask(_LIPS, 5.0)
+    return mask(_BROWS, 7.0), mask(_EYES, 6.5), mask(_LIPS, 5.0)
 
 
 def _albedo(rng: np.random.Generator, n_verts: int) -> np.ndarray:
@@ -149,8 +149,11 @@ def render_sample(cfg: SyntheticFaceConfig, rng: np.random.Generator,
     lm = posed[lm_ids[lm_ids >= 0]]
     centre_xy = (lm[:, :2].min(0) + lm[:, :2].max(0)) / 2
     t = rng.uniform(-cfg.translation_px, cfg.translation_px, 2)
+    # Centre the target *solid* (surface + back plane), not just the surface, in depth: at
+    # large pitch the back plane tilts and would otherwise leave the volume.
+    solid_z = closed_face_mesh(posed.astype(np.float32), m.tris, R)[0][:, 2]
     offset = np.array([(cfg.size - 1) / 2 + t[0] - centre_xy[0], (cfg.size - 1) / 2 + t[1] - centre_xy[1],
-                       depth_centre_z(cfg.depth_bins, cfg.depth_factor) - (posed[:, 2].min() + posed[:, 2].max()) / 2],
+                       depth_centre_z(cfg.depth_bins, cfg.depth_factor) - (solid_z.min() + solid_z.max()) / 2],
                       dtype=np.float32)
     posed = (posed + offset).astype(np.float32)
 
