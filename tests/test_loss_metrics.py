@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from vrn.lit_module import volume_bce_loss
+from vrn.losses import volume_bce_loss
 from vrn.metrics import front_depth, front_depth_mae, voxel_iou
 
 
@@ -43,3 +43,15 @@ def test_voxel_iou_and_front_depth():
     empty = torch.zeros_like(t)
     assert torch.allclose(voxel_iou(empty, empty), torch.tensor([1.0]))
     assert torch.isnan(front_depth_mae(empty, t)).all()
+
+
+def test_fast_bce_matches_pytorch_value_and_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    t = (torch.rand(2, 5, 6, 7) > 0.7).double()
+    ours = volume_bce_loss(x, t)
+    (g1,) = torch.autograd.grad(ours, x)
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(x, t)
+    (g2,) = torch.autograd.grad(ref, x)
+    assert torch.allclose(ours, ref) and torch.allclose(g1, g2)
+    assert torch.autograd.gradcheck(lambda z: volume_bce_loss(z, t), (x,))

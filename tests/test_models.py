@@ -73,3 +73,20 @@ def test_bad_model_arguments_are_named():
         VRN(stacks=0)
     with pytest.raises(ValueError, match="hourglass"):
         VRN(hourglass="resnet")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_separable_upsample_equals_bilinear(align_corners):
+    from vrn.models.blocks import SeparableBilinearUpsample
+
+    x = torch.randn(2, 5, 12, 9, dtype=torch.float64)
+    ref = torch.nn.functional.interpolate(x, size=(48, 36), mode="bilinear", align_corners=align_corners)
+    ours = SeparableBilinearUpsample(4, align_corners)(x)
+    assert torch.allclose(ours, ref, atol=1e-12)
+
+
+def test_head_bias_starts_at_prior_occupancy():
+    model = create_model("vrn_tiny", prior_occupancy=0.1).eval()
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.rand(1, 3, 64, 64)))
+    assert 0.02 < float(p.mean()) < 0.3

@@ -3,9 +3,11 @@
 Lookup order for an asset ``name`` (e.g. ``"3ddfa_v2/mb05_120x120.pth"``):
 
 1. an explicit path (a config value) -- used as is, must exist;
-2. ``$VRN_ASSETS_DIR/<name>`` -- a local mirror (CI and tests point it at ``../shared/assets``);
-3. the user cache ``$VRN_CACHE_DIR`` or ``~/.cache/vrn/<name>``;
-4. a download from the upstream URL into the cache, verified against the sha256.
+2. ``$VRN_ASSETS_DIR/<name>`` -- a local mirror (CI and tests point it at ``../shared/assets``;
+   several folders may be given, separated by ``os.pathsep``);
+3. a mirror beside the checkout, when present: ``<repo>/assets`` or ``<repo>/../shared/assets``;
+4. the user cache ``$VRN_CACHE_DIR`` or ``~/.cache/vrn/<name>``;
+5. a download from the upstream URL into the cache, verified against the sha256.
 
 Offline with nothing found, :class:`AssetNotFoundError` names the file, the URL and
 where to place it by hand. Nothing is ever half-written: downloads go to a temporary
@@ -118,6 +120,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VRN_CACHE_DIR", Path.home() / ".cache" / "vrn")).expanduser()
 
 
+def mirror_dirs() -> list[Path]:
+    """Local mirrors searched before the cache: $VRN_ASSETS_DIR entries, then beside the checkout."""
+    dirs = [Path(d).expanduser() for d in os.environ.get("VRN_ASSETS_DIR", "").split(os.pathsep) if d]
+    repo = Path(__file__).resolve().parents[1]
+    dirs += [d for d in (repo / "assets", repo.parent / "shared" / "assets") if d.is_dir()]
+    return dirs
+
+
 def sha256_of(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -178,9 +188,8 @@ def resolve(name: str, path: str | os.PathLike | None = None, download: bool | N
         if p.is_file():
             return p
         raise AssetNotFoundError(_help(asset, [p], "the configured path does not exist"))
-    mirror = os.environ.get("VRN_ASSETS_DIR")
-    if mirror:
-        p = Path(mirror).expanduser() / name
+    for mirror in mirror_dirs():
+        p = mirror / name
         tried.append(p)
         if p.is_file():
             return p

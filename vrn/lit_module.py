@@ -8,27 +8,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn import functional as F
 
+from .losses import volume_bce_loss
 from .metrics import front_depth_mae, voxel_iou
 from .models import create_model
 from .volume.codec import decode_torch
 
 __all__ = ["VRNLitModule", "volume_bce_loss", "batch_targets"]
-
-
-def volume_bce_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | None = None) -> torch.Tensor:
-    """Per-voxel sigmoid binary cross-entropy, averaged over all voxels (VRN's loss).
-
-    Not a softmax across depth: every voxel is an independent occupied/empty decision.
-
-    Args:
-        logits: (B, D, H, W) float32.
-        target: (B, D, H, W) float32 in {0, 1}.
-        pos_weight: optional weight of occupied voxels.
-    """
-    pw = None if pos_weight is None else torch.tensor(pos_weight, device=logits.device, dtype=logits.dtype)
-    return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw)
 
 
 def batch_targets(batch: dict[str, Any], depth_bins: int) -> torch.Tensor:
