@@ -1,0 +1,182 @@
+"""Stage 5, pack: the reaped samples -> a packed dataset split by subject.
+
+``python -m data_pipeline.pack input_dir=<out>/reap output_dir=<out>/packed``
+
+Train / val / test are split BY SUBJECT (never one person in two splits): a subject is
+the source image's file stem cut by the first of ``subject_patterns`` that matches (its
+first group); no match: the stem itself. The defaults handle 300W-LP
+(``IBUG_image_008_1_0`` -> ``IBUG_image_008``, ``LFPW_image_test_0001_3`` ->
+``LFPW_image_test_0001``; the ``*_Flip`` folders share their subjects) and AFLW2000-3D
+(``image00050``: each image its own subject). All faces of one photo share its subject.
+The sorted subjects are shuffled with ``seed`` and cut by ``fractions``: the same inputs
+always give the same split.
+
+Output: :class:`vrn.data.packed.PackedWriter`'s folder (``meta.json``, ``manifest.jsonl``,
+``index.npy``, ``images.bin``, ``targets.bin``), written under ``<output_dir>.partial``
+and renamed into place; crops stored as JPEG quality 95 by default (a sample, crop +
+target, stays well under 100 KB). Manifest rows carry provenance: id, split, subject,
+source image, detector and score, fit source, bfm_source, dense model, CropTransform,
+head rotation, the 68 fitted landmarks (crop px) and the crop's padding fraction.
+``data=folder data.root=<output_dir>`` trains on it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from vrn.data.packed import PackedReader, PackedWriter
+from vrn.io import read_image_rgb
+from vrn.volume.codec import from_bytes
+
+from .stage import Stage, load_npz
+
+__all__ = ["PackStage", "subject_of", "split_subjects", "DEFAULT_SUBJECT_PATTERNS"]
+
+DEFAULT_SUBJECT_PATTERNS = (
+    r"^(LFPW_image_(?:test|train)_\d+)_\d+$",  # 300W-LP LFPW: <image>_<view>
+    r"^((?:AFW|HELEN|IBUG)_.+?)_\d+_\d+$",   # 300W-LP AFW / HELEN / IBUG: <image>_<face>_<view>
+)
+
+
+def subject_of(source_image: str, patterns: tuple[str, ...] | list[str] = DEFAULT_SUBJECT_PATTERNS) -> str:
+    """Subject id of a source image path (see the module doc)."""
+    stem = PurePosixPath(source_image).stem
+    for pat in patterns:
+        m = re.match(pat, stem)
+        if m:
+            return m.group(1) if m.groups() else m.group(0)
+    return stem
+
+
+def split_subjects(subjects: list[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Assign each subject to a split, deterministically by ``seed``.
+
+    Sorted unique subjects are permuted with ``np.random.default_rng(seed)``; each split
+    other than ``train`` takes ``round(fraction * n)`` subjects (at least one when its
+    fraction is > 0 and there are at least as many subjects as splits); ``train`` the rest.
+    """
+    uniq = sorted(set(subjects))
+    n = len(uniq)
+    for k, v in fractions.items():
+        if v < 0:
+            raise ValueError(f"pack.fractions.{k} must be >= 0, got {v}")
+    if "train" not in fractions:
+        raise ValueError("pack.fractions needs a 'train' entry")
+    order = [uniq[i] for i in np.random.default_rng(seed).permutation(n)]
+    total = sum(fractions.values()) or 1.0
+    others = [k for k in sorted(fractions) if k != "train"]
+    counts = {}
+    for k in others:
+        c = int(round(fractions[k] / total * n))
+        if fractions[k] > 0 and n >= len(fractions):
+            c = max(c, 1)
+        counts[k] = c
+    while sum(counts.values()) > max(0, n - 1) and any(counts.values()):  # keep >= 1 train subject
+        k = max(counts, key=lambda x: counts[x])
+        counts[k] -= 1
+    out: dict[str, str] = {}
+    i = 0
+    for k in others:
+        for s in order[i:i + counts[k]]:
+            out[s] = k
+        i += counts[k]
+    for s in order[i:]:
+        out[s] = "train"
+    return out
+
+
+class PackStage(Stage):
+    """The pack stage (module doc).
+
+    Args:
+        fractions: split name -> fraction of subjects (must contain ``train``).
+        seed: shuffle seed.
+        subject_patterns: regexes (first group = subject) tried in order on the file stem.
+        image_codec: ".jpg" (default) or ".png".
+        jpeg_quality: JPEG quality.
+        max_sample_bytes: warn when a sample (crop + target) is larger.
+    """
+
+    name = "pack"
+    kind = "reduce"
+    previous = "reap"
+
+    def __init__(self, fractions: dict[str, float] | None = None, seed: int = 0,
+                 subject_patterns: list[str] | tuple[str, ...] = DEFAULT_SUBJECT_PATTERNS,
+                 image_codec: str = ".jpg", jpeg_quality: int = 95, max_sample_bytes: int = 100_000) -> None:
+        self.fractions = {str(k): float(v) for k, v in (fractions or {"train": 0.8, "val": 0.1, "test": 0.1}).items()}
+        self.seed = int(seed)
+        self.subject_patterns = [str(p) for p in subject_patterns]
+        for p in self.subject_patterns:
+            re.compile(p)
+        if image_codec not in (".jpg", ".jpeg", ".png"):
+            raise ValueError(f"pack.image_codec must be .jpg or .png, got {image_codec!r}")
+        self.image_codec = image_codec
+        self.jpeg_quality = int(jpeg_quality)
+        self.max_sample_bytes = int(max_sample_bytes)
+
+    def params(self) -> dict[str, Any]:
+        return {"fractions": self.fractions, "seed": self.seed, "subject_patterns": self.subject_patterns,
+                "image_codec": self.image_codec, "jpeg_quality": self.jpeg_quality,
+                "max_sample_bytes": self.max_sample_bytes}
+
+    def reduce(self, upstream: dict[str, Any], input_dir: Path, out_dir: Path, progress: bool) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        samples = sorted(upstream["samples"], key=lambda s: s["id"])
+        if not samples:
+            raise ValueError(f"{input_dir}: no samples to pack (all dropped: see {input_dir}/summary.json)")
+        subjects = {s["id"]: subject_of(s["source_image"], self.subject_patterns) for s in samples}
+        split_of_subject = split_subjects(list(subjects.values()), self.fractions, self.seed)
+        provenance = {"input_dir": os.path.relpath(input_dir, out_dir), "input_stage": upstream.get("stage"),
+                      "fingerprint": upstream["_fingerprint"]}
+        meta = {"source": "data_pipeline", "pipeline": provenance,
+                "subjects": {k: sum(v == k for v in split_of_subject.values()) for k in sorted(self.fractions)},
+                "dropped": upstream.get("summary", {}).get("dropped", {})}
+        with PackedWriter(out_dir, image_codec=self.image_codec, jpeg_quality=self.jpeg_quality,
+                          extra_meta=meta, overwrite=True) as w:
+            for s in tqdm(samples, desc="pack", unit="sample", disable=not progress):
+                files = s["files"]
+                crop = read_image_rgb(input_dir / files["crop"])
+                code = from_bytes((input_dir / files["volume"]).read_bytes())
+                mesh = load_npz(input_dir / files["mesh"])
+                subj = subjects[s["id"]]
+                w.add(crop, code, {
+                    "id": s["id"], "split": split_of_subject[subj], "subject": subj,
+                    "source_image": s["source_image"], "face_index": s.get("face_index", 0),
+                    "detector": s.get("detector"), "score": s.get("score"), "fit_source": s.get("fit_source"),
+                    "bfm_source": s.get("bfm_source"), "dense_model": s.get("dense_model"),
+                    "transform": s.get("transform"), "rotation": s.get("rotation"),
+                    "pad_fraction": s.get("pad_fraction"),
+                    "landmarks": np.round(mesh["landmarks"].astype(np.float64), 3).tolist(),
+                })
+        reader = PackedReader(out_dir)
+        sizes = reader.index[:, 1] + reader.index[:, 3]
+        too_big = int((sizes > self.max_sample_bytes).sum())
+        summary = {"num_samples": len(reader), "splits": reader.meta["splits"], "subjects": meta["subjects"],
+                   "bytes_per_sample_mean": float(sizes.mean()), "bytes_per_sample_max": int(sizes.max()),
+                   "samples_over_limit": too_big}
+        msg = (f"pack: {len(reader)} samples {reader.meta['splits']} from {len(split_of_subject)} subjects; "
+               f"{sizes.mean() / 1000:.1f} KB per sample (max {sizes.max() / 1000:.1f} KB)")
+        print(msg)
+        if too_big:
+            print(f"pack: WARNING {too_big} samples exceed pack.max_sample_bytes={self.max_sample_bytes}")
+        return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="pack")
+def main(cfg: DictConfig) -> None:
+    from .run import run_single_stage
+
+    run_single_stage(cfg, "pack")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Crop rule, crop resampling, detector registry and config errors of the data pipeline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.crop import crop_face, crop_transform_for_landmarks, padding_fraction, warp_crop
+from data_pipeline.detectors import Detection, available_detectors, get_detector
+from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE
+from vrn.geometry.transforms import CropTransform
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _landmarks(rng: np.random.Generator, x0: float, y0: float, w: float, h: float) -> np.ndarray:
+    p = rng.uniform([x0, y0], [x0 + w, y0 + h], size=(68, 2))
+    p[0], p[1] = [x0, y0], [x0 + w, y0 + h]  # the box is exactly (x0, y0, x0 + w, y0 + h)
+    return p
+
+
+@pytest.mark.parametrize("w,h", [(60.0, 40.0), (300.0, 420.0), (91.0, 89.0)])
+def test_crop_rule_box_is_90px_and_centred(w, h):
+    rng = np.random.default_rng(0)
+    lm = _landmarks(rng, 123.4, 56.7, w, h)
+    t = crop_transform_for_landmarks(lm)
+    c = t.apply(lm)
+    bw, bh = np.ptp(c[:, 0]), np.ptp(c[:, 1])
+    assert np.sqrt(bw * bh) == pytest.approx(CROP_FACE_SIZE, abs=1e-9)
+    centre = (c.min(0) + c.max(0)) / 2
+    np.testing.assert_allclose(centre, [(CROP_SIZE - 1) / 2] * 2, atol=1e-9)
+    assert bw / bh == pytest.approx(w / h)  # no anisotropic scaling
+    # round trips: points, and the serialised transform (exact)
+    np.testing.assert_allclose(t.apply_inverse(c), lm, atol=1e-9)
+    assert CropTransform.from_dict(t.to_dict()) == t
+    p3 = np.hstack([lm, rng.normal(size=(68, 1))])
+    np.testing.assert_allclose(t.apply_inverse(t.apply(p3)), p3, atol=1e-9)
+
+
+def _ramp_image(H: int, W: int, xa: float, xb: float, ya: float, yb: float) -> np.ndarray:
+    """R = x ramp over [xa, xb], G = y ramp over [ya, yb] (clamped outside). Linear, so
+    bilinear and area resampling reproduce it exactly up to rounding."""
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    img = np.zeros((H, W, 3), np.uint8)
+    img[..., 0] = np.round(20 + 200 * np.clip((xx - xa) / (xb - xa), 0, 1))
+    img[..., 1] = np.round(20 + 200 * np.clip((yy - ya) / (yb - ya), 0, 1))
+    img[..., 2] = 128
+    return img
+
+
+@pytest.mark.parametrize("box", [(250, 250, 274, 270),      # small face: upscaled crop
+                                 (300, 300, 600, 700)])     # large face: area-averaged path
+def test_crop_pixels_sample_the_photo_at_the_transform(box):
+    H, W = 1000, 1000
+    x0, y0, x1, y1 = box
+    lm = _landmarks(np.random.default_rng(1), x0, y0, x1 - x0, y1 - y0)
+    t = crop_transform_for_landmarks(lm)
+    # the ramps span the crop's footprint: about one grey level per crop px
+    fp = t.apply_inverse(np.array([[0.0, 0.0], [CROP_SIZE - 1.0, CROP_SIZE - 1.0]]))
+    (xa, ya), (xb, yb) = fp
+    img = _ramp_image(H, W, xa, xb, ya, yb)
+    crop, t2 = crop_face(img, lm)
+    assert t2 == t
+    assert crop.shape == (CROP_SIZE, CROP_SIZE, 3) and crop.dtype == np.uint8
+    yy, xx = np.mgrid[0:CROP_SIZE, 0:CROP_SIZE]
+    p = t.apply_inverse(np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float64))
+    m = 1.5  # image px: bilinear neighbours stay on the unclamped ramp
+    inside = (p[:, 0] > xa + m) & (p[:, 0] < xb - m) & (p[:, 1] > ya + m) & (p[:, 1] < yb - m)
+    exp_r = 20 + 200 * (p[:, 0] - xa) / (xb - xa)
+    exp_g = 20 + 200 * (p[:, 1] - ya) / (yb - ya)
+    got = crop.reshape(-1, 3).astype(np.float64)
+    assert inside.mean() > 0.7
+    for ch, exp in ((0, exp_r), (1, exp_g)):
+        err = got[inside, ch] - exp[inside]
+        assert np.abs(err).max() <= 1.01
+        # a systematic shift of 0.15 crop px would bias the mean by ~0.15 levels
+        assert abs(err.mean()) < 0.15, err.mean()
+
+
+def test_padding_fraction_and_black_border():
+    img = np.full((400, 400, 3), 200, np.uint8)
+    # face box centred on the photo's top-left pixel: three quarters of the crop are padding
+    t = CropTransform.from_center_scale((-0.5, -0.5), 1.0)
+    assert padding_fraction(t, (400, 400)) == pytest.approx(0.75, abs=0.01)
+    crop = warp_crop(img, t)
+    assert (crop[:90, :90] == 0).all() and (crop[100:, 100:] == 200).all()
+    centred = CropTransform.from_center_scale((200, 200), 1.0)
+    assert padding_fraction(centred, (400, 400)) == 0.0
+
+
+def test_crop_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        crop_face(np.zeros((10, 10), np.uint8), np.zeros((68, 2)))
+    with pytest.raises(ValueError, match="degenerate"):
+        crop_transform_for_landmarks(np.zeros((68, 2)))
+
+
+def test_detector_registry():
+    assert {"tddfa", "fan", "dlib", "mat"} <= set(available_detectors())
+    with pytest.raises(ValueError, match=r"Unknown detector 'nope'.*tddfa"):
+        get_detector("nope")
+    det = get_detector("tddfa", min_score=0.6)
+    assert det.name == "tddfa" and det.min_score == 0.6 and det._m_tddfa is None  # lazy
+    with pytest.raises(ValueError):
+        Detection(box=[0, 0, 1, 1], score=1.0, landmarks=np.zeros((5, 2)))
+
+
+def test_dlib_backend_says_how_to_install():
+    try:
+        import dlib  # noqa: F401
+        import face_recognition_models  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r'pip install "vrn\[dlib\]"'):
+            get_detector("dlib")
+    else:  # pragma: no cover - dlib present
+        assert get_detector("dlib").name == "dlib"
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    r = _run(["data_pipeline.crop", f"output_dir={tmp_path / 'o'}"], tmp_path)
+    assert r.returncode == 2
+    assert "input_dir is required" in r.stderr and "input_dir=" in r.stderr
+    r = _run(["data_pipeline.crop", f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}", "detector=nope"],
+             tmp_path)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "detector/nope" in out and "tddfa" in out and "fan" in out  # Hydra lists the options
+    r = _run(["data_pipeline.fit", f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o2'}"], tmp_path)
+    assert r.returncode == 2 and "no manifest.json" in r.stderr and "crop" in r.stderr
