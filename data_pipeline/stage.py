@@ -304,20 +304,22 @@ def _set_pdeathsig() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _set_torch_threads(n: int | None) -> None:
-    """The same thread count in and out of the pool keeps float results identical."""
-    if n:
-        with contextlib.suppress(ImportError):
-            import torch
-
-            torch.set_num_threads(int(n))
+def _set_torch_threads(n: int | None) -> int | None:
+    """Set torch's intra-op threads (the same count in and out of the pool keeps float
+    results identical); returns the previous count (None when unchanged)."""
+    torch = sys.modules.get("torch")  # stages that never import torch do not pay for it
+    if n and torch is not None:
+        old = torch.get_num_threads()
+        torch.set_num_threads(int(n))
+        return old
+    return None
 
 
 def _worker_init(stage: Stage, out_dir: str, torch_threads: int | None) -> None:
     _set_pdeathsig()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _set_torch_threads(torch_threads)
     stage.setup()
+    _set_torch_threads(torch_threads)
     _WORKER["stage"] = stage
     _WORKER["out_dir"] = Path(out_dir)
 
@@ -473,14 +475,17 @@ def run_stage(stage: Stage, input_dir: str | os.PathLike, output_dir: str | os.P
         threads = torch_threads or (max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else None)
         try:
             if pending and in_process:
-                _set_torch_threads(threads)
                 stage.setup()
-                for it in pending:
-                    iid, rec, el = _do_item(stage, out_dir, it)
-                    records[iid] = rec
-                    item_s.append(el)
-                    n_samples_now += len(rec["samples"])
-                    bar.update(1)
+                previous = _set_torch_threads(threads)
+                try:
+                    for it in pending:
+                        iid, rec, el = _do_item(stage, out_dir, it)
+                        records[iid] = rec
+                        item_s.append(el)
+                        n_samples_now += len(rec["samples"])
+                        bar.update(1)
+                finally:
+                    _set_torch_threads(previous)
             elif pending:
                 ctx = get_context("spawn")
                 with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_worker_init,

@@ -138,3 +138,37 @@ def test_config_errors_name_the_key(tmp_path):
     assert "detector/nope" in out and "tddfa" in out and "fan" in out  # Hydra lists the options
     r = _run(["data_pipeline.fit", f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o2'}"], tmp_path)
     assert r.returncode == 2 and "no manifest.json" in r.stderr and "crop" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["crop", "fit", "voxelize", "reap", "pack", "run", "300w_lp"])
+def test_pipeline_configs_compose_and_build(name, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from data_pipeline.run import STAGES, build_stage
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
+        cfg = compose(config_name=name, overrides=[f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}"])
+    for st in STAGES:
+        if st in cfg:
+            stage = build_stage(cfg, st)
+            assert stage.name == st
+            stage.params()  # JSON-able parameters for stage.json
+    if name in ("run", "300w_lp"):
+        assert list(cfg.stages) == list(STAGES)
+
+
+@pytest.mark.parametrize("det", ["tddfa", "fan", "mat"])
+def test_detector_configs_build_lazily(det, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from data_pipeline.run import build_stage
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
+        cfg = compose(config_name="crop", overrides=[f"detector={det}", f"input_dir={tmp_path}",
+                                                     f"output_dir={tmp_path / 'o'}"])
+    stage = build_stage(cfg, "crop")
+    assert stage.detector.name == det and stage.params()["detector"]["name"] == det

@@ -151,3 +151,30 @@ def test_300wlp_preset_packs(lp_run):
     ibug = [r for r in rows if "IBUG" in r["id"]]
     assert all(r["detector"] == "mat" and r["fit_source"] == "300wlp" for r in rows)
     assert all(r["subject"] == "IBUG_image_008" for r in ibug)
+
+
+def test_user_supplied_face3d_bfm_mat_is_reduced_to_the_no_neck_mesh(tmp_path, shared_dir):
+    """A face3d-style BFM.mat (53,215 vertices, 1-based kpt_ind) built from the v1 files:
+    its landmarks must come out exactly where the offline model puts them."""
+    a = shared_dir / "assets"
+    mu_s = np.load(a / "3ddfa_v1" / "u_shp.npy").astype(np.float32)
+    mu_e = np.load(a / "3ddfa_v1" / "u_exp.npy").astype(np.float32)
+    kp_rows = np.load(a / "3ddfa_v1" / "keypoints_sim.npy").astype(np.int64)
+    off = load_dense_bfm(None, "offline_standin")
+    n = mu_s.shape[0]
+    shape_pc = np.zeros((n, 40), np.float32)
+    exp_pc = np.zeros((n, 10), np.float32)
+    shape_pc[kp_rows] = off.w_shp_base
+    exp_pc[kp_rows] = off.w_exp_base
+    p = tmp_path / "BFM.mat"
+    sio.savemat(str(p), {"model": {"shapeMU": mu_s, "expMU": mu_e, "shapePC": shape_pc, "expPC": exp_pc,
+                                   "kpt_ind": (kp_rows[0::3] // 3 + 1).reshape(1, -1).astype(np.float64)}},
+                do_compression=True)
+    bfm = load_dense_bfm(p)
+    assert bfm.source == "bfm_full_mat" and bfm.n_vertices == 38365
+    np.testing.assert_array_equal(bfm.landmark_vertices, off.landmark_vertices)
+    rng = np.random.default_rng(0)
+    a_s, a_e = rng.normal(size=40) * 1e5, rng.normal(size=10)
+    np.testing.assert_allclose(bfm.shape(a_s, a_e, dense=False), off.shape(a_s, a_e, dense=False), rtol=1e-4,
+                               atol=1.0)
+    np.testing.assert_allclose(bfm.u, off.u, rtol=1e-5, atol=1e-2)  # v1 mean + expression mean = v2 mean

@@ -28,9 +28,11 @@ SHARED_IMAGES = ROOT.parent / "shared" / "data" / "images"
 # --------------------------------------------------------------------------------------
 
 
-def toy_payload(text: str) -> bytes:
-    seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
-    return np.random.default_rng(seed).bytes(3_000_000)
+def toy_payload(text: str, k: int = 0) -> bytes:
+    """8 MB, cheap to make, distinct per (text, k): writing dominates an item's time, so a
+    kill often lands inside a write."""
+    seed = int(hashlib.sha256(f"{text}/{k}".encode()).hexdigest()[:8], 16)
+    return np.random.default_rng(seed).bytes(1 << 16) * 122
 
 
 class ToyStage(Stage):
@@ -53,10 +55,10 @@ class ToyStage(Stage):
             raise ItemFailure("bad_input", f"{item.id} asked to fail")
         if text.startswith("crash"):
             raise RuntimeError("boom")
-        a = ctx.write_bytes(f"items/{item.id}.bin", toy_payload(text))
+        files = {f"bin{k}": ctx.write_bytes(f"items/{item.id}.{k}.bin", toy_payload(text, k)) for k in range(3)}
         time.sleep(self.sleep)
-        b = ctx.write_npz(f"items/{item.id}.npz", x=np.frombuffer(toy_payload(text)[:4000], np.float32))
-        return [{"id": item.id, "files": {"bin": a, "npz": b}}]
+        files["npz"] = ctx.write_npz(f"items/{item.id}.npz", x=np.frombuffer(toy_payload(text)[:4000], np.float32))
+        return [{"id": item.id, "files": files}]
 
 
 def _inputs(folder: Path, n: int = 24) -> Path:
@@ -84,8 +86,9 @@ def assert_no_partial_files(out: Path) -> None:
         if p.is_file() and not rel.startswith(".tmp/"):
             assert not p.name.endswith(".tmp"), rel
     for p in (out / "items").glob("*.bin") if (out / "items").is_dir() else []:
-        text = (out.parent / "in" / f"{p.stem}.txt").read_text()
-        assert p.read_bytes() == toy_payload(text), f"partial file {p}"
+        stem, k = p.name.split(".")[:2]
+        text = (out.parent / "in" / f"{stem}.txt").read_text()
+        assert p.read_bytes() == toy_payload(text, int(k)), f"partial file {p}"
     for p in (out / "done").glob("*.json") if (out / "done").is_dir() else []:
         rec = json.loads(p.read_text())
         for f in rec["files"]:
@@ -134,21 +137,25 @@ def test_npz_bytes_are_deterministic(tmp_path):
 
 _TOY_CMD = ("import sys; from pathlib import Path; from tests.test_pipeline_stage import ToyStage; "
             "from data_pipeline.stage import run_stage; "
-            "run_stage(ToyStage(sleep=0.05), Path(sys.argv[1]), Path(sys.argv[2]), n_jobs=2, progress=False)")
+            "run_stage(ToyStage(sleep=0.01), Path(sys.argv[1]), Path(sys.argv[2]), n_jobs=2, progress=False)")
 
 
 def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path):
-    inp = _inputs(tmp_path / "b" / "in", 16)
-    ref_in = _inputs(tmp_path / "a" / "in", 16)
+    inp = _inputs(tmp_path / "b" / "in", 20)
+    ref_in = _inputs(tmp_path / "a" / "in", 20)
     ref = tmp_path / "a" / "out"
-    run_stage(ToyStage(sleep=0.05), ref_in, ref, n_jobs=1, progress=False)
+    run_stage(ToyStage(sleep=0.01), ref_in, ref, n_jobs=1, progress=False)
     out = tmp_path / "b" / "out"
     rng = np.random.default_rng(0)
     kills = 0
-    for attempt in range(4):
+    for attempt in range(6):
+        before = _count(out / "done")
         p = subprocess.Popen([sys.executable, "-c", _TOY_CMD, str(inp), str(out)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(float(rng.uniform(0.6, 2.0)))
+        # once workers are busy, kill after a random few ms (often inside a write)
+        while p.poll() is None and _count(out / "done") <= before:
+            time.sleep(0.005)
+        time.sleep(float(rng.uniform(0.0, 0.06)))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)  # the runner only; its workers die with it (PDEATHSIG)
             kills += 1
@@ -158,9 +165,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path):
         if p.returncode == 0:
             break
     assert kills >= 1, "the stage finished before any kill: make the toy stage slower"
-    done_before = len(list((out / "done").glob("*.json"))) if (out / "done").exists() else 0
-    assert done_before < 16
-    run_stage(ToyStage(sleep=0.05), inp, out, n_jobs=2, progress=False)
+    run_stage(ToyStage(sleep=0.01), inp, out, n_jobs=2, progress=False)
     assert not (out / ".tmp").exists()
     assert tree(out) == tree(ref)
 
