@@ -112,7 +112,7 @@ def test_runner_records_failures_and_skips_done_items(tmp_path):
     assert json.loads((out / "timing.json").read_text())["processed_items"] == 0
     assert tree(out) == first
     # a deleted output makes its item pending again
-    (out / "items" / "in001.bin").unlink()
+    (out / "items" / "in001.1.bin").unlink()
     run_stage(ToyStage(sleep=0), inp, out, progress=False)
     assert json.loads((out / "timing.json").read_text())["processed_items"] == 1
     assert tree(out) == first
