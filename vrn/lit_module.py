@@ -33,6 +33,9 @@ class VRNLitModule(pl.LightningModule):
         scheduler_interval: "epoch" or "step".
         pos_weight: optional BCE weight of occupied voxels.
         compile: ``torch.compile`` the network (GPU runs).
+        train_metrics_every_n_steps: training IoU / depth error are computed on every n-th
+            batch only (they cost about as much as a small model's step on CPU); validation
+            and test compute them on every batch.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class VRNLitModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         pos_weight: float | None = None,
         compile: bool = False,
+        train_metrics_every_n_steps: int = 10,
     ) -> None:
         super().__init__()
         if isinstance(net, DictConfig):
@@ -61,20 +65,22 @@ class VRNLitModule(pl.LightningModule):
         """image: (B, 3, H, W) float32 RGB [0, 1] -> logits (B, D, H, W)."""
         return self.net(image)
 
-    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> torch.Tensor:
         logits = self(batch["image"])
         target = batch_targets(batch, self.depth_bins)
         loss = volume_bce_loss(logits, target.float(), self.hparams.pos_weight)
-        with torch.no_grad():
-            pred = logits > 0  # sigmoid(logit) > 0.5
-            iou = voxel_iou(pred, target).mean()
-            mae = front_depth_mae(pred, target).nanmean()
         bs = logits.shape[0]
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log(f"{stage}/iou", iou, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs)
-        if not torch.isnan(mae):
-            self.log(f"{stage}/depth_mae", mae, on_step=False, on_epoch=True, batch_size=bs)
+        every = max(1, int(self.hparams.get("train_metrics_every_n_steps", 1)))
+        if stage != "train" or batch_idx % every == 0:
+            with torch.no_grad():
+                pred = logits > 0  # sigmoid(logit) > 0.5
+                iou = voxel_iou(pred, target).mean()
+                mae = front_depth_mae(pred, target).nanmean()
+            self.log(f"{stage}/iou", iou, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs)
+            if not torch.isnan(mae):
+                self.log(f"{stage}/depth_mae", mae, on_step=on_step, on_epoch=True, batch_size=bs)
         if stage == "val" and self.val_preview is None:
             self.val_preview = {
                 "image": batch["image"][:4].detach().cpu(),
@@ -84,7 +90,7 @@ class VRNLitModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train", batch_idx)
 
     def on_validation_epoch_start(self) -> None:
         self.val_preview = None
