@@ -12,12 +12,12 @@ positive volume.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from ..conventions import DEPTH_FACTOR
+from ..io import atomic_write_bytes
 
 __all__ = ["volume_to_mesh", "export_mesh", "MESH_FORMATS"]
 
@@ -112,19 +112,5 @@ def export_mesh(path: str | os.PathLike, verts: np.ndarray, faces: np.ndarray,
     data = mesh.export(file_type=ext[1:])
     if isinstance(data, str):
         data = data.encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode honours the umask
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, data)
     return path
