@@ -180,7 +180,7 @@ def _real_subset(folder: Path) -> Path:
 
 def _pipeline(inp: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "data_pipeline.run", f"input_dir={inp}", f"output_dir={out}",
-                             "stages=[crop,fit,voxelize]", "torch_threads=1", "progress=false"],
+                             "stages=[crop,fit,voxelize]", "detector=tddfa", "torch_threads=1", "progress=false"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
