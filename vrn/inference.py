@@ -1,0 +1,569 @@
+"""Reconstructor: photo -> one textured VRN mesh per face, in image px (the Python API).
+
+::
+
+    from vrn import Reconstructor
+
+    rec = Reconstructor.from_checkpoint("outputs/train/runs/<run>/checkpoints/last.ckpt",
+                                        device="cuda", precision="bf16", detector="fan")
+    for face in rec("photo.jpg"):
+        face.export("face.ply")                   # per-vertex colours from the photo
+
+Pipeline per photo (each stage is a method, so batch front-ends such as :mod:`vrn.demo`
+reuse them):
+
+1. :func:`prepare_image`: read (RGB), detect faces + 68 landmarks (``data_pipeline.detectors``),
+   cut the VRN crop of each face (``data_pipeline.crop.crop_face``: 192 x 192 crop px and
+   the :class:`~vrn.geometry.transforms.CropTransform` image px -> crop px).
+2. :meth:`Reconstructor.reconstruct_crops`: the network on a batch of crops, sigmoid ->
+   occupancy probabilities (B, D, H, W), index ``[d, r, c]`` (:mod:`vrn.conventions`).
+3. :func:`volume_to_image_mesh`: marching cubes at ``threshold`` (crop px, the z factor
+   undone: ``z = (d + 0.5) / depth_factor``), then the inverse crop transform to image px
+   (x, y through the inverse similarity, z divided by the crop scale, so z is in image px
+   too, pointing toward the camera; its origin is the volume's back, mapped the same way).
+4. :func:`sample_vertex_colors`: per-vertex RGB sampled (bilinear) from the photo.
+
+Checkpoints: a Lightning checkpoint of :class:`vrn.lit_module.VRNLitModule` stores the
+model spec in ``hyper_parameters["net"] = {"name": ..., **overrides}``; the network is
+rebuilt from it with :func:`vrn.models.create_model` (no Hydra). :meth:`Reconstructor.save`
+writes a slim file of the same layout (spec + network weights only). URLs are downloaded
+once into ``<vrn cache>/checkpoints/`` (``$VRN_CACHE_DIR`` or ``~/.cache/vrn``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .conventions import CROP_SIZE, DEPTH_FACTOR
+from .geometry.transforms import CropTransform
+from .volume.codec import VolumeCode, encode
+from .volume.mesh import export_mesh, volume_to_mesh
+
+if TYPE_CHECKING:  # pragma: no cover
+    from data_pipeline.detectors.base import Detection, FaceDetector
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Reconstructor", "FaceResult", "PreparedImage", "prepare_image", "volume_to_image_mesh",
+           "sample_vertex_colors", "load_network", "resolve_checkpoint", "PRECISIONS"]
+
+#: accepted ``precision`` values -> autocast dtype (None = plain float32)
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "32": None, "32-true": None, "fp32": None,
+    "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
+    "16": torch.float16, "16-mixed": torch.float16, "fp16": torch.float16,
+}
+
+
+# --------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class FaceResult:
+    """One reconstructed face.
+
+    Attributes:
+        verts: (V, 3) float32 image px (x right, y down, z toward the camera; z in image
+            px = crop z / ``transform.scale``). (0, 3) when the network predicted no surface.
+        faces: (F, 3) int32, wound outward (:mod:`vrn.volume.mesh`).
+        colors: (V, 3) uint8 RGB sampled from the photo at (x, y).
+        transform: image px -> crop px of this face's crop.
+        landmarks: (68, 2) float64 detector landmarks, image px.
+        box: (4,) float64 detector box x1, y1, x2, y2, image px.
+        score: detector confidence.
+        face_index: position among the photo's faces (left to right).
+        code: compact occupancy (``prob > threshold``) in crop px, or None (``keep=None``).
+        prob: (D, H, W) float32 occupancy probabilities in crop px (``keep="prob"``), else None.
+        crop: (192, 192, 3) uint8 RGB network input.
+        timings: seconds spent per stage on this face (``marching_cubes``, ``colour``, ...).
+    """
+
+    verts: np.ndarray
+    faces: np.ndarray
+    colors: np.ndarray
+    transform: CropTransform
+    landmarks: np.ndarray
+    box: np.ndarray
+    score: float
+    face_index: int = 0
+    code: VolumeCode | None = None
+    prob: np.ndarray | None = None
+    crop: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def has_surface(self) -> bool:
+        """False when the predicted volume had no crossing of the threshold (empty mesh)."""
+        return len(self.verts) > 0 and len(self.faces) > 0
+
+    def verts_crop(self) -> np.ndarray:
+        """(V, 3) float64 vertices in crop px (x, y, z; z = image z * scale)."""
+        return self.transform.apply(self.verts)
+
+    def export(self, path: str | os.PathLike, colors: bool = True) -> Path:
+        """Write the mesh (.obj, .ply with per-vertex colours, .glb) atomically."""
+        if not self.has_surface:
+            raise ValueError("this face has no surface (the predicted volume is empty); nothing to export")
+        return export_mesh(path, self.verts, self.faces, self.colors if colors else None)
+
+
+@dataclass
+class PreparedImage:
+    """A photo with its faces detected and cropped (what DataLoader workers produce).
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB.
+        detections: one per face, left to right (box, score, landmarks in image px).
+        crops: (K, 192, 192, 3) uint8 RGB VRN crops.
+        transforms: K image px -> crop px transforms.
+        path: the file it came from (None for arrays).
+        timings: seconds for ``read``, ``detect``, ``crop``.
+    """
+
+    image: np.ndarray
+    detections: list["Detection"]
+    crops: np.ndarray
+    transforms: list[CropTransform]
+    path: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.detections)
+
+
+# --------------------------------------------------------------------------------------
+# stages as functions
+# --------------------------------------------------------------------------------------
+
+
+def prepare_image(image: np.ndarray | str | os.PathLike, detector: "FaceDetector",
+                  crop_size: int = CROP_SIZE) -> PreparedImage:
+    """Read (if a path), detect every face and cut its VRN crop.
+
+    Args:
+        image: (H, W, 3) uint8 RGB array, or an image file path.
+        detector: a :class:`data_pipeline.detectors.base.FaceDetector`.
+        crop_size: crop side (192).
+    Returns:
+        :class:`PreparedImage`; no faces -> empty ``detections`` and (0, S, S, 3) crops.
+    Raises:
+        vrn.io.ImageReadError: the file is missing or not a readable image.
+    """
+    from data_pipeline.crop import crop_face
+
+    from .io import read_image_rgb
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    path = None
+    if isinstance(image, (str, os.PathLike)):
+        path = str(image)
+        image = read_image_rgb(path)
+    img = np.ascontiguousarray(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
+    t1 = time.perf_counter()
+    timings["read"] = t1 - t0
+    dets = detector.detect(img, path)
+    t2 = time.perf_counter()
+    timings["detect"] = t2 - t1
+    crops, transforms = [], []
+    for d in dets:
+        c, t = crop_face(img, d.landmarks, crop_size=crop_size)
+        crops.append(c)
+        transforms.append(t)
+    timings["crop"] = time.perf_counter() - t2
+    arr = np.stack(crops) if crops else np.zeros((0, crop_size, crop_size, 3), np.uint8)
+    return PreparedImage(img, list(dets), arr, transforms, path, timings)
+
+
+def volume_to_image_mesh(prob: np.ndarray, transform: CropTransform, threshold: float = 0.5,
+                         depth_factor: float = DEPTH_FACTOR) -> tuple[np.ndarray, np.ndarray]:
+    """The post-processing: marching cubes -> crop px -> image px.
+
+    Args:
+        prob: (D, H, W) float occupancy probabilities (or a bool volume), crop px, ``[d, r, c]``.
+        transform: image px -> crop px of the crop the volume was predicted from.
+        threshold: iso level (0.5).
+        depth_factor: depth bins per crop px (2).
+    Returns:
+        verts: (V, 3) float32 image px (x, y, z); z = crop z / ``transform.scale``.
+        faces: (F, 3) int32 (winding kept: the crop similarity has positive determinant).
+        Both (0, 3) when the volume never crosses ``threshold``.
+    """
+    verts_crop, faces = volume_to_mesh(prob, level=threshold, depth_factor=depth_factor)
+    if len(verts_crop) == 0:
+        return verts_crop, faces
+    verts = transform.apply_inverse(verts_crop).astype(np.float32)
+    if np.linalg.det(transform.matrix[:, :2]) < 0:  # a mirroring crop flips the winding
+        faces = np.ascontiguousarray(faces[:, ::-1])
+    return verts, faces
+
+
+def sample_vertex_colors(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear RGB of ``image`` at points ``xy`` (pixel-centre convention, clamped to the border).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        xy: (V, 2+) float image px (x, y); extra columns ignored.
+    Returns:
+        (V, 3) uint8.
+    """
+    img = np.asarray(image)
+    H, W = img.shape[:2]
+    p = np.asarray(xy, dtype=np.float64)
+    if len(p) == 0:
+        return np.zeros((0, 3), np.uint8)
+    x = np.clip(p[:, 0], 0.0, W - 1.0)
+    y = np.clip(p[:, 1], 0.0, H - 1.0)
+    x0 = np.minimum(np.floor(x).astype(np.int64), W - 2) if W > 1 else np.zeros(len(x), np.int64)
+    y0 = np.minimum(np.floor(y).astype(np.int64), H - 2) if H > 1 else np.zeros(len(y), np.int64)
+    x1 = np.minimum(x0 + 1, W - 1)
+    y1 = np.minimum(y0 + 1, H - 1)
+    wx = (x - x0)[:, None]
+    wy = (y - y0)[:, None]
+    f = img.astype(np.float32)
+    top = f[y0, x0] * (1 - wx) + f[y0, x1] * wx
+    bot = f[y1, x0] * (1 - wx) + f[y1, x1] * wx
+    return np.clip(np.rint(top * (1 - wy) + bot * wy), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://", "ftp://", "file://"))
+
+
+def resolve_checkpoint(path_or_url: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                       progress: bool = True) -> Path:
+    """Local path of a checkpoint: a file as is, a URL downloaded once into the cache.
+
+    Args:
+        path_or_url: file path, or an http(s) / ftp / file:// URL.
+        cache_dir: download folder (default ``<vrn cache>/checkpoints``).
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+    """
+    s = str(path_or_url)
+    if not _is_url(s):
+        p = Path(os.path.expanduser(s))
+        if not p.is_file():
+            raise FileNotFoundError(f"Checkpoint not found: {p}. Pass ckpt=<path to a .ckpt file> "
+                                    f"(e.g. outputs/train/runs/<run>/checkpoints/last.ckpt) or an http(s) URL.")
+        return p
+    from .assets import cache_dir as vrn_cache_dir
+
+    folder = Path(cache_dir) if cache_dir is not None else vrn_cache_dir() / "checkpoints"
+    name = os.path.basename(s.split("?")[0].split("#")[0]) or "checkpoint.ckpt"
+    dest = folder / f"{hashlib.sha1(s.encode()).hexdigest()[:8]}_{name}"
+    if not dest.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info(f"Downloading checkpoint {s} -> {dest}")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        try:
+            torch.hub.download_url_to_file(s, str(tmp), progress=progress)
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return dest
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Network weights from a Lightning ``state_dict`` (``net.`` / compiled ``net._orig_mod.``)
+    or from a bare network state dict."""
+    keys = list(state)
+    if any(k.startswith("net.") for k in keys):
+        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    return {k.replace("_orig_mod.", "", 1) if k.startswith("_orig_mod.") else k: v for k, v in state.items()}
+
+
+def load_network(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                 weights_only: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network of a checkpoint from its stored model spec (no Hydra).
+
+    Args:
+        path: local checkpoint: a Lightning ``.ckpt`` of :class:`vrn.lit_module.VRNLitModule`
+            or a file written by :meth:`Reconstructor.save` (``hyper_parameters["net"]`` +
+            ``state_dict``).
+        map_location: where tensors load.
+        weights_only: torch's safe unpickler (tensors and plain containers only). Pass False
+            only for a checkpoint you trust that holds other objects.
+    Returns:
+        (network in eval mode, model spec ``{"name": ..., **overrides}``).
+    """
+    from .models import create_model
+
+    try:
+        ckpt = torch.load(str(path), map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name and a hint
+        hint = (" It holds objects beyond tensors and plain containers; if you trust the file, load it "
+                "with weights_only=False." if weights_only else "")
+        raise RuntimeError(f"Cannot load checkpoint {path}: {type(e).__name__}: {e}.{hint}") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a vrn checkpoint (no 'state_dict')")
+    hp = ckpt.get("hyper_parameters") or {}
+    spec = hp.get("net")
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"{path} does not store a model spec (hyper_parameters['net'] = {{'name': ...}}); "
+                         f"was it written by vrn.lit_module.VRNLitModule or Reconstructor.save?")
+    spec = dict(spec)
+    net = create_model(**spec)
+    missing, unexpected = net.load_state_dict(_strip_prefix(ckpt["state_dict"]), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match model {spec}: missing {missing[:5]}..., "
+                         f"unexpected {unexpected[:5]}...")
+    return net.eval(), spec
+
+
+# --------------------------------------------------------------------------------------
+# the reconstructor
+# --------------------------------------------------------------------------------------
+
+
+def _to_input(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 / float [0, 1] (numpy or torch) -> float32 [0, 1] CPU tensor.
+    (B, H, W, 3) uint8 is accepted too (channels last, as crops come from OpenCV)."""
+    x = torch.as_tensor(crops)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"crops must be (B, 3, H, W), got {tuple(x.shape)}")
+    if x.shape[1] != 3 and x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] != 3:
+        raise ValueError(f"crops must be (B, 3, H, W) RGB, got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+class Reconstructor:
+    """A trained VRN with its face detector and post-processing.
+
+    Args:
+        net: the network (logits (B, D, H, W)).
+        device: "cpu", "cuda", "cuda:1", ...
+        precision: "32" or "bf16" (autocast; "16" on CUDA too); see :data:`PRECISIONS`.
+        detector: a detector name ("tddfa", "fan", "dlib"; see
+            ``data_pipeline.detectors``), a ``FaceDetector``, or None (then only
+            :meth:`reconstruct_crops` / :meth:`reconstruct_prepared` work).
+        threshold: marching-cubes level on the probabilities (0.5).
+        depth_factor: depth bins per crop px (2, :mod:`vrn.conventions`).
+        batch_size: crops per network call.
+        detector_device: the detector's device (default: ``device``).
+        model_spec: the spec the network was built from (kept for :meth:`save`).
+    """
+
+    def __init__(self, net: nn.Module, device: str | torch.device = "cpu", precision: str = "32",
+                 detector: "str | FaceDetector | None" = "tddfa", threshold: float = 0.5,
+                 depth_factor: float = DEPTH_FACTOR, batch_size: int = 8,
+                 detector_device: str | None = None, model_spec: dict[str, Any] | None = None,
+                 detector_kwargs: dict[str, Any] | None = None) -> None:
+        precision = str(precision)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={device} but CUDA is not available (a CPU build of torch, or no GPU); "
+                               f"use device=cpu, or install a CUDA build of torch")
+        self.precision = precision
+        self.autocast_dtype = PRECISIONS[precision]
+        if self.autocast_dtype == torch.float16 and self.device.type == "cpu":
+            raise ValueError("precision=16 needs a CUDA device; use bf16 or 32 on CPU")
+        self.net = net.to(self.device).eval()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input size (192 x 192): pick the fastest kernels once
+        self.threshold = float(threshold)
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.depth_factor = float(depth_factor)
+        self.batch_size = max(1, int(batch_size))
+        self.model_spec = dict(model_spec or {})
+        if isinstance(detector, str):
+            from data_pipeline.detectors import get_detector
+
+            detector = get_detector(detector, device=detector_device or str(self.device),
+                                    **(detector_kwargs or {}))
+        self.detector = detector
+        #: seconds per stage of the last :meth:`__call__`
+        self.timings: dict[str, float] = {}
+
+    # ---- construction -----------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path_or_url: str | os.PathLike, device: str = "cpu", precision: str = "32",
+                        detector: "str | FaceDetector | None" = "tddfa", threshold: float = 0.5,
+                        cache_dir: str | os.PathLike | None = None, weights_only: bool = True,
+                        **kwargs: Any) -> "Reconstructor":
+        """Load a checkpoint (file or URL) and build the network from its stored spec.
+
+        Args:
+            path_or_url: ``.ckpt`` path or http(s) URL (downloaded once into the cache).
+            device, precision, detector, threshold: see the class.
+            cache_dir: download folder for URLs.
+            weights_only: see :func:`load_network`.
+            kwargs: other :class:`Reconstructor` arguments (batch_size, detector_device, ...).
+        """
+        path = resolve_checkpoint(path_or_url, cache_dir)
+        net, spec = load_network(path, "cpu", weights_only=weights_only)
+        return cls(net, device=device, precision=precision, detector=detector, threshold=threshold,
+                   model_spec=spec, **kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """A slim checkpoint (model spec + network weights; loads with :meth:`from_checkpoint`)."""
+        if not self.model_spec:
+            raise ValueError("unknown model spec: build the Reconstructor with model_spec=... to save it")
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        state = {f"net.{k}": v.detach().cpu() for k, v in self.net.state_dict().items()}
+        torch.save({"hyper_parameters": {"net": self.model_spec}, "state_dict": state}, p)
+        return p
+
+    # ---- stages -------------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def reconstruct_crops(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The network on a batch of crops.
+
+        Args:
+            crops: (B, 3, 192, 192) RGB, uint8 or float in [0, 1] (numpy or torch; any
+                device). (B, 192, 192, 3) uint8 is accepted too.
+        Returns:
+            (B, D, 192, 192) float32 occupancy probabilities (sigmoid of the logits), on the
+            CPU, index ``[b, d, r, c]`` in crop px.
+        """
+        x = _to_input(crops)
+        out = []
+        pin = self.device.type == "cuda"
+        for i in range(0, len(x), self.batch_size):
+            xb = x[i:i + self.batch_size]
+            if pin:
+                xb = xb.pin_memory()
+            xb = xb.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.net(xb)
+            out.append(torch.sigmoid(logits.float()).cpu())
+        if not out:
+            return torch.zeros((0, int(getattr(self.net, "depth_bins", 200))) + tuple(x.shape[-2:]))
+        return torch.cat(out)
+
+    def postprocess(self, prob: np.ndarray | torch.Tensor, transform: CropTransform,
+                    image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+        """Probabilities of one crop -> mesh in image px with per-vertex colours.
+
+        Args:
+            prob: (D, H, W) float probabilities, crop px.
+            transform: image px -> crop px of that crop.
+            image: (H, W, 3) uint8 RGB photo for the colours (None: grey).
+        Returns:
+            verts (V, 3) float32 image px, faces (F, 3) int32, colors (V, 3) uint8, timings.
+        """
+        p = prob.numpy() if isinstance(prob, torch.Tensor) else np.asarray(prob)
+        t0 = time.perf_counter()
+        verts, faces = volume_to_image_mesh(p, transform, self.threshold, self.depth_factor)
+        t1 = time.perf_counter()
+        if image is not None:
+            colors = sample_vertex_colors(image, verts)
+        else:
+            colors = np.full((len(verts), 3), 200, np.uint8)
+        t2 = time.perf_counter()
+        return verts, faces, colors, {"marching_cubes": t1 - t0, "colour": t2 - t1}
+
+    def detect(self, image: np.ndarray | str | os.PathLike) -> PreparedImage:
+        """Read, detect and crop (see :func:`prepare_image`)."""
+        if self.detector is None:
+            raise RuntimeError("this Reconstructor has no detector: pass detector='tddfa' (or 'fan', 'dlib'), "
+                               "or call reconstruct_crops() on your own 192x192 crops")
+        return prepare_image(image, self.detector)
+
+    def reconstruct_prepared(self, prep: PreparedImage, probs: torch.Tensor | None = None,
+                             keep: str | None = "code") -> list[FaceResult]:
+        """Faces of a :class:`PreparedImage` (network run here unless ``probs`` is given).
+
+        Args:
+            prep: detections and crops of one photo.
+            probs: (K, D, H, W) probabilities already computed for ``prep.crops``.
+            keep: "code" (compact occupancy in each result), "prob" (also the dense
+                probabilities, ~30 MB per face), or None.
+        """
+        if keep not in ("code", "prob", None):
+            raise ValueError(f"keep must be 'code', 'prob' or None, got {keep!r}")
+        if len(prep) == 0:
+            return []
+        t0 = time.perf_counter()
+        if probs is None:
+            probs = self.reconstruct_crops(prep.crops)
+        t_net = time.perf_counter() - t0
+        results = []
+        for k, (det, t) in enumerate(zip(prep.detections, prep.transforms)):
+            p = probs[k].numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs[k])
+            verts, faces, colors, tm = self.postprocess(p, t, prep.image)
+            tc = time.perf_counter()
+            code = encode(p > self.threshold) if keep is not None else None
+            tm["encode"] = time.perf_counter() - tc
+            tm["network"] = t_net / len(prep)
+            results.append(FaceResult(verts=verts, faces=faces, colors=colors, transform=t,
+                                      landmarks=np.asarray(det.landmarks, np.float64),
+                                      box=np.asarray(det.box, np.float64), score=float(det.score), face_index=k,
+                                      code=code, prob=p.copy() if keep == "prob" else None,
+                                      crop=prep.crops[k], timings=tm))
+        return results
+
+    def __call__(self, image: np.ndarray | str | os.PathLike, keep: str | None = "code") -> list[FaceResult]:
+        """Every face of a photo.
+
+        Args:
+            image: (H, W, 3) uint8 RGB array or an image file path.
+            keep: see :meth:`reconstruct_prepared`.
+        Returns:
+            one :class:`FaceResult` per detected face, left to right; [] when no face is found.
+            A face whose predicted volume is empty has ``has_surface == False``.
+        """
+        prep = self.detect(image)
+        results = self.reconstruct_prepared(prep, keep=keep)
+        tm = dict(prep.timings)
+        for key in ("network", "marching_cubes", "colour", "encode"):
+            tm[key] = sum(r.timings.get(key, 0.0) for r in results)
+        self.timings = tm
+        return results
+
+    reconstruct = __call__
+
+    def reconstruct_many(self, images: Iterable[np.ndarray | str | os.PathLike],
+                         keep: str | None = "code") -> list[list[FaceResult]]:
+        """Several photos; the crops of all of them go through the network in batches."""
+        preps = [self.detect(im) for im in images]
+        crops = [p.crops for p in preps if len(p)]
+        if not crops:
+            return [[] for _ in preps]
+        probs = self.reconstruct_crops(np.concatenate(crops))
+        out, i = [], 0
+        for p in preps:
+            out.append(self.reconstruct_prepared(p, probs[i:i + len(p)], keep=keep) if len(p) else [])
+            i += len(p)
+        return out
+
+    def __repr__(self) -> str:
+        det = getattr(self.detector, "name", None)
+        return (f"Reconstructor(model={self.model_spec.get('name', type(self.net).__name__)}, device={self.device}, "
+                f"precision={self.precision}, detector={det}, threshold={self.threshold})")
