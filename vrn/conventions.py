@@ -12,7 +12,10 @@ Depth
     z points toward the camera, in the same unit as x/y (crop px). The volume's depth
     bin index is ``d = DEPTH_FACTOR * z`` (the original VRN uses 2), ``DEPTH_BINS`` = 200
     bins. Meshes are placed so that the midpoint of their depth range lands at
-    ``z = DEPTH_BINS / (2 * DEPTH_FACTOR)`` (the volume's depth centre).
+    ``z = DEPTH_BINS / (2 * DEPTH_FACTOR)`` (the volume's depth centre). Known
+    inconsistency (to unify): the synthetic generator centres the target *solid* (surface
+    plus back plane) instead, which clips less at large pitch; ``data_pipeline.fit``
+    centres the mesh surface as stated here.
 
 Volume index order
     ``[d, r, c]`` = (depth bin, row = y, column = x); d grows toward the camera.
