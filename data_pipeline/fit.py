@@ -14,7 +14,7 @@ Sources (``source=<name>``):
   to ~1 px (see docs/pipeline.md for the measured numbers).
 
 Output frame (both sources): crop px, x right, y down, z toward the camera with the same
-scale as x/y; the mesh's depth range is centred on :func:`vrn.conventions.depth_centre_z`.
+scale as x/y; the target solid's depth range is centred in the volume (:func:`vrn.volume.voxelize.solid_depth_shift`).
 ``R`` is the head rotation in that frame (``posed = R @ frontal``; frontal = the mesh
 looking at the camera, upright), det +1.
 
@@ -42,9 +42,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from vrn.conventions import DEPTH_BINS, DEPTH_FACTOR, depth_centre_z
+from vrn.conventions import DEPTH_BINS, DEPTH_FACTOR
 from vrn.geometry.transforms import CropTransform
 from vrn.io import read_image_rgb
+from vrn.volume.voxelize import solid_depth_shift
 
 from . import _ensure_tddfa_v2_importable
 from .stage import Item, ItemContext, ItemFailure, Stage, load_npz
@@ -434,7 +435,8 @@ class FitStage(Stage):
         R = np.asarray(r.R, np.float64)
         if abs(np.linalg.det(R) - 1.0) > 1e-3 or not np.allclose(R @ R.T, np.eye(3), atol=1e-3):
             raise ItemFailure("fit_failed", "head rotation is not a rotation")
-        shift = depth_centre_z(self.depth_bins, self.depth_factor) - (verts[:, 2].min() + verts[:, 2].max()) / 2
+        shift = solid_depth_shift(verts, np.asarray(r.tris, np.int32), R, depth_bins=self.depth_bins,
+                                  depth_factor=self.depth_factor)
         verts[:, 2] += shift
         lms[:, 2] += shift
         lm_err = float(np.linalg.norm(lms[:, :2] - lm_crop[:, :2], axis=1).mean())

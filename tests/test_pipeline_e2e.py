@@ -20,6 +20,7 @@ from vrn.geometry.raster import rasterize
 from vrn.geometry.transforms import CropTransform
 from vrn.io import read_image_rgb
 from vrn.volume.codec import front_depth, from_bytes
+from vrn.volume.voxelize import solid_depth_shift
 
 ROOT = Path(__file__).resolve().parents[1]
 _F = np.diag([1.0, -1.0, 1.0])
@@ -105,7 +106,8 @@ def test_fit_rotation_poses_the_frontal_mean_face(e2e):
         # identity/expression move the face a little away from the posed mean face; a wrong
         # convention (transposed R, flipped z) gives residuals of tens of px
         assert np.median(res) < 3.0 and np.percentile(res, 99) < 10.0, (s["id"], np.median(res))
-        assert abs((v[:, 2].min() + v[:, 2].max()) / 2 - 50.0) < 1e-3
+        # placed per vrn.conventions (solid centred, visible surface inside): idempotent
+        assert abs(solid_depth_shift(mesh["verts"], mesh["tris"], R)) < 1e-3
 
 
 def test_target_front_surface_at_the_landmarks(e2e):

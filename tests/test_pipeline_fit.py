@@ -18,6 +18,7 @@ from data_pipeline.fit import (angles_to_matrix_3ddfa, load_dense_bfm, mat_annot
 from data_pipeline.run import run_pipeline
 from data_pipeline.stage import load_npz
 from vrn.geometry.transforms import CropTransform
+from vrn.volume.voxelize import solid_depth_shift
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPE_CONF = ROOT / "conf" / "pipeline"
@@ -139,7 +140,9 @@ def test_300wlp_fit_stage_lands_on_the_mat_landmarks(lp_run):
         # z toward the camera: the nose tip is in front of the eye corners
         assert lm[30, 2] > lm[[36, 39, 42, 45], 2].mean() + 5
         v = mesh["verts"]
-        assert abs((v[:, 2].min() + v[:, 2].max()) / 2 - 50.0) < 1e-3  # depth range centred
+        # placed per the convention (solid centred, visible surface kept inside): idempotent
+        assert abs(solid_depth_shift(v, mesh["tris"], mesh["R"])) < 1e-3
+        assert v[:, 2].max() <= 99.75 + 1e-3
 
 
 def test_300wlp_preset_packs(lp_run):

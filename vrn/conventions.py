@@ -11,11 +11,11 @@ Pixel coordinates ("image px" for the photo, "crop px" for the 192x192 VRN crop)
 Depth
     z points toward the camera, in the same unit as x/y (crop px). The volume's depth
     bin index is ``d = DEPTH_FACTOR * z`` (the original VRN uses 2), ``DEPTH_BINS`` = 200
-    bins. Meshes are placed so that the midpoint of their depth range lands at
-    ``z = DEPTH_BINS / (2 * DEPTH_FACTOR)`` (the volume's depth centre). Known
-    inconsistency (to unify): the synthetic generator centres the target *solid* (surface
-    plus back plane) instead, which clips less at large pitch; ``data_pipeline.fit``
-    centres the mesh surface as stated here.
+    bins. Meshes are shifted in z so that the midpoint of their target *solid*'s depth range
+    (surface + back plane, see :func:`vrn.volume.voxelize.solid_depth_shift`) lands at
+    ``z = DEPTH_BINS / (2 * DEPTH_FACTOR)`` (the volume's depth centre), except that the
+    visible surface always stays inside (a solid deeper than the volume loses its back);
+    the synthetic generator and ``data_pipeline.fit`` both do this.
 
 Volume index order
     ``[d, r, c]`` = (depth bin, row = y, column = x); d grows toward the camera.

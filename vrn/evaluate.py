@@ -48,7 +48,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from .conventions import DEPTH_FACTOR, depth_centre_z
+from .conventions import DEPTH_FACTOR
 from .geometry.transforms import CropTransform
 from .inference import Reconstructor, volume_to_image_mesh
 from .nme import (
@@ -230,7 +230,7 @@ class AFLW2000Dataset(Dataset):
         )
 
         from .io import read_image_rgb
-        from .volume.voxelize import voxelize_face
+        from .volume.voxelize import solid_depth_shift, voxelize_face
 
         path = self.images[i]
         sid = path.stem
@@ -271,8 +271,9 @@ class AFLW2000Dataset(Dataset):
             s.gt_verts = verts
             R = rotation_to_crop_frame(angles_to_matrix_3ddfa(pose[0], pose[1], pose[2]))
             vc = T.apply(verts)
-            # the data pipeline's convention (data_pipeline.fit): mesh depth range centred in the volume
-            vc[:, 2] += depth_centre_z(self.depth_bins, self.depth_factor) - (vc[:, 2].min() + vc[:, 2].max()) / 2
+            # the project's convention (as data_pipeline.fit): the target solid centred in depth
+            vc[:, 2] += solid_depth_shift(vc, np.asarray(bfm.tri, np.int32), R, depth_bins=self.depth_bins,
+                                          depth_factor=self.depth_factor)
             s.gt_code = voxelize_face(vc.astype(np.float32), np.asarray(bfm.tri, np.int32), R,
                                       depth_bins=self.depth_bins, depth_factor=self.depth_factor)
             s.info["gt_mesh"] = f"{bfm.source} ({how})"

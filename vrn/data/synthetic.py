@@ -27,11 +27,11 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR, depth_centre_z
+from ..conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
 from ..geometry.raster import rasterize
 from ..geometry.transforms import euler_to_matrix
 from ..volume.codec import VolumeCode
-from ..volume.voxelize import closed_face_mesh, voxelize_face
+from ..volume.voxelize import solid_depth_shift, voxelize_face
 from .packed import PackedWriter
 from .sfm import SurreyFaceModel, load_sfm
 
@@ -151,10 +151,9 @@ def render_sample(cfg: SyntheticFaceConfig, rng: np.random.Generator,
     t = rng.uniform(-cfg.translation_px, cfg.translation_px, 2)
     # Centre the target *solid* (surface + back plane), not just the surface, in depth: at
     # large pitch the back plane tilts and would otherwise leave the volume.
-    solid_z = closed_face_mesh(posed.astype(np.float32), m.tris, R)[0][:, 2]
     offset = np.array([(cfg.size - 1) / 2 + t[0] - centre_xy[0], (cfg.size - 1) / 2 + t[1] - centre_xy[1],
-                       depth_centre_z(cfg.depth_bins, cfg.depth_factor) - (solid_z.min() + solid_z.max()) / 2],
-                      dtype=np.float32)
+                       solid_depth_shift(posed, m.tris, R, depth_bins=cfg.depth_bins,
+                                         depth_factor=cfg.depth_factor)], dtype=np.float32)
     posed = (posed + offset).astype(np.float32)
 
     # Photo: supersampled z-buffer render with interpolated normals, Lambert + ambient light.

@@ -35,7 +35,8 @@ from ..geometry import _raster
 from ..geometry.raster import boundary_edges, depth_crossings
 from .codec import VolumeCode
 
-__all__ = ["voxelize_face", "closed_face_mesh", "solid_code_from_crossings", "DEFAULT_BACK_OFFSET"]
+__all__ = ["voxelize_face", "closed_face_mesh", "solid_code_from_crossings", "solid_depth_shift",
+           "DEFAULT_BACK_OFFSET"]
 
 #: Default distance (crop px, along the face's frontal depth axis) from the face's deepest
 #: vertex to the back plane: 2 px = 4 depth bins at DEPTH_FACTOR 2, so that even the rim of
@@ -158,3 +159,26 @@ def voxelize_face(verts: np.ndarray, tris: np.ndarray, rotation: np.ndarray, *, 
     cv, ct = closed_face_mesh(verts, tris, rotation, back_offset)
     offsets, z, facing = depth_crossings(cv, ct, size, size)
     return solid_code_from_crossings(offsets, z, facing, size, size, depth_bins, depth_factor, fill_rule)
+
+
+def solid_depth_shift(verts: np.ndarray, tris: np.ndarray, rotation: np.ndarray, *, depth_bins: int = DEPTH_BINS,
+                      depth_factor: float = DEPTH_FACTOR, back_offset: float | None = None) -> float:
+    """The z shift (crop px) that places a posed face in the volume's depth range.
+
+    The project's depth convention (:mod:`vrn.conventions`): the solid that
+    :func:`voxelize_face` builds (surface + back plane in the face's frame + walls) has the
+    midpoint of its depth range at ``depth_bins / (2 * depth_factor)``, which keeps a pitched
+    face's tilted back plane inside the volume -- unless the solid is deeper than the volume:
+    then the visible surface is kept inside (its nearest point half a voxel below the top)
+    and only the filled-in back is clipped.
+
+    Args:
+        verts: (V, 3) float32 posed surface, crop px; tris: (F, 3) int32; rotation: (3, 3).
+    Returns:
+        shift to add to every z (and to landmarks in the same frame).
+    """
+    v = np.asarray(verts, np.float32)
+    z = closed_face_mesh(v, np.asarray(tris, np.int32), rotation, back_offset)[0][:, 2]
+    shift = depth_bins / (2.0 * depth_factor) - (float(z.min()) + float(z.max())) / 2.0
+    top = (depth_bins - 0.5) / depth_factor  # centre of the last depth bin
+    return float(min(shift, top - float(v[:, 2].max())))
