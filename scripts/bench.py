@@ -56,8 +56,6 @@ def main() -> None:
     print(f"synthetic sample (render + voxelise), median over {a.samples}: {statistics.median(times_render):.1f} ms")
 
     # The same voxeliser alone on a posed SFM face.
-    rng = np.random.default_rng(1)
-    _, _, meta = render_sample(cfg, rng, model)
     from vrn.geometry.transforms import euler_to_matrix
 
     R = euler_to_matrix(40.0, 10.0, 5.0).astype(np.float32)

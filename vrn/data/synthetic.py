@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -205,19 +206,13 @@ def generate_packed(root: str | os.PathLike, cfg: SyntheticFaceConfig, counts: d
     jobs = [(cfg, seed, split, i) for split in ("train", "val", "test") for i in range(int(counts.get(split, 0)))]
     extra_meta = {"source": "synthetic-sfm", "generator": asdict(cfg), "seed": seed,
                   "mesh": "Surrey Face Model 3448 (eos)"}
-    with PackedWriter(root, image_codec=".png", extra_meta=extra_meta, overwrite=True) as w:
-        if workers and workers > 1:
-            with ProcessPoolExecutor(workers) as ex:
-                results = ex.map(_render_one, jobs, chunksize=8)
-                for split, i, image, code, meta in tqdm(results, total=len(jobs), disable=not progress,
-                                                        desc="synthetic faces"):
-                    w.add(image, code, {"id": f"{split}_{i:06d}", "split": split, "subject": f"{split}_{i:06d}",
-                                        "source": "synthetic", **meta})
-        else:
-            for job in tqdm(jobs, disable=not progress, desc="synthetic faces"):
-                split, i, image, code, meta = _render_one(job)
-                w.add(image, code, {"id": f"{split}_{i:06d}", "split": split, "subject": f"{split}_{i:06d}",
-                                    "source": "synthetic", **meta})
+    with PackedWriter(root, image_codec=".png", extra_meta=extra_meta, overwrite=True) as w, \
+            ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as ex:
+        results = ex.map(_render_one, jobs, chunksize=8) if ex is not None else map(_render_one, jobs)
+        for split, i, image, code, meta in tqdm(results, total=len(jobs), disable=not progress,
+                                                desc="synthetic faces"):
+            w.add(image, code, {"id": f"{split}_{i:06d}", "split": split, "subject": f"{split}_{i:06d}",
+                                "source": "synthetic", **meta})
     return Path(root)
 
 

@@ -68,7 +68,6 @@ class VRN(nn.Module):
             raise ValueError(f"VRN: hourglass must be 'vrn' or 'standard', got {hourglass!r}")
         c1, c2 = stem_channels
         self.depth_bins = depth_bins
-        self.align_corners = align_corners
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, c1, 7, stride=2, padding=3),
             nn.BatchNorm2d(c1),
