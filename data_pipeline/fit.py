@@ -34,229 +34,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from tddfa_v2 import similar_transform, split_param
+
 from vrn.conventions import DEPTH_BINS, DEPTH_FACTOR
+from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
+from vrn.face_models.mat_fit import MatFitError, angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points, mat_path_for
 from vrn.geometry.transforms import CropTransform
-from vrn.io import read_image_rgb
+from vrn.image_io import read_image_rgb
 from vrn.volume.voxelize import solid_depth_shift
 
-from . import _ensure_tddfa_v2_importable
-from .stage import Item, ItemContext, ItemFailure, Stage, load_npz
+from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage, load_npz
 
-__all__ = ["FitResult", "TDDFAFitter", "MatFitter", "FitStage", "angles_to_matrix_3ddfa", "load_mat_fit",
-           "mat_landmarks", "mat_fit_points", "spread_landmark_displacement", "load_dense_bfm",
-           "rotation_to_crop_frame"]
+__all__ = ["FitResult", "TDDFAFitter", "MatFitter", "FitStage"]
 
-#: y flip between the 3DMM model frame (y up) and the image / crop frame (y down)
-_F = np.diag([1.0, -1.0, 1.0])
-
-
-def rotation_to_crop_frame(R_model: np.ndarray) -> np.ndarray:
-    """Head rotation in the crop frame from a BFM-frame rotation (y up, z toward camera).
-
-    A point of the model maps to the crop as ``F @ (s R_model v) + t`` (``F`` flips y), and
-    the frontal face in the crop frame is ``F v``; so ``posed = (F R_model F) @ frontal``.
-    """
-    return (_F @ np.asarray(R_model, np.float64) @ _F).astype(np.float64)
-
-
-# --------------------------------------------------------------------------------------
-# dense model
-# --------------------------------------------------------------------------------------
-
-
-class _Spline:
-    """3D polyharmonic spline (phi(r) = r, affine term) through fixed centres, evaluated
-    at fixed points; the matrices depend only on the model, the values per sample."""
-
-    def __init__(self, centres: np.ndarray, points: np.ndarray) -> None:
-        c0 = centres.mean(0)
-        scale = np.linalg.norm(centres - c0, axis=1).max()
-        c = (centres - c0) / scale
-        p = (points - c0) / scale
-        n = len(c)
-        K = np.linalg.norm(c[:, None] - c[None], axis=-1)
-        P = np.hstack([np.ones((n, 1)), c])
-        A = np.zeros((n + 4, n + 4))
-        A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
-        self.A_inv = np.linalg.inv(A)
-        # evaluation matrix (V, n + 4), float32 to keep it ~10 MB for the BFM
-        Ke = np.linalg.norm(p[:, None, :] - c[None, :, :], axis=-1)
-        self.E = np.hstack([Ke, np.ones((len(p), 1)), p]).astype(np.float32)
-        self.n = n
-
-    def __call__(self, values: np.ndarray) -> np.ndarray:
-        rhs = np.zeros((self.n + 4, values.shape[1]))
-        rhs[: self.n] = values
-        coef = self.A_inv @ rhs
-        return self.E @ coef.astype(np.float32)
-
-
-@lru_cache(maxsize=4)
-def _spline_for(bfm: Any) -> _Spline:
-    """Cached per model object (BFMModel hashes by identity)."""
-    u = bfm.u.reshape(-1, 3).astype(np.float64)
-    return _Spline(u[bfm.landmark_vertices], u)
-
-
-def spread_landmark_displacement(bfm: Any, alpha_shp: np.ndarray, alpha_exp: np.ndarray) -> np.ndarray:
-    """Dense model-space shape (3, V) of the offline stand-in: the mean face plus the 68
-    landmark displacements spread smoothly over it (exact at the landmark vertices)."""
-    a_s = np.asarray(alpha_shp, np.float32).reshape(-1, 1)
-    a_e = np.asarray(alpha_exp, np.float32).reshape(-1, 1)
-    disp = (bfm.w_shp_base[:, : len(a_s)] @ a_s + bfm.w_exp_base[:, : len(a_e)] @ a_e).reshape(68, 3)
-    spline = _spline_for(bfm)
-    dense = bfm.u.reshape(-1, 3) + spline(disp.astype(np.float64))
-    lv = bfm.landmark_vertices
-    dense[lv] = bfm.u.reshape(-1, 3)[lv] + disp  # exact at the landmarks (spline is, up to float error)
-    return dense.T.astype(np.float32)
-
-
-def dense_model_shape(bfm: Any, alpha_shp: np.ndarray, alpha_exp: np.ndarray,
-                      smooth_standin: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
-    """Model-space dense (3, V) and landmark (3, 68) shapes, and how the dense was built."""
-    a_s = np.asarray(alpha_shp, np.float32).ravel()[: bfm.w_shp.shape[1]]
-    a_e = np.asarray(alpha_exp, np.float32).ravel()[: bfm.w_exp.shape[1]]
-    lms = bfm.shape(a_s, a_e, dense=False)
-    if bfm.source == "offline_standin":
-        if smooth_standin:
-            return spread_landmark_displacement(bfm, a_s, a_e), lms, "mean_face+landmark_spline"
-        return bfm.shape(a_s, a_e, dense=True), lms, "mean_face+landmark_vertices"
-    return bfm.shape(a_s, a_e, dense=True), lms, "dense_bases"
-
-
-def load_dense_bfm(bfm_path: str | os.PathLike | None = None, source: str = "auto") -> Any:
-    """A :class:`tddfa_v2.BFMModel` for dense meshes.
-
-    Args:
-        bfm_path: None (the registry: ``bfm_noneck_v3.pkl`` when present, else the offline
-            stand-in), a 3DDFA_V2 ``bfm_noneck_v3.pkl`` (40 shape / 10 expression
-            components), or face3d's full ``BFM.mat`` (199 / 29 components; reduced to the
-            38,365-vertex no-neck mesh with ``3ddfa_v2/indices.npy`` and ``tri.pkl``).
-        source: passed to :func:`tddfa_v2.load_bfm` when ``bfm_path`` is None.
-    """
-    _ensure_tddfa_v2_importable()
-    from tddfa_v2 import BFMModel, load_bfm
-
-    from vrn.assets import resolve
-
-    if bfm_path is None:
-        return load_bfm(source)
-    p = Path(os.path.expanduser(str(bfm_path)))
-    if not p.is_file():
-        raise FileNotFoundError(f"source.bfm_path={p} does not exist: give the path of bfm_noneck_v3.pkl "
-                                f"(3DDFA_V2 configs/) or face3d's BFM.mat, or null for the offline stand-in")
-    import pickle
-
-    if p.suffix == ".pkl":
-        with open(p, "rb") as f:
-            d = pickle.load(f)
-        tri = np.asarray(pickle.load(open(resolve("3ddfa_v2/tri.pkl"), "rb")))
-        tri = tri.T if tri.shape[0] == 3 and tri.shape[1] != 3 else tri
-        return BFMModel(u=np.asarray(d["u"], np.float32).reshape(-1, 1),
-                        w_shp=np.ascontiguousarray(np.asarray(d["w_shp"], np.float32)),
-                        w_exp=np.ascontiguousarray(np.asarray(d["w_exp"], np.float32)),
-                        tri=np.ascontiguousarray(tri, np.int32),
-                        keypoints=np.asarray(d["keypoints"], np.int64).ravel(), source="bfm_noneck_v3")
-    if p.suffix == ".mat":
-        import scipy.io as sio
-
-        m = sio.loadmat(str(p))["model"][0, 0]
-        idx = np.load(resolve("3ddfa_v2/indices.npy")).astype(np.int64).ravel()
-        rows = (idx[:, None] * 3 + np.arange(3)).ravel()
-        mu = (np.asarray(m["shapeMU"], np.float64) + np.asarray(m["expMU"], np.float64)).reshape(-1, 1)
-        kpt = np.asarray(m["kpt_ind"]).astype(np.int64).ravel() - 1  # MATLAB 1-based
-        pos = np.searchsorted(idx, kpt)
-        if not np.array_equal(idx[np.clip(pos, 0, len(idx) - 1)], kpt):
-            raise ValueError(f"{p}: landmark vertices outside the no-neck mesh; is this face3d's BFM.mat?")
-        tri = np.asarray(pickle.load(open(resolve("3ddfa_v2/tri.pkl"), "rb")))
-        tri = tri.T if tri.shape[0] == 3 and tri.shape[1] != 3 else tri
-        return BFMModel(u=mu[rows].astype(np.float32),
-                        w_shp=np.ascontiguousarray(np.asarray(m["shapePC"], np.float32)[rows]),
-                        w_exp=np.ascontiguousarray(np.asarray(m["expPC"], np.float32)[rows]),
-                        tri=np.ascontiguousarray(tri, np.int32),
-                        keypoints=(pos[:, None] * 3 + np.arange(3)).ravel(), source="bfm_full_mat")
-    raise ValueError(f"source.bfm_path={p}: expected a .pkl (3DDFA_V2) or .mat (face3d BFM)")
-
-
-# --------------------------------------------------------------------------------------
-# 300W-LP / AFLW2000-3D .mat fits
-# --------------------------------------------------------------------------------------
-
-
-def angles_to_matrix_3ddfa(pitch: float, yaw: float, roll: float) -> np.ndarray:
-    """300W-LP's rotation (radians), as 3DDFA / face3d ``angle2matrix_3ddfa``:
-    ``R = Rx(pitch) @ Ry(yaw) @ Rz(roll)`` applied as ``R @ v`` in the BFM frame."""
-    cx, sx = np.cos(pitch), np.sin(pitch)
-    cy, sy = np.cos(yaw), np.sin(yaw)
-    cz, sz = np.cos(roll), np.sin(roll)
-    rx = np.array([[1, 0, 0], [0, cx, sx], [0, -sx, cx]])
-    ry = np.array([[cy, 0, -sy], [0, 1, 0], [sy, 0, cy]])
-    rz = np.array([[cz, sz, 0], [-sz, cz, 0], [0, 0, 1]])
-    return rx @ ry @ rz
-
-
-def mat_path_for(image_path: str | os.PathLike) -> Path:
-    return Path(image_path).with_suffix(".mat")
-
-
-def load_mat_fit(mat_path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The fields of a 300W-LP / AFLW2000-3D ``.mat`` (raises ItemFailure when absent)."""
-    import scipy.io as sio
-
-    p = Path(mat_path)
-    if not p.is_file():
-        raise ItemFailure("no_fit", f"no 3DMM fit file {p.name} beside the image")
-    m = sio.loadmat(str(p))
-    for k in ("Pose_Para", "Shape_Para", "Exp_Para"):
-        if k not in m:
-            raise ItemFailure("no_fit", f"{p.name} lacks {k}")
-    return {k: v for k, v in m.items() if not k.startswith("__")}
-
-
-def mat_fit_points(model_pts: np.ndarray, pose_para: np.ndarray, image_height: int) -> np.ndarray:
-    """Model-space points (3, N) -> image px (N, 3) with a .mat's ``Pose_Para``.
-
-    ``s R v + t`` (``R`` = :func:`angles_to_matrix_3ddfa`), then the y flip of 300W-LP
-    (``y = H + 1 - y``, MATLAB 1-based) and the shift to 0-based pixel centres (x - 1,
-    y - 1), as 3DDFA does. z is left in the same units, pointing toward the camera.
-    """
-    p = np.asarray(pose_para, np.float64).ravel()
-    R = angles_to_matrix_3ddfa(p[0], p[1], p[2])
-    pts = p[6] * (R @ np.asarray(model_pts, np.float64)) + p[3:6, None]
-    out = pts.T.copy()
-    out[:, 0] = pts[0] - 1.0
-    out[:, 1] = image_height - pts[1]  # (H + 1 - y) - 1
-    return out
-
-
-def mat_landmarks(mat: dict[str, np.ndarray], image_height: int, bfm: Any | None = None) -> np.ndarray:
-    """(68, 3) image px landmarks of a .mat's 3DMM fit (40 shape / 10 expression terms with
-    the 68-point basis of ``bfm``, default the offline stand-in's exact basis)."""
-    if bfm is None:
-        bfm = load_dense_bfm(None, "offline_standin")
-    a_s = np.asarray(mat["Shape_Para"], np.float32).ravel()[: bfm.w_shp.shape[1]]
-    a_e = np.asarray(mat["Exp_Para"], np.float32).ravel()[: bfm.w_exp.shape[1]]
-    return mat_fit_points(bfm.shape(a_s, a_e, dense=False), mat["Pose_Para"], image_height)
-
-
-def mat_annotation(mat: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The .mat's own 68 landmarks (68, 2) as 0-based image px: ``pt3d_68`` (AFLW2000-3D)
-    or ``pt2d`` (300W-LP, when it has 68 points); None when absent."""
-    for key in ("pt3d_68", "pt2d"):
-        if key in mat and np.asarray(mat[key]).shape[-1] == 68:
-            return np.asarray(mat[key], np.float64)[:2].T - 1.0
-    return None
-
-
-# --------------------------------------------------------------------------------------
 # fitters
 # --------------------------------------------------------------------------------------
 
@@ -307,15 +103,12 @@ class TDDFAFitter:
 
     def setup(self) -> None:
         if self._tddfa is None:
-            _ensure_tddfa_v2_importable()
             from tddfa_v2 import TDDFA
 
             self._tddfa = TDDFA(arch=self.arch, device=self.device, bfm_source=self.bfm_source)
 
     def fit(self, crop_rgb: np.ndarray, landmarks_crop: np.ndarray, sample: dict[str, Any],
             ctx: ItemContext) -> FitResult:
-        from tddfa_v2 import similar_transform, split_param
-
         self.setup()
         pts = np.asarray(landmarks_crop, np.float64)[:, :2].T
         res = None
@@ -368,7 +161,10 @@ class MatFitter:
             ctx: ItemContext) -> FitResult:
         self.setup()
         src = ctx.path(sample["files"]["source_image"])
-        mat = load_mat_fit(mat_path_for(src))
+        try:
+            mat = load_mat_fit(mat_path_for(src))
+        except MatFitError as e:
+            raise ItemFailure(e.reason, str(e)) from e
         rec = sample["_crop_record"]
         H = int(rec["image_size"][0])
         bfm = self._bfm
@@ -457,7 +253,7 @@ def read_mesh(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 @hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="fit")
 def main(cfg: DictConfig) -> None:
-    from .run import run_single_stage
+    from data_pipeline.run import run_single_stage
 
     run_single_stage(cfg, "fit")
 

@@ -32,10 +32,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from vrn.data.packed import PackedReader, PackedWriter
-from vrn.io import read_image_rgb
+from vrn.image_io import read_image_rgb
 from vrn.volume.codec import from_bytes
 
-from .stage import Stage, load_npz
+from data_pipeline.stage import Stage, load_npz
 
 __all__ = ["PackStage", "subject_of", "split_subjects", "DEFAULT_SUBJECT_PATTERNS"]
 
@@ -173,7 +173,7 @@ class PackStage(Stage):
 
 @hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="pack")
 def main(cfg: DictConfig) -> None:
-    from .run import run_single_stage
+    from data_pipeline.run import run_single_stage
 
     run_single_stage(cfg, "pack")
 

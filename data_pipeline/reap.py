@@ -34,7 +34,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from .stage import TMP_DIR, Item, ItemContext, ItemFailure, Stage, atomic_write, dumps_json
+from vrn.atomic_write import atomic_write
+
+from data_pipeline.stage import TMP_DIR, Item, ItemContext, ItemFailure, Stage, dumps_json
 
 __all__ = ["ReapStage", "summarize"]
 
@@ -93,7 +95,7 @@ class ReapStage(Stage):
     def finalize(self, manifest: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         summary = summarize(manifest)
         manifest = {**manifest, "summary": summary}
-        atomic_write(out_dir / "summary.json", dumps_json(summary), out_dir / TMP_DIR)
+        atomic_write(out_dir / "summary.json", dumps_json(summary), out_dir / TMP_DIR, fsync=False)
         lines = [f"reap: kept {summary['kept']}, dropped {summary['dropped_total']}"]
         lines += [f"  {reason:<18} {n}" for reason, n in summary["dropped"].items()]
         print("\n".join(lines))
@@ -102,7 +104,7 @@ class ReapStage(Stage):
 
 @hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="reap")
 def main(cfg: DictConfig) -> None:
-    from .run import run_single_stage
+    from data_pipeline.run import run_single_stage
 
     run_single_stage(cfg, "reap")
 

@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .stage import PipelineInputError, Stage, StageConfigError, run_stage
+from data_pipeline.stage import PipelineInputError, Stage, StageConfigError, run_stage
 
 log = logging.getLogger("data_pipeline")
 

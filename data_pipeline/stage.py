@@ -48,7 +48,6 @@ import shutil
 import signal
 import sys
 import time
-import uuid
 import zipfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -59,11 +58,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from vrn.atomic_write import atomic_write
+
 log = logging.getLogger("data_pipeline")
 
 __all__ = [
     "Item", "ItemContext", "ItemFailure", "Stage", "StageConfigError", "PipelineInputError", "run_stage",
-    "load_manifest", "atomic_write", "dumps_json", "npz_bytes", "load_npz", "safe_id", "MANIFEST",
+    "load_manifest", "dumps_json", "npz_bytes", "load_npz", "safe_id", "MANIFEST",
 ]
 
 MANIFEST = "manifest.json"
@@ -115,23 +116,6 @@ def _json_default(o: Any) -> Any:
 def dumps_json(obj: Any, indent: int | None = 1) -> bytes:
     """Deterministic JSON bytes (sorted keys, numpy arrays as lists, NaN refused)."""
     return (json.dumps(obj, sort_keys=True, indent=indent, default=_json_default, allow_nan=False) + "\n").encode()
-
-
-def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike | None = None) -> None:
-    """Write ``data`` to ``path`` through a temporary file in ``tmp_dir`` (default: the
-    target's folder), then ``os.replace``. ``tmp_dir`` must be on the same filesystem."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    td = Path(tmp_dir) if tmp_dir is not None else p.parent
-    td.mkdir(parents=True, exist_ok=True)
-    tmp = td / f".{p.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def npz_bytes(**arrays: Any) -> bytes:
@@ -196,7 +180,7 @@ class ItemContext:
         return self.out_dir / rel
 
     def write_bytes(self, rel: str, data: bytes) -> str:
-        atomic_write(self.out_dir / rel, data, self.tmp_dir)
+        atomic_write(self.out_dir / rel, data, self.tmp_dir, fsync=False)
         self.written.append(rel)
         return rel
 
@@ -340,7 +324,7 @@ def _do_item(stage: Stage, out_dir: Path, item: Item) -> tuple[str, dict[str, An
         rec["source_image"] = item.data["source_image"]
     rec["files"] = sorted(set(ctx.written)) if rec["ok"] else []
     # the done-record is the last write of the item
-    atomic_write(out_dir / DONE_DIR / f"{item.id}.json", dumps_json(rec), out_dir / TMP_DIR)
+    atomic_write(out_dir / DONE_DIR / f"{item.id}.json", dumps_json(rec), out_dir / TMP_DIR, fsync=False)
     return item.id, rec, elapsed
 
 
@@ -383,7 +367,7 @@ def _check_stage_file(stage: Stage, out_dir: Path, fingerprint: dict[str, Any]) 
                 f"different parameters ({', '.join(diff) or 'stage/version'}). Use a new output_dir, or pass "
                 f"overwrite=true to delete its contents and start over.")
     else:
-        atomic_write(p, dumps_json(fingerprint), out_dir / TMP_DIR)
+        atomic_write(p, dumps_json(fingerprint), out_dir / TMP_DIR, fsync=False)
 
 
 def _clear_folder(out_dir: Path) -> None:
@@ -517,7 +501,7 @@ def run_stage(stage: Stage, input_dir: str | os.PathLike, output_dir: str | os.P
 
         manifest = _build_manifest(stage, in_dir, out_dir, upstream, [records[i] for i in sorted(records)])
         manifest = stage.finalize(manifest, out_dir)
-        atomic_write(out_dir / MANIFEST, dumps_json(manifest), out_dir / TMP_DIR)
+        atomic_write(out_dir / MANIFEST, dumps_json(manifest), out_dir / TMP_DIR, fsync=False)
         timing = {
             "stage": stage.name, "n_jobs": n_jobs, "processed_items": len(pending),
             "skipped_items": len(items) - len(pending), "samples_processed": n_samples_now,
@@ -525,7 +509,7 @@ def run_stage(stage: Stage, input_dir: str | os.PathLike, output_dir: str | os.P
             "ms_per_item": round(1000 * sum(item_s) / len(item_s), 2) if item_s else None,
             "ms_per_sample": round(1000 * sum(item_s) / n_samples_now, 2) if n_samples_now else None,
         }
-        atomic_write(out_dir / TIMING_FILE, dumps_json(timing), out_dir / TMP_DIR)
+        atomic_write(out_dir / TIMING_FILE, dumps_json(timing), out_dir / TMP_DIR, fsync=False)
         shutil.rmtree(out_dir / TMP_DIR, ignore_errors=True)
     c = manifest["counts"]
     log.info(f"[{stage.name}] {c['items']} items: {c['ok_items']} ok, {c['failed_items']} failed "

@@ -11,24 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vrn.bench_timing import median_ms
+
 os.environ.setdefault("VRN_ASSETS_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "assets"))
-
-
-def _median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -41,19 +32,15 @@ def main() -> None:
           f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
     from vrn.data.packed import PackedReader
-    from vrn.data.sfm import load_sfm
+    from vrn.face_models.sfm import load_sfm
     from vrn.data.synthetic import SyntheticFaceConfig, generate_packed, render_sample
     from vrn.volume.voxelize import voxelize_face
 
     # Voxelisation of the synthetic SFM faces (3448 vertices) at random poses.
     cfg, model = SyntheticFaceConfig(), load_sfm()
     rng = np.random.default_rng(0)
-    times_render = []
-    for _ in range(a.samples):
-        t = time.perf_counter()
-        render_sample(cfg, rng, model)
-        times_render.append((time.perf_counter() - t) * 1e3)
-    print(f"synthetic sample (render + voxelise), median over {a.samples}: {statistics.median(times_render):.1f} ms")
+    ms, _ = median_ms(lambda: render_sample(cfg, rng, model), a.samples, warmup=0)
+    print(f"synthetic sample (render + voxelise), median over {a.samples}: {ms:.1f} ms")
 
     # The same voxeliser alone on a posed SFM face.
     from vrn.geometry.transforms import euler_to_matrix
@@ -61,7 +48,7 @@ def main() -> None:
     R = euler_to_matrix(40.0, 10.0, 5.0).astype(np.float32)
     v = model.mean * np.array([0.58, -0.58, 0.58], dtype=np.float32)
     v = (v - v.mean(0)) @ R.T + np.array([95.5, 95.5, 50.0], dtype=np.float32)
-    ms = _median_ms(lambda: voxelize_face(v.astype(np.float32), model.tris, R), 30)
+    ms, _ = median_ms(lambda: voxelize_face(v.astype(np.float32), model.tris, R), 30)
     print(f"voxelise SFM face (3448 verts, 6736 tris), median: {ms:.2f} ms")
 
     with tempfile.TemporaryDirectory() as d:
@@ -72,7 +59,7 @@ def main() -> None:
         print(f"packed bytes per sample: {reader.bytes_per_sample() / 1024:.1f} KiB "
               f"(image {idx[:, 1].mean() / 1024:.1f} KiB PNG + target {idx[:, 3].mean() / 1024:.1f} KiB) "
               f"vs 7,372,800 B uint8 volume")
-        ms = _median_ms(lambda: reader[0], 20)
+        ms, _ = median_ms(lambda: reader[0], 20)
         print(f"read + decode one packed sample: {ms:.2f} ms")
 
     # One training step of the full model at batch 1.
@@ -90,12 +77,11 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    step()  # warm-up
-    ms = _median_ms(step, a.steps)
+    ms, _ = median_ms(step, a.steps)
     print(f"vrn_unguided training step, batch 1, CPU: {ms:.0f} ms (median of {a.steps})")
     net.eval()
     with torch.no_grad():
-        ms = _median_ms(lambda: net(x), a.steps)
+        ms, _ = median_ms(lambda: net(x), a.steps)
     print(f"vrn_unguided forward, batch 1, CPU: {ms:.0f} ms")
 
 

@@ -4,8 +4,8 @@
     VRN_ASSETS_DIR=../shared/assets python scripts/bench_inference.py [--image PHOTO] [--model vrn_unguided]
         [--detector tddfa] [--runs 5] [--threads N]
 
-* detect / crop: the project's detector (``data_pipeline.detectors``) and VRN crop
-  (``data_pipeline.crop.crop_face``) on a real photo, one face;
+* detect / crop: the project's detector (``vrn.detectors``) and VRN crop
+  (``vrn.geometry.crop.crop_face``) on a real photo, one face;
 * network: the model with random weights (timing only), one 192 x 192 crop, float32;
 * marching cubes (+ the map to image px) and colour sampling: on a *realistic* probability
   volume -- the ground-truth occupancy of a synthetic face blurred by a 1-voxel Gaussian
@@ -22,24 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
 
-def timeit(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
-    out = fn()  # warm-up (lazy model loads, allocator)
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
-
+from vrn.bench_timing import median_ms
 
 def main() -> None:
     here = Path(__file__).resolve().parents[1]
@@ -56,41 +45,41 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from data_pipeline.crop import crop_face
-    from data_pipeline.detectors import get_detector
+    from vrn.geometry.crop import crop_face
+    from vrn.detectors import get_detector
     from vrn import render
     from vrn.data.synthetic import SyntheticFaceConfig, render_sample
     from vrn.inference import Reconstructor, sample_vertex_colors, volume_to_image_mesh
-    from vrn.io import read_image_rgb
+    from vrn.image_io import read_image_rgb
     from vrn.models import create_model
     from vrn.volume.codec import decode
     from vrn.volume.mesh import export_mesh
 
     image = read_image_rgb(args.image)
     det = get_detector(args.detector)
-    t_det, dets = timeit(lambda: det.detect(image, args.image), args.runs)
+    t_det, dets = median_ms(lambda: det.detect(image, args.image), args.runs)
     if not dets:
         raise SystemExit(f"no face found in {args.image}")
     d0 = dets[0]
-    t_crop, (crop, T) = timeit(lambda: crop_face(image, d0.landmarks), args.runs * 4)
+    t_crop, (crop, T) = median_ms(lambda: crop_face(image, d0.landmarks), args.runs * 4)
 
     torch.manual_seed(0)
     net = create_model(args.model).eval()
     rec = Reconstructor(net, detector=None)
     x = crop.transpose(2, 0, 1)[None]
-    t_net, _ = timeit(lambda: rec.reconstruct_crops(x), args.runs)
+    t_net, _ = median_ms(lambda: rec.reconstruct_crops(x), args.runs)
 
     _, code, _ = render_sample(SyntheticFaceConfig(), np.random.default_rng(0))
     prob = ndi.gaussian_filter(decode(code).astype(np.float32), 1.0)
-    t_mc, (verts, faces) = timeit(lambda: volume_to_image_mesh(prob, T), args.runs * 2)
-    t_col, colors = timeit(lambda: sample_vertex_colors(image, verts), args.runs * 2)
+    t_mc, (verts, faces) = median_ms(lambda: volume_to_image_mesh(prob, T), args.runs * 2)
+    t_col, colors = median_ms(lambda: sample_vertex_colors(image, verts), args.runs * 2)
     tmp = Path(tempfile.mkdtemp(prefix="vrn_bench_"))
-    t_exp, _ = timeit(lambda: [export_mesh(tmp / f"face.{e}", verts, faces, colors) for e in ("obj", "ply")],
+    t_exp, _ = median_ms(lambda: [export_mesh(tmp / f"face.{e}", verts, faces, colors) for e in ("obj", "ply")],
                       args.runs)
     H, W = image.shape[:2]
-    t_ov, _ = timeit(lambda: render.save_png(tmp / "o.png", render.render_overlay(image, [(verts, faces)])), args.runs)
-    t_dp, _ = timeit(lambda: render.save_png(tmp / "d.png", render.render_depth(verts, faces, H, W)[0]), args.runs)
-    t_tt, _ = timeit(lambda: render.save_gif(tmp / "t.gif", render.render_turntable(verts, faces, colors)), 2)
+    t_ov, _ = median_ms(lambda: render.save_png(tmp / "o.png", render.render_overlay(image, [(verts, faces)])), args.runs)
+    t_dp, _ = median_ms(lambda: render.save_png(tmp / "d.png", render.render_depth(verts, faces, H, W)[0]), args.runs)
+    t_tt, _ = median_ms(lambda: render.save_gif(tmp / "t.gif", render.render_turntable(verts, faces, colors)), 2)
 
     total = t_det + t_crop + t_net + t_mc + t_col + t_exp
     rows = [("detect (" + args.detector + ")", t_det), ("crop", t_crop), (f"network ({args.model}, fp32)", t_net),
@@ -102,10 +91,10 @@ def main() -> None:
           f"median of {args.runs} runs (warm)\n")
     print("| stage | ms |\n|---|---:|")
     for name, t in rows:
-        print(f"| {name} | {t * 1e3:.0f} |")
+        print(f"| {name} | {t:.0f} |")
     print("\nnot in the total:\n\n| render | ms |\n|---|---:|")
     for name, t in (("overlay PNG", t_ov), ("depth PNG", t_dp), ("turntable GIF (24 frames, 256 px)", t_tt)):
-        print(f"| {name} | {t * 1e3:.0f} |")
+        print(f"| {name} | {t:.0f} |")
 
 
 if __name__ == "__main__":

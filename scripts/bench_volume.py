@@ -17,9 +17,10 @@ for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_k, "1")
 
 import platform  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from vrn.bench_timing import median_ms  # noqa: E402
 
 
 def bfm_mean_face(width_px: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
@@ -33,16 +34,6 @@ def bfm_mean_face(width_px: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
     s = width_px / np.ptp(u[:, 0])
     v = (u - u.mean(0)) * np.array([s, -s, s])
     return v, np.ascontiguousarray(tri[:, ::-1], dtype=np.int32)
-
-
-def timeit(fn, runs: int) -> tuple[float, object]:
-    out = fn()  # warm-up
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e3, out
 
 
 def main() -> None:
@@ -80,19 +71,19 @@ def main() -> None:
         p[:, :2] += 96.0
         p[:, 2] += 50.0 - (p[:, 2].min() + p[:, 2].max()) / 2
         posed = p.astype(np.float32)
-        t_vox, code = timeit(lambda: voxelize_face(posed, tris, R), args.runs)
+        t_vox, code = median_ms(lambda: voxelize_face(posed, tris, R), args.runs)
 
         def cold() -> object:
             vox_mod._EDGE_CACHE.clear()
             return voxelize_face(posed, tris, R)
 
-        t_cold, _ = timeit(cold, args.runs)
+        t_cold, _ = median_ms(cold, args.runs)
         blob = to_bytes(code)
-        t_dec, vol = timeit(lambda: decode(code), max(3, args.runs // 3))
+        t_dec, vol = median_ms(lambda: decode(code), max(3, args.runs // 3))
         lo, hi = torch.from_numpy(code.lo[None]), torch.from_numpy(code.hi[None])
         ex = [torch.from_numpy(code.extra.astype(np.int64))]
-        t_dt, _ = timeit(lambda: decode_torch(lo, hi, ex, code.depth_bins), max(3, args.runs // 3))
-        t_mc, _ = timeit(lambda: volume_to_mesh(vol), args.mc_runs)
+        t_dt, _ = median_ms(lambda: decode_torch(lo, hi, ex, code.depth_bins), max(3, args.runs // 3))
+        t_mc, _ = median_ms(lambda: volume_to_mesh(vol), args.mc_runs)
         print(f"{str(ypr):>22} | {t_vox:11.2f} | {t_cold:7.2f} | {len(blob):6d} | {vol.size / len(blob):9.0f} | "
               f"{len(code.extra):10d} | {t_dec:9.2f} | {t_dt:15.2f} | {t_mc:17.1f}")
 

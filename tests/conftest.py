@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,6 @@ os.environ.setdefault("VRN_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("VRN_ROOT", str(ROOT))
-_tddfa = ROOT / "third_party" / "3ddfa_v2"
-if str(_tddfa) not in sys.path:
-    sys.path.insert(0, str(_tddfa))
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import hydra
 import pytest
 from omegaconf import OmegaConf
 
 from tests.helpers import CONF_DIR, compose_config
-from vrn.trainer import build_trainer, resolve_gpus_alias
+from vrn.builders import build_trainer, resolve_gpus_alias
 
 
 def _options(group: str) -> list[str]:

@@ -101,7 +101,7 @@ def test_demo_reports_every_image(demo_run) -> None:
 
 
 def test_demo_files_exist_and_parse(demo_run) -> None:
-    from vrn.io import read_image_rgb
+    from vrn.image_io import read_image_rgb
 
     out, reports = demo_run
     photo = read_image_rgb(IMAGES / "trump_hillary.jpg")

@@ -14,7 +14,6 @@ import torch
 
 from tests.helpers import compose_config
 from vrn.nme import (
-    front_surface_points,
     icp,
     interocular_distance,
     landmark_box_size,
@@ -151,10 +150,11 @@ def test_surface_depth_at_plane_and_fallback() -> None:
 
 def test_front_surface_points_of_a_box() -> None:
     from vrn.volume.codec import encode
+    from vrn.volume.surface import front_depth_of_code, front_surface_points
 
     vol = np.zeros((20, 8, 8), bool)
     vol[4:10, 2:5, 3:7] = True  # front bin 9 -> z = 10 / 2
-    p = front_surface_points(encode(vol))
+    p = front_surface_points(front_depth_of_code(encode(vol)))
     assert len(p) == 12 and np.allclose(p[:, 2], 5.0)
     assert set(map(tuple, p[:, :2].astype(int))) == {(c, r) for r in range(2, 5) for c in range(3, 7)}
 

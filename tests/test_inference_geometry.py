@@ -15,7 +15,7 @@ import torch
 from scipy.spatial import cKDTree
 from torch import nn
 
-from data_pipeline.detectors.base import Detection
+from vrn.detectors.base import Detection
 from vrn.data.synthetic import SyntheticFaceConfig, render_sample
 from vrn.geometry.transforms import CropTransform
 from vrn.inference import (

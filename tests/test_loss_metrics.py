@@ -7,7 +7,8 @@ import math
 import torch
 
 from vrn.losses import volume_bce_loss
-from vrn.metrics import front_depth, front_depth_mae, voxel_iou
+from vrn.metrics import front_depth_mae, voxel_iou
+from vrn.volume.surface import front_depth
 
 
 def test_bce_loss_hand_computed():

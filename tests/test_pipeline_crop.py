@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.crop import crop_face, crop_transform_for_landmarks, padding_fraction, warp_crop
-from data_pipeline.detectors import Detection, available_detectors, get_detector
+from vrn.geometry.crop import crop_face, crop_transform_for_landmarks, padding_fraction, warp_crop
+from vrn.detectors import Detection, available_detectors, get_detector
 from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE
 from vrn.geometry.transforms import CropTransform
 

@@ -18,8 +18,9 @@ from tests.helpers import compose_config
 from vrn.data.packed import PackedReader
 from vrn.geometry.raster import rasterize
 from vrn.geometry.transforms import CropTransform
-from vrn.io import read_image_rgb
-from vrn.volume.codec import front_depth, from_bytes
+from vrn.image_io import read_image_rgb
+from vrn.volume.codec import from_bytes
+from vrn.volume.surface import front_depth_of_code
 from vrn.volume.voxelize import solid_depth_shift
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +68,10 @@ def test_crops_are_rgb_192_and_follow_the_rule(e2e):
         assert np.sqrt(box[0] * box[1]) == pytest.approx(90.0, abs=0.01)
         t = CropTransform.from_dict(rec["transform"])
         np.testing.assert_allclose(t.apply(np.asarray(rec["landmarks_image"])), lm, atol=2e-3)
-    # RGB order: the photo read through vrn.io and cropped again gives the stored crop
+    # RGB order: the photo read through vrn.image_io and cropped again gives the stored crop
     s = _samples(e2e, "crop")[0]
     rec = json.loads((e2e / "crop" / s["files"]["crop_record"]).read_text())
-    from data_pipeline.crop import warp_crop
+    from vrn.geometry.crop import warp_crop
 
     img = read_image_rgb(ROOT.parent / "shared" / "data" / "images" / s["source_image"])
     again = warp_crop(img, CropTransform.from_dict(rec["transform"]))
@@ -121,7 +122,7 @@ def test_target_front_surface_at_the_landmarks(e2e):
     for s in _samples(e2e, "voxelize"):
         mesh = load_npz(e2e / "voxelize" / s["files"]["mesh"])
         code = from_bytes((e2e / "voxelize" / s["files"]["volume"]).read_bytes())
-        fd = front_depth(code) + 0.5  # centre of the front voxel
+        fd = front_depth_of_code(code) + 0.5  # centre of the front voxel
         lm = mesh["landmarks"].astype(np.float64)
         r = rasterize(mesh["verts"], mesh["tris"], 192, 192, keep="front")
         c = np.clip(np.round(lm[:, :2]).astype(int), 0, 191)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -42,8 +41,8 @@ def fake_torch_home(tmp_path_factory):
 
 
 def test_fan_backend_with_random_weights(fake_torch_home, shared_dir):
-    from data_pipeline.detectors import get_detector
-    from vrn.io import read_image_rgb
+    from vrn.detectors import get_detector
+    from vrn.image_io import read_image_rgb
 
     det = get_detector("fan")
     det.setup()
@@ -65,8 +64,8 @@ def test_fan_backend_with_random_weights(fake_torch_home, shared_dir):
 @pytest.mark.slow
 def test_fan_backend_full_detect_with_random_weights(fake_torch_home, shared_dir):
     """S3FD on the photo, then FAN on at most max_faces boxes (~10 s per FAN pass on CPU)."""
-    from data_pipeline.detectors import get_detector
-    from vrn.io import read_image_rgb
+    from vrn.detectors import get_detector
+    from vrn.image_io import read_image_rgb
 
     det = get_detector("fan", max_faces=1, min_score=0.0)
     img = read_image_rgb(shared_dir / "data" / "images" / "aflw-test.jpg")[::2, ::2].copy()

@@ -13,10 +13,10 @@ import scipy.io as sio
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from data_pipeline.fit import (angles_to_matrix_3ddfa, load_dense_bfm, mat_annotation, mat_landmarks,
-                               rotation_to_crop_frame, spread_landmark_displacement)
 from data_pipeline.run import run_pipeline
 from data_pipeline.stage import load_npz
+from vrn.face_models.bfm import load_dense_bfm, rotation_to_crop_frame, spread_landmark_displacement
+from vrn.face_models.mat_fit import angles_to_matrix_3ddfa, mat_annotation, mat_landmarks
 from vrn.geometry.transforms import CropTransform
 from vrn.volume.voxelize import solid_depth_shift
 

@@ -8,7 +8,8 @@ from scipy import ndimage
 
 from vrn.geometry.raster import boundary_edges, depth_crossings, rasterize
 from vrn.geometry.transforms import euler_to_matrix
-from vrn.volume.codec import decode, front_depth
+from vrn.volume.codec import decode
+from vrn.volume.surface import front_depth_of_code
 from vrn.volume.voxelize import DEFAULT_BACK_OFFSET, closed_face_mesh, solid_code_from_crossings, voxelize_face
 
 F = 2.0
@@ -195,7 +196,7 @@ def test_face_watertight(which: str, ypr: tuple[float, float, float]) -> None:
     top0 = np.ceil(F * z0.astype(np.float64) - 0.5) - 1
     thick = top0 >= np.floor(F * z1.astype(np.float64) - 0.5) + 1
     sel = k[thick & (top0 >= 0) & (top0 < D)]
-    fd = front_depth(code).ravel()
+    fd = front_depth_of_code(code).ravel()
     assert len(sel) > 0.98 * sil.sum()
     np.testing.assert_array_equal(fd[sel], top0[thick & (top0 >= 0) & (top0 < D)])
     # 4. frontal pose: a single slab almost everywhere

@@ -10,7 +10,7 @@ __all__ = ["Reconstructor"]
 def __getattr__(name: str) -> Any:
     # lazy: ``import vrn`` stays cheap (no torch / detector imports until used)
     if name == "Reconstructor":
-        from .inference import Reconstructor
+        from vrn.inference import Reconstructor
 
         return Reconstructor
     raise AttributeError(f"module 'vrn' has no attribute {name!r}")

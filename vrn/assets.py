@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from vrn.atomic_write import atomic_write_from
 
 __all__ = ["Asset", "AssetNotFoundError", "REGISTRY", "resolve", "cache_dir", "sha256_of"]
 
@@ -150,22 +152,19 @@ def _help(asset: Asset, tried: list[Path], reason: str) -> str:
 
 
 def _download(asset: Asset, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(asset.url, timeout=60) as resp:
+    def fetch(out: BinaryIO) -> None:
+        with urllib.request.urlopen(asset.url, timeout=60) as resp:
             shutil.copyfileobj(resp, out)
+        out.flush()
         if asset.sha256 is not None:
-            got = sha256_of(tmp)
+            got = sha256_of(out.name)
             if got != asset.sha256:
                 raise AssetNotFoundError(
                     f"Checksum mismatch for '{asset.name}' from {asset.url}: "
                     f"expected {asset.sha256}, got {got}. The download was discarded."
                 )
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write_from(dest, fetch)
 
 
 def resolve(name: str, path: str | os.PathLike | None = None, download: bool | None = None) -> Path:

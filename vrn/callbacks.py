@@ -8,8 +8,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from .io import write_image_rgb
-from .metrics import front_depth
+from vrn.image_io import write_image_rgb
+from vrn.volume.surface import front_depth, front_surface_points
 
 __all__ = ["VolumePreviewLogger", "preview_panel", "surface_points"]
 
@@ -44,10 +44,8 @@ def surface_points(prob: torch.Tensor, depth_factor: float = 2.0, max_points: in
     prob: (D, H, W) float. Returns (N, 3) float32 crop px (x, y, z) with y flipped to point
     up for 3D viewers (W&B Object3D), at most ``max_points`` points.
     """
-    fd = front_depth((prob > 0.5)[None])[0].numpy()
-    r, c = np.nonzero(fd >= 0)
-    z = (fd[r, c] + 0.5) / depth_factor
-    pts = np.stack([c, -r, z], axis=1).astype(np.float32)
+    pts = front_surface_points(front_depth((prob > 0.5)[None])[0].numpy(), depth_factor).astype(np.float32)
+    pts[:, 1] *= -1.0
     if len(pts) > max_points:
         pts = pts[np.linspace(0, len(pts) - 1, max_points).astype(int)]
     return pts

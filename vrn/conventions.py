@@ -2,7 +2,7 @@
 
 Colour
     RGB everywhere inside the project. OpenCV I/O converts once, at the boundary
-    (:func:`vrn.io.read_image_rgb`).
+    (:func:`vrn.image_io.read_image_rgb`).
 
 Pixel coordinates ("image px" for the photo, "crop px" for the 192x192 VRN crop)
     x = column (right), y = row (down); the origin is the *centre* of the top-left
@@ -15,7 +15,7 @@ Depth
     (surface + back plane, see :func:`vrn.volume.voxelize.solid_depth_shift`) lands at
     ``z = DEPTH_BINS / (2 * DEPTH_FACTOR)`` (the volume's depth centre), except that the
     visible surface always stays inside (a solid deeper than the volume loses its back);
-    the synthetic generator and ``data_pipeline.fit`` both do this.
+    the synthetic generator and the data pipeline's fit stage both do this.
 
 Volume index order
     ``[d, r, c]`` = (depth bin, row = y, column = x); d grows toward the camera.

@@ -42,7 +42,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from .inference import PreparedImage, Reconstructor, prepare_image
+from vrn.detectors import get_detector
+from vrn.image_io import IMAGE_EXTS, ImageReadError, list_image_files
+from vrn.inference import PreparedImage, Reconstructor, prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +111,11 @@ def find_images(input_path: str | os.PathLike, recursive: bool = True) -> tuple[
     Raises:
         FileNotFoundError: the input does not exist or the folder holds no image files.
     """
-    from data_pipeline.crop import IMAGE_EXTS, list_images
-
     p = Path(os.path.expanduser(str(input_path)))
     if p.is_file():
         return p.parent, [p]
     if p.is_dir():
-        files = [p / r for r in list_images(p, IMAGE_EXTS, recursive)]
+        files = [p / r for r in list_image_files(p, IMAGE_EXTS, recursive)]
         if not files:
             raise FileNotFoundError(f"input={p} holds no image files ({', '.join(IMAGE_EXTS)})")
         return p, files
@@ -133,8 +133,6 @@ class _ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from .io import ImageReadError
-
         path = self.paths[i]
         try:
             self.detector.setup()
@@ -183,17 +181,17 @@ def face_outputs(out_dir: Path, stem: str, k: int, cfg: DictConfig | dict[str, A
 
 def _write_face(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray, files: dict[str, Path],
                 cfg: dict[str, Any]) -> FaceOutput:
-    from . import render
-    from .io import atomic_write_bytes
-    from .volume.codec import encode, to_bytes
-    from .volume.mesh import export_mesh
+    from vrn import render
+    from vrn.atomic_write import atomic_write
+    from vrn.volume.codec import encode, to_bytes
+    from vrn.volume.mesh import export_mesh
 
     det = prep.detections[k]
     verts, faces, colors, tm = rec.postprocess(prob, prep.transforms[k], prep.image)
     out = FaceOutput(face_index=k, score=float(det.score), has_surface=len(faces) > 0,
                      n_verts=int(len(verts)), n_faces=int(len(faces)), timings=tm)
     if "volume" in files:
-        atomic_write_bytes(files["volume"], to_bytes(encode(prob > rec.threshold)))
+        atomic_write(files["volume"], to_bytes(encode(prob > rec.threshold)))
         out.files["volume"] = str(files["volume"])
     if not out.has_surface:
         return out
@@ -257,8 +255,6 @@ class _ImageState:
 
 
 def _build_detector(cfg: DictConfig) -> Any:
-    from data_pipeline.detectors import get_detector
-
     kw: dict[str, Any] = {"device": str(cfg.get("detector_device") or "cpu")}
     if cfg.get("min_score") is not None:
         kw["min_score"] = float(cfg.min_score)
@@ -281,7 +277,7 @@ def _start_wandb(cfg: DictConfig, out_dir: Path) -> bool:
 
     if wandb.run is not None:
         return False
-    from .trainer import wandb_has_api_key
+    from vrn.trainer import wandb_has_api_key
 
     mode = "offline" if (os.environ.get("WANDB_MODE") == "offline" or not wandb_has_api_key()) else "online"
     wandb.init(project=str(cfg.get("wandb_project", "vrn-demo")), dir=str(out_dir), mode=mode, job_type="demo",
@@ -399,9 +395,9 @@ def run_demo(cfg: DictConfig) -> list[ImageReport]:
     summary = {"ckpt": str(cfg.ckpt), "model": rec.model_spec, "detector": detector.describe(),
                "device": str(cfg.device), "precision": str(cfg.precision), "threshold": rec.threshold,
                "seconds": dt, "images": [asdict(r) for r in reports]}
-    from .io import atomic_write_bytes
+    from vrn.atomic_write import atomic_write
 
-    atomic_write_bytes(out_root / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write(out_root / "summary.json", json.dumps(summary, indent=2).encode())
     return reports
 
 

@@ -48,10 +48,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from .conventions import DEPTH_FACTOR
-from .geometry.transforms import CropTransform
-from .inference import Reconstructor, volume_to_image_mesh
-from .nme import (
+from vrn.conventions import DEPTH_FACTOR
+from vrn.detectors import get_detector
+from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
+from vrn.face_models.mat_fit import angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points
+from vrn.geometry.crop import crop_face
+from vrn.image_io import read_image_rgb
+from vrn.volume.surface import front_depth_of_code, front_surface_points
+from vrn.volume.voxelize import solid_depth_shift, voxelize_face
+from vrn.geometry.transforms import CropTransform
+from vrn.inference import Reconstructor, volume_to_image_mesh
+from vrn.nme import (
     interocular_distance,
     landmark_box_size,
     landmark_nme,
@@ -61,9 +68,8 @@ from .nme import (
     surface_nme,
     yaw_bucket,
     yaw_from_rotation,
-    front_surface_points,
 )
-from .volume.codec import VolumeCode, decode
+from vrn.volume.codec import VolumeCode, decode
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +138,7 @@ class PackedEvalDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str | None = "test", max_samples: int | None = None,
                  depth_factor: float = DEPTH_FACTOR) -> None:
-        from .data.packed import PackedReader
+        from vrn.data.packed import PackedReader
 
         self.reader = PackedReader(root, split=split)
         if len(self.reader) == 0:
@@ -162,7 +168,7 @@ class PackedEvalDataset(Dataset):
             yaw = float("nan")
         return EvalSample(
             id=str(row.get("id", i)), crop=s.image, transform=CropTransform(_IDENTITY, s.image.shape[:2]), yaw=yaw,
-            gt_code=s.code, gt_verts=front_surface_points(s.code, self.depth_factor), gt_landmarks=lm,
+            gt_code=s.code, gt_verts=front_surface_points(front_depth_of_code(s.code), self.depth_factor), gt_landmarks=lm,
             pred_landmarks_xy=None if lm is None else lm[:, :2].copy(), landmarks_xy_from="ground truth",
             info={"source": str(row.get("source", "packed")), "gt_surface": "front surface of the GT volume"})
 
@@ -210,8 +216,6 @@ class AFLW2000Dataset(Dataset):
 
     def _load_bfm(self) -> Any:
         if self._bfm is None:
-            from data_pipeline.fit import load_dense_bfm
-
             self._bfm = (load_dense_bfm(None, "offline_standin") if self.bfm_path == "standin"
                          else load_dense_bfm(self.bfm_path))
         return self._bfm
@@ -220,18 +224,6 @@ class AFLW2000Dataset(Dataset):
         return {**self.__dict__, "_bfm": None}
 
     def __getitem__(self, i: int) -> EvalSample:
-        from data_pipeline.crop import crop_face
-        from data_pipeline.fit import (
-            angles_to_matrix_3ddfa,
-            dense_model_shape,
-            load_mat_fit,
-            mat_fit_points,
-            rotation_to_crop_frame,
-        )
-
-        from .io import read_image_rgb
-        from .volume.voxelize import solid_depth_shift, voxelize_face
-
         path = self.images[i]
         sid = path.stem
         try:
@@ -271,7 +263,7 @@ class AFLW2000Dataset(Dataset):
             s.gt_verts = verts
             R = rotation_to_crop_frame(angles_to_matrix_3ddfa(pose[0], pose[1], pose[2]))
             vc = T.apply(verts)
-            # the project's convention (as data_pipeline.fit): the target solid centred in depth
+            # the project's convention (as the pipeline's fit stage): the target solid centred in depth
             vc[:, 2] += solid_depth_shift(vc, np.asarray(bfm.tri, np.int32), R, depth_bins=self.depth_bins,
                                           depth_factor=self.depth_factor)
             s.gt_code = voxelize_face(vc.astype(np.float32), np.asarray(bfm.tri, np.int32), R,
@@ -282,7 +274,7 @@ class AFLW2000Dataset(Dataset):
 
 def _synthetic_root(d: DictConfig) -> Path:
     """The synthetic test split: the training cache when present, else a test-only cache."""
-    from .data.synthetic import SyntheticFaceConfig, cache_name, generate_packed
+    from vrn.data.synthetic import SyntheticFaceConfig, cache_name, generate_packed
 
     gen_kw = OmegaConf.to_container(d.generator, resolve=True) if d.get("generator") else {}
     gen = SyntheticFaceConfig(**gen_kw)  # type: ignore[arg-type]
@@ -312,8 +304,6 @@ def build_dataset(d: DictConfig, max_samples: int | None = None) -> Dataset:
     if kind == "aflw2000_3d":
         det = None
         if str(d.get("crop", "detector")) == "detector":
-            from data_pipeline.detectors import get_detector
-
             det = get_detector(str(d.detector), device=str(d.get("detector_device", "cpu")))
         return AFLW2000Dataset(d.root, bfm_path=d.get("bfm_path"), crop=str(d.get("crop", "detector")), detector=det,
                                max_samples=max_samples)
@@ -342,7 +332,7 @@ def score_sample(s: EvalSample, prob: np.ndarray, threshold: float = 0.5, depth_
         a JSON-ready row: id, yaw, bucket, the metrics (None when not applicable), n_verts,
         no_surface, info.
     """
-    from .metrics import voxel_iou
+    from vrn.metrics import voxel_iou
 
     row: dict[str, Any] = {"id": s.id, "yaw": _f(s.yaw), "bucket": yaw_bucket(s.yaw), **{m[0]: None for m in METRICS}}
     row["landmarks_xy_from"] = s.landmarks_xy_from
@@ -433,10 +423,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results = {"summary": summary, "metrics": [m[0] for m in present], "notes": notes, "seconds": dt,
                "ckpt": str(cfg.ckpt), "model": rec.model_spec,
                "data": OmegaConf.to_container(cfg.data, resolve=True), "failures": failures, "samples": rows}
-    from .io import atomic_write_bytes
+    from vrn.atomic_write import atomic_write
 
-    atomic_write_bytes(out_dir / "results.json", json.dumps(results, indent=2).encode())
-    atomic_write_bytes(out_dir / "results.md", md.encode())
+    atomic_write(out_dir / "results.json", json.dumps(results, indent=2).encode())
+    atomic_write(out_dir / "results.md", md.encode())
     print(md, flush=True)
     log.info(f"Results: {out_dir / 'results.md'} ({dt:.1f} s)")
     return results

@@ -12,8 +12,8 @@
 Pipeline per photo (each stage is a method, so batch front-ends such as :mod:`vrn.demo`
 reuse them):
 
-1. :func:`prepare_image`: read (RGB), detect faces + 68 landmarks (``data_pipeline.detectors``),
-   cut the VRN crop of each face (``data_pipeline.crop.crop_face``: 192 x 192 crop px and
+1. :func:`prepare_image`: read (RGB), detect faces + 68 landmarks (:mod:`vrn.detectors`),
+   cut the VRN crop of each face (:func:`vrn.geometry.crop.crop_face`: 192 x 192 crop px and
    the :class:`~vrn.geometry.transforms.CropTransform` image px -> crop px).
 2. :meth:`Reconstructor.reconstruct_crops`: the network on a batch of crops, sigmoid ->
    occupancy probabilities (B, D, H, W), index ``[d, r, c]`` (:mod:`vrn.conventions`).
@@ -32,31 +32,31 @@ once into ``<vrn cache>/checkpoints/`` (``$VRN_CACHE_DIR`` or ``~/.cache/vrn``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .conventions import CROP_SIZE, DEPTH_FACTOR
-from .geometry.transforms import CropTransform
-from .volume.codec import VolumeCode, encode
-from .volume.mesh import export_mesh, volume_to_mesh
-
-if TYPE_CHECKING:  # pragma: no cover
-    from data_pipeline.detectors.base import Detection, FaceDetector
+from vrn.checkpoint import load_network, resolve_checkpoint, save_network
+from vrn.conventions import CROP_SIZE, DEPTH_FACTOR
+from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
+from vrn.geometry.crop import crop_face
+from vrn.geometry.transforms import CropTransform
+from vrn.image_io import check_rgb_image, read_image_rgb
+from vrn.volume.codec import VolumeCode, encode
+from vrn.volume.mesh import export_mesh, volume_to_mesh
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Reconstructor", "FaceResult", "PreparedImage", "prepare_image", "volume_to_image_mesh",
-           "sample_vertex_colors", "load_network", "resolve_checkpoint", "PRECISIONS"]
+           "sample_vertex_colors", "PRECISIONS"]
 
 #: accepted ``precision`` values -> autocast dtype (None = plain float32)
 PRECISIONS: dict[str, torch.dtype | None] = {
@@ -155,17 +155,13 @@ def prepare_image(image: np.ndarray | str | os.PathLike, detector: "FaceDetector
 
     Args:
         image: (H, W, 3) uint8 RGB array, or an image file path.
-        detector: a :class:`data_pipeline.detectors.base.FaceDetector`.
+        detector: a :class:`vrn.detectors.base.FaceDetector`.
         crop_size: crop side (192).
     Returns:
         :class:`PreparedImage`; no faces -> empty ``detections`` and (0, S, S, 3) crops.
     Raises:
-        vrn.io.ImageReadError: the file is missing or not a readable image.
+        vrn.image_io.ImageReadError: the file is missing or not a readable image.
     """
-    from data_pipeline.crop import crop_face
-
-    from .io import read_image_rgb
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     path = None
@@ -173,8 +169,7 @@ def prepare_image(image: np.ndarray | str | os.PathLike, detector: "FaceDetector
         path = str(image)
         image = read_image_rgb(path)
     img = np.ascontiguousarray(image)
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
+    check_rgb_image(img)
     t1 = time.perf_counter()
     timings["read"] = t1 - t0
     dets = detector.detect(img, path)
@@ -242,97 +237,6 @@ def sample_vertex_colors(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------
-
-
-def _is_url(s: str) -> bool:
-    return s.startswith(("http://", "https://", "ftp://", "file://"))
-
-
-def resolve_checkpoint(path_or_url: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                       progress: bool = True) -> Path:
-    """Local path of a checkpoint: a file as is, a URL downloaded once into the cache.
-
-    Args:
-        path_or_url: file path, or an http(s) / ftp / file:// URL.
-        cache_dir: download folder (default ``<vrn cache>/checkpoints``).
-    Raises:
-        FileNotFoundError: a local path that does not exist.
-    """
-    s = str(path_or_url)
-    if not _is_url(s):
-        p = Path(os.path.expanduser(s))
-        if not p.is_file():
-            raise FileNotFoundError(f"Checkpoint not found: {p}. Pass ckpt=<path to a .ckpt file> "
-                                    f"(e.g. outputs/train/runs/<run>/checkpoints/last.ckpt) or an http(s) URL.")
-        return p
-    from .assets import cache_dir as vrn_cache_dir
-
-    folder = Path(cache_dir) if cache_dir is not None else vrn_cache_dir() / "checkpoints"
-    name = os.path.basename(s.split("?")[0].split("#")[0]) or "checkpoint.ckpt"
-    dest = folder / f"{hashlib.sha1(s.encode()).hexdigest()[:8]}_{name}"
-    if not dest.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        log.info(f"Downloading checkpoint {s} -> {dest}")
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        try:
-            torch.hub.download_url_to_file(s, str(tmp), progress=progress)
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    return dest
-
-
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Network weights from a Lightning ``state_dict`` (``net.`` / compiled ``net._orig_mod.``)
-    or from a bare network state dict."""
-    keys = list(state)
-    if any(k.startswith("net.") for k in keys):
-        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
-    return {k.replace("_orig_mod.", "", 1) if k.startswith("_orig_mod.") else k: v for k, v in state.items()}
-
-
-def load_network(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                 weights_only: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network of a checkpoint from its stored model spec (no Hydra).
-
-    Args:
-        path: local checkpoint: a Lightning ``.ckpt`` of :class:`vrn.lit_module.VRNLitModule`
-            or a file written by :meth:`Reconstructor.save` (``hyper_parameters["net"]`` +
-            ``state_dict``).
-        map_location: where tensors load.
-        weights_only: torch's safe unpickler (tensors and plain containers only). Pass False
-            only for a checkpoint you trust that holds other objects.
-    Returns:
-        (network in eval mode, model spec ``{"name": ..., **overrides}``).
-    """
-    from .models import create_model
-
-    try:
-        ckpt = torch.load(str(path), map_location=map_location, weights_only=weights_only)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name and a hint
-        hint = (" It holds objects beyond tensors and plain containers; if you trust the file, load it "
-                "with weights_only=False." if weights_only else "")
-        raise RuntimeError(f"Cannot load checkpoint {path}: {type(e).__name__}: {e}.{hint}") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a vrn checkpoint (no 'state_dict')")
-    hp = ckpt.get("hyper_parameters") or {}
-    spec = hp.get("net")
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ValueError(f"{path} does not store a model spec (hyper_parameters['net'] = {{'name': ...}}); "
-                         f"was it written by vrn.lit_module.VRNLitModule or Reconstructor.save?")
-    spec = dict(spec)
-    net = create_model(**spec)
-    missing, unexpected = net.load_state_dict(_strip_prefix(ckpt["state_dict"]), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match model {spec}: missing {missing[:5]}..., "
-                         f"unexpected {unexpected[:5]}...")
-    return net.eval(), spec
-
-
-# --------------------------------------------------------------------------------------
 # the reconstructor
 # --------------------------------------------------------------------------------------
 
@@ -362,7 +266,7 @@ class Reconstructor:
         device: "cpu", "cuda", "cuda:1", ...
         precision: "32" or "bf16" (autocast; "16" on CUDA too); see :data:`PRECISIONS`.
         detector: a detector name ("tddfa", "fan", "dlib"; see
-            ``data_pipeline.detectors``), a ``FaceDetector``, or None (then only
+            :mod:`vrn.detectors`), a ``FaceDetector``, or None (then only
             :meth:`reconstruct_crops` / :meth:`reconstruct_prepared` work).
         threshold: marching-cubes level on the probabilities (0.5).
         depth_factor: depth bins per crop px (2, :mod:`vrn.conventions`).
@@ -372,7 +276,7 @@ class Reconstructor:
     """
 
     def __init__(self, net: nn.Module, device: str | torch.device = "cpu", precision: str = "32",
-                 detector: "str | FaceDetector | None" = "tddfa", threshold: float = 0.5,
+                 detector: "str | FaceDetector | None" = DEFAULT_DETECTOR, threshold: float = 0.5,
                  depth_factor: float = DEPTH_FACTOR, batch_size: int = 8,
                  detector_device: str | None = None, model_spec: dict[str, Any] | None = None,
                  detector_kwargs: dict[str, Any] | None = None) -> None:
@@ -397,8 +301,6 @@ class Reconstructor:
         self.batch_size = max(1, int(batch_size))
         self.model_spec = dict(model_spec or {})
         if isinstance(detector, str):
-            from data_pipeline.detectors import get_detector
-
             detector = get_detector(detector, device=detector_device or str(self.device),
                                     **(detector_kwargs or {}))
         self.detector = detector
@@ -408,7 +310,7 @@ class Reconstructor:
     # ---- construction -----------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path_or_url: str | os.PathLike, device: str = "cpu", precision: str = "32",
-                        detector: "str | FaceDetector | None" = "tddfa", threshold: float = 0.5,
+                        detector: "str | FaceDetector | None" = DEFAULT_DETECTOR, threshold: float = 0.5,
                         cache_dir: str | os.PathLike | None = None, weights_only: bool = True,
                         **kwargs: Any) -> "Reconstructor":
         """Load a checkpoint (file or URL) and build the network from its stored spec.
@@ -427,13 +329,7 @@ class Reconstructor:
 
     def save(self, path: str | os.PathLike) -> Path:
         """A slim checkpoint (model spec + network weights; loads with :meth:`from_checkpoint`)."""
-        if not self.model_spec:
-            raise ValueError("unknown model spec: build the Reconstructor with model_spec=... to save it")
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        state = {f"net.{k}": v.detach().cpu() for k, v in self.net.state_dict().items()}
-        torch.save({"hyper_parameters": {"net": self.model_spec}, "state_dict": state}, p)
-        return p
+        return save_network(path, self.net, self.model_spec)
 
     # ---- stages -------------------------------------------------------------------------
     def _autocast(self) -> Any:

@@ -9,10 +9,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .losses import volume_bce_loss
-from .metrics import front_depth_mae, voxel_iou
-from .models import create_model
-from .volume.codec import decode_torch
+from vrn.losses import volume_bce_loss
+from vrn.metrics import front_depth_mae, voxel_iou
+from vrn.models import create_model
+from vrn.volume.codec import decode_torch
 
 __all__ = ["VRNLitModule", "volume_bce_loss", "batch_targets"]
 

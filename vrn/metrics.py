@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["voxel_iou", "front_depth", "front_depth_mae"]
+from vrn.volume.surface import front_depth
+
+__all__ = ["voxel_iou", "front_depth_mae"]
 
 
 def voxel_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -23,22 +25,6 @@ def voxel_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (pred & target).reshape(B, -1).sum(1, dtype=torch.int32).float()  # int32 sum: 3x faster than bool
     union = (pred | target).reshape(B, -1).sum(1, dtype=torch.int32).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
-def front_depth(occupancy: torch.Tensor) -> torch.Tensor:
-    """Front-surface depth map: the highest occupied depth bin of each column.
-
-    Args:
-        occupancy: (B, D, H, W) bool.
-    Returns:
-        (B, H, W) float32 depth-bin index of the front surface, -1 where the column is empty.
-    """
-    D = occupancy.shape[1]
-    if D < 255:  # uint8 arithmetic: ~20x faster than a float where() on a (B, 200, 192, 192) volume
-        d = torch.arange(1, D + 1, device=occupancy.device, dtype=torch.uint8).view(1, -1, 1, 1)
-        return (occupancy.to(torch.uint8) * d).amax(dim=1).to(torch.float32) - 1.0
-    d = torch.arange(1, D + 1, device=occupancy.device, dtype=torch.int32).view(1, -1, 1, 1)
-    return (occupancy.to(torch.int32) * d).amax(dim=1).to(torch.float32) - 1.0
 
 
 def front_depth_mae(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

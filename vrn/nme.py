@@ -38,7 +38,7 @@ from scipy.spatial import cKDTree
 
 __all__ = [
     "interocular_distance", "landmark_box_size", "rigid_transform", "IcpResult", "icp", "SurfaceNME",
-    "surface_nme", "landmark_nme", "surface_depth_at", "front_surface_points", "yaw_bucket", "YAW_BUCKETS",
+    "surface_nme", "landmark_nme", "surface_depth_at", "yaw_bucket", "YAW_BUCKETS",
     "summarize", "markdown_table", "yaw_from_rotation",
 ]
 
@@ -286,7 +286,7 @@ def surface_depth_at(verts: np.ndarray, faces: np.ndarray, xy: np.ndarray) -> np
     Returns:
         (K,) float64 z; NaN where the query is NaN or the mesh is empty.
     """
-    from .geometry.raster import rasterize
+    from vrn.geometry.raster import rasterize
 
     q = np.asarray(xy, np.float64)[:, :2]
     out = np.full(len(q), np.nan)
@@ -316,26 +316,6 @@ def surface_depth_at(verts: np.ndarray, faces: np.ndarray, xy: np.ndarray) -> np
     near = d[rr[nn], cc[nn]]
     out[ok] = np.where(all4, bil, near)
     return out
-
-
-def front_surface_points(code: Any, depth_factor: float = 2.0) -> np.ndarray:
-    """The camera-facing surface of an occupancy volume: one point per occupied column.
-
-    For column (r, c) whose top-most occupied bin is ``d``, the point (x=c, y=r,
-    z=(d + 1) / depth_factor) lies on the boundary between that voxel and the empty one in
-    front of it (:mod:`vrn.conventions`: voxel d's centre is at z = (d + 0.5) / depth_factor),
-    which is where marching cubes at 0.5 puts the surface of a binary volume.
-
-    Args:
-        code: a :class:`vrn.volume.codec.VolumeCode` (crop px).
-    Returns:
-        (N, 3) float64 crop px.
-    """
-    from .volume.codec import front_depth
-
-    fd = front_depth(code)
-    r, c = np.nonzero(np.isfinite(fd))
-    return np.stack([c, r, (fd[r, c] + 1.0) / depth_factor], 1).astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------

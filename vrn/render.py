@@ -18,35 +18,17 @@ from typing import Sequence
 
 import numpy as np
 
-from .geometry.raster import Raster, rasterize
-from .geometry.transforms import euler_to_matrix
-from .io import atomic_write_bytes
+from vrn.geometry.normals import vertex_normals
+from vrn.geometry.raster import Raster, rasterize
+from vrn.geometry.transforms import euler_to_matrix
+from vrn.atomic_write import atomic_write
+from vrn.image_io import encode_image_rgb
 
-__all__ = ["vertex_normals", "render_mesh", "render_overlay", "render_depth", "render_turntable",
+__all__ = ["render_mesh", "render_overlay", "render_depth", "render_turntable",
            "save_png", "save_gif", "DEFAULT_LIGHT"]
 
 #: direction toward the light (image px frame): up-left of the camera, mostly frontal
 DEFAULT_LIGHT: tuple[float, float, float] = (-0.35, -0.45, 1.0)
-
-
-def vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals (outward for an outward-wound mesh).
-
-    Args:
-        verts: (V, 3) float, any frame.
-        faces: (F, 3) int.
-    Returns:
-        (V, 3) float32; zero for vertices used by no face.
-    """
-    v = np.asarray(verts, np.float64)
-    f = np.asarray(faces, np.int64)
-    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])  # length = 2 * area
-    n = np.zeros_like(v)
-    for k in range(3):  # three corners, vectorised over faces
-        for c in range(3):
-            n[:, c] += np.bincount(f[:, k], weights=fn[:, c], minlength=len(v))
-    norm = np.linalg.norm(n, axis=1, keepdims=True)
-    return (n / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 
 def _window(verts: np.ndarray, height: int, width: int, pad: int = 1) -> tuple[int, int, int, int] | None:
@@ -224,15 +206,7 @@ def render_turntable(verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write an (H, W, 3) RGB or (H, W) grey uint8 PNG atomically."""
-    import cv2
-
-    a = np.ascontiguousarray(image)
-    if a.ndim == 3:
-        a = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", a)
-    if not ok:
-        raise ValueError(f"cannot encode an image of shape {image.shape} as PNG")
-    return atomic_write_bytes(path, buf.tobytes())
+    return atomic_write(path, encode_image_rgb(image, ".png"))
 
 
 def save_gif(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float = 12.0) -> Path:
@@ -252,4 +226,4 @@ def save_gif(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float =
     ims = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in fr]
     buf = io.BytesIO()
     ims[0].save(buf, format="GIF", save_all=True, append_images=ims[1:], duration=int(round(1000.0 / fps)), loop=0)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())

@@ -9,7 +9,7 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from .trainer import build_callbacks, build_loggers, build_trainer
+from vrn.builders import build_callbacks, build_loggers, build_trainer
 
 log = logging.getLogger(__name__)
 

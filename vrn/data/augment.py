@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..volume.codec import VolumeCode
+from vrn.volume.codec import VolumeCode
 
 __all__ = ["AugmentConfig", "augment_sample", "warp_code", "sample_params"]
 

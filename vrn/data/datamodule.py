@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import AugmentConfig, augment_sample
-from .packed import PackedReader
+from vrn.data.augment import AugmentConfig, augment_sample
+from vrn.data.packed import PackedReader
 
 __all__ = ["VolumeDataset", "collate_volumes", "PackedDataModule", "SyntheticDataModule"]
 
@@ -141,7 +141,7 @@ class SyntheticDataModule(PackedDataModule):
     def __init__(self, cache_dir: str, num_train: int = 512, num_val: int = 64, num_test: int = 64,
                  generator: dict[str, Any] | None = None, gen_seed: int = 0, num_gen_workers: int = 0,
                  **kw: Any) -> None:
-        from .synthetic import SyntheticFaceConfig, cache_name
+        from vrn.data.synthetic import SyntheticFaceConfig, cache_name
 
         self.gen_cfg = SyntheticFaceConfig(**(generator or {}))
         self.counts = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
@@ -151,7 +151,7 @@ class SyntheticDataModule(PackedDataModule):
         super().__init__(root=str(root), **kw)
 
     def prepare_data(self) -> None:
-        from .synthetic import generate_packed
+        from vrn.data.synthetic import generate_packed
 
         if not (Path(self.root) / "meta.json").is_file():
             generate_packed(self.root, self.gen_cfg, self.counts, seed=self.gen_seed, workers=self.num_gen_workers)

@@ -25,9 +25,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
-from ..io import decode_image_rgb, encode_image_rgb
-from ..volume.codec import VolumeCode, from_bytes, to_bytes
+from vrn.conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
+from vrn.image_io import decode_image_rgb, encode_image_rgb
+from vrn.volume.codec import VolumeCode, from_bytes, to_bytes
 
 __all__ = ["PackedWriter", "PackedReader", "FORMAT_VERSION", "PackedFormatError"]
 

@@ -28,15 +28,16 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
-from ..geometry.raster import rasterize
-from ..geometry.transforms import euler_to_matrix
-from ..volume.codec import VolumeCode
-from ..volume.voxelize import solid_depth_shift, voxelize_face
-from .packed import PackedWriter
-from .sfm import SurreyFaceModel, load_sfm
+from vrn.conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
+from vrn.geometry.normals import vertex_normals
+from vrn.geometry.raster import rasterize
+from vrn.geometry.transforms import euler_to_matrix
+from vrn.volume.codec import VolumeCode
+from vrn.volume.voxelize import solid_depth_shift, voxelize_face
+from vrn.data.packed import PackedWriter
+from vrn.face_models.sfm import SurreyFaceModel, load_sfm
 
-__all__ = ["SyntheticFaceConfig", "render_sample", "generate_packed", "cache_name", "vertex_normals"]
+__all__ = ["SyntheticFaceConfig", "render_sample", "generate_packed", "cache_name"]
 
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 # iBUG landmark groups used to paint facial features into the albedo (1-based iBUG ids).
@@ -66,17 +67,6 @@ def cache_name(cfg: SyntheticFaceConfig, counts: dict[str, int], seed: int) -> s
     """Folder name unique to the generation settings."""
     key = json.dumps({"cfg": asdict(cfg), "counts": counts, "seed": seed, "v": 2}, sort_keys=True)
     return f"synthetic_{counts['train']}_{counts['val']}_{counts['test']}_s{seed}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-
-
-def vertex_normals(verts: np.ndarray, tris: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals. verts (V,3) float32, tris (F,3) int32 -> (V,3) float32."""
-    v0, v1, v2 = verts[tris[:, 0]], verts[tris[:, 1]], verts[tris[:, 2]]
-    fn = np.cross(v1 - v0, v2 - v0)
-    vn = np.zeros_like(verts, dtype=np.float64)
-    for k in range(3):
-        np.add.at(vn, tris[:, k], fn)
-    vn /= np.linalg.norm(vn, axis=1, keepdims=True).clip(1e-12)
-    return vn.astype(np.float32)
 
 
 @lru_cache(maxsize=1)

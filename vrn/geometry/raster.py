@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import _raster
+from vrn.geometry import _raster
 
 __all__ = ["Raster", "rasterize", "depth_crossings", "boundary_edges", "MAX_ABS_COORD"]
 

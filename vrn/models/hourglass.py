@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import Bottleneck
+from vrn.models.blocks import Bottleneck
 
 __all__ = ["VRNHourglass", "StandardHourglass"]
 

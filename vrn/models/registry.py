@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .vrn import VRN
+from vrn.models.vrn import VRN
 
 __all__ = ["register_model", "create_model", "list_models"]
 

@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .blocks import Bottleneck, ConvBnRelu, SeparableBilinearUpsample
-from .hourglass import StandardHourglass, VRNHourglass
+from vrn.models.blocks import Bottleneck, ConvBnRelu, SeparableBilinearUpsample
+from vrn.models.hourglass import StandardHourglass, VRNHourglass
 
 __all__ = ["VRN"]
 

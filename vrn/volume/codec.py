@@ -21,9 +21,9 @@ try:  # torch is optional for the numpy half of this module
 except ImportError:  # pragma: no cover
     torch = None  # type: ignore[assignment]
 
-from ..conventions import DEPTH_BINS
+from vrn.conventions import DEPTH_BINS
 
-__all__ = ["VolumeCode", "encode", "decode", "to_bytes", "from_bytes", "decode_torch", "front_depth",
+__all__ = ["VolumeCode", "encode", "decode", "to_bytes", "from_bytes", "decode_torch",
            "CodecError"]
 
 _MAGIC = b"VRNC"
@@ -150,22 +150,6 @@ def decode(code: VolumeCode) -> np.ndarray:
         pix, dd = _extra_indices(code.extra)
         vol.reshape(D, H * W)[dd, pix] = True
     return vol
-
-
-def front_depth(code: VolumeCode) -> np.ndarray:
-    """Depth-bin index of the front (highest-d, nearest the camera) occupied voxel.
-
-    Returns:
-        (H, W) float32: ``hi - 1`` of the top-most run of each column; NaN where empty.
-        Same quantity as ``vrn.metrics.front_depth`` on the dense volume (which uses -1).
-    """
-    fd = np.where(code.hi > code.lo, code.hi.astype(np.float32) - 1, np.float32(np.nan)).astype(np.float32)
-    if len(code.extra):
-        ex = code.extra
-        last = np.ones(len(ex), dtype=bool)
-        last[:-1] = ex[1:, 0] != ex[:-1, 0]
-        fd.reshape(-1)[ex[last, 0]] = ex[last, 2].astype(np.float32) - 1
-    return fd
 
 
 def to_bytes(code: VolumeCode) -> bytes:

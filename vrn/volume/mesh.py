@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..conventions import DEPTH_FACTOR
-from ..io import atomic_write_bytes
+from vrn.conventions import DEPTH_FACTOR
+from vrn.atomic_write import atomic_write
 
 __all__ = ["volume_to_mesh", "export_mesh", "MESH_FORMATS"]
 
@@ -112,5 +112,5 @@ def export_mesh(path: str | os.PathLike, verts: np.ndarray, faces: np.ndarray,
     data = mesh.export(file_type=ext[1:])
     if isinstance(data, str):
         data = data.encode("utf-8")
-    atomic_write_bytes(path, data)
+    atomic_write(path, data)
     return path

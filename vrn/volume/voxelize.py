@@ -30,10 +30,10 @@ from typing import Literal
 
 import numpy as np
 
-from ..conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
-from ..geometry import _raster
-from ..geometry.raster import boundary_edges, depth_crossings
-from .codec import VolumeCode
+from vrn.conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
+from vrn.geometry import _raster
+from vrn.geometry.raster import boundary_edges, depth_crossings
+from vrn.volume.codec import VolumeCode
 
 __all__ = ["voxelize_face", "closed_face_mesh", "solid_code_from_crossings", "solid_depth_shift",
            "DEFAULT_BACK_OFFSET"]

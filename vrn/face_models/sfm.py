@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..assets import resolve
+from vrn.assets import resolve
 
 __all__ = ["SurreyFaceModel", "load_sfm"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Detection, FaceDetector, register_detector
+from vrn.detectors.base import Detection, FaceDetector, register_detector
 
 __all__ = ["DlibDetector"]
 

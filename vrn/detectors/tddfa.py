@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _ensure_tddfa_v2_importable
-from .base import Detection, FaceDetector, register_detector
+from vrn.detectors.base import Detection, FaceDetector, register_detector
 
 __all__ = ["TDDFADetector"]
 
@@ -35,7 +34,6 @@ class TDDFADetector(FaceDetector):
         self._m_tddfa = None
 
     def _load(self) -> None:
-        _ensure_tddfa_v2_importable()
         from tddfa_v2 import TDDFA, FaceBoxesDetector
 
         self._m_boxes = FaceBoxesDetector(device=self.device, score_threshold=self.min_score)

@@ -26,8 +26,10 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from vrn.image_io import check_rgb_image
+
 __all__ = ["Detection", "FaceDetector", "register_detector", "get_detector", "available_detectors",
-           "DETECTOR_MODULES"]
+           "DETECTOR_MODULES", "DEFAULT_DETECTOR"]
 
 
 @dataclass
@@ -90,8 +92,7 @@ class FaceDetector:
             image_rgb: the photo.
             image_path: its file (backends that read side files, e.g. ``mat``, need it).
         """
-        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
-            raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image_rgb.shape} {image_rgb.dtype}")
+        check_rgb_image(image_rgb)
         self.setup()
         dets = [d for d in self._detect(image_rgb, image_path) if d.score >= self.min_score]
         dets = [d for d in dets if np.isfinite(d.landmarks).all()]
@@ -115,11 +116,14 @@ class FaceDetector:
 _REGISTRY: dict[str, type[FaceDetector]] = {}
 #: name -> module that registers it (imported on demand)
 DETECTOR_MODULES: dict[str, str] = {
-    "tddfa": "data_pipeline.detectors.tddfa",
-    "fan": "data_pipeline.detectors.fan",
-    "dlib": "data_pipeline.detectors.dlib",
-    "mat": "data_pipeline.detectors.mat",
+    "tddfa": "vrn.detectors.tddfa",
+    "fan": "vrn.detectors.fan",
+    "dlib": "vrn.detectors.dlib",
+    "mat": "vrn.detectors.mat",
 }
+#: the detector the API (:class:`vrn.Reconstructor`) and the demo use unless told otherwise:
+#: face-alignment, the field's standard (downloads its weights once); offline, pass "tddfa"
+DEFAULT_DETECTOR: str = "fan"
 
 
 def register_detector(name: str) -> Callable[[type[FaceDetector]], type[FaceDetector]]:

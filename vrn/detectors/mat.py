@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import Detection, FaceDetector, register_detector
+from vrn.face_models.mat_fit import MatFitError, load_mat_fit, mat_annotation, mat_landmarks, mat_path_for
+
+from vrn.detectors.base import Detection, FaceDetector, register_detector
 
 __all__ = ["MatLandmarks"]
 
@@ -33,14 +35,11 @@ class MatLandmarks(FaceDetector):
         self.landmarks = landmarks
 
     def _detect(self, image_rgb: np.ndarray, image_path: str | None) -> list[Detection]:
-        from ..fit import load_mat_fit, mat_annotation, mat_landmarks, mat_path_for
-        from ..stage import ItemFailure
-
         if image_path is None:
             raise ValueError("the 'mat' detector needs the image path (to find the .mat beside it)")
         try:
             mat = load_mat_fit(mat_path_for(image_path))
-        except ItemFailure:
+        except MatFitError:
             return []
         lm = mat_annotation(mat) if self.landmarks == "annotation" else None
         if lm is None:

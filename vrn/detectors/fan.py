@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Detection, FaceDetector, register_detector
+from vrn.detectors.base import Detection, FaceDetector, register_detector
 
 __all__ = ["FANDetector"]
 

@@ -1,0 +1,115 @@
+"""Checkpoint files: find (path or URL, downloaded once), load the network, save a slim copy.
+
+A Lightning checkpoint of :class:`vrn.lit_module.VRNLitModule` stores the model spec in
+``hyper_parameters["net"] = {"name": ..., **overrides}``; the network is rebuilt from it
+with :func:`vrn.models.create_model` (no Hydra). :func:`save_network` writes a slim file of
+the same layout (spec + network weights only). URLs are downloaded once into
+``<vrn cache>/checkpoints/`` (``$VRN_CACHE_DIR`` or ``~/.cache/vrn``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vrn.assets import cache_dir as vrn_cache_dir
+from vrn.atomic_write import atomic_path
+from vrn.models import create_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["resolve_checkpoint", "load_network", "save_network"]
+
+
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://", "ftp://", "file://"))
+
+
+def resolve_checkpoint(path_or_url: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                       progress: bool = True) -> Path:
+    """Local path of a checkpoint: a file as is, a URL downloaded once into the cache.
+
+    Args:
+        path_or_url: file path, or an http(s) / ftp / file:// URL.
+        cache_dir: download folder (default ``<vrn cache>/checkpoints``).
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+    """
+    s = str(path_or_url)
+    if not _is_url(s):
+        p = Path(os.path.expanduser(s))
+        if not p.is_file():
+            raise FileNotFoundError(f"Checkpoint not found: {p}. Pass ckpt=<path to a .ckpt file> "
+                                    f"(e.g. outputs/train/runs/<run>/checkpoints/last.ckpt) or an http(s) URL.")
+        return p
+    folder = Path(cache_dir) if cache_dir is not None else vrn_cache_dir() / "checkpoints"
+    name = os.path.basename(s.split("?")[0].split("#")[0]) or "checkpoint.ckpt"
+    dest = folder / f"{hashlib.sha1(s.encode()).hexdigest()[:8]}_{name}"
+    if not dest.is_file():
+        log.info(f"Downloading checkpoint {s} -> {dest}")
+        with atomic_path(dest) as tmp:
+            torch.hub.download_url_to_file(s, str(tmp), progress=progress)
+    return dest
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Network weights from a Lightning ``state_dict`` (``net.`` / compiled ``net._orig_mod.``)
+    or from a bare network state dict."""
+    keys = list(state)
+    if any(k.startswith("net.") for k in keys):
+        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    return {k.replace("_orig_mod.", "", 1) if k.startswith("_orig_mod.") else k: v for k, v in state.items()}
+
+
+def load_network(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                 weights_only: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network of a checkpoint from its stored model spec (no Hydra).
+
+    Args:
+        path: local checkpoint: a Lightning ``.ckpt`` of :class:`vrn.lit_module.VRNLitModule`
+            or a file written by :meth:`Reconstructor.save` (``hyper_parameters["net"]`` +
+            ``state_dict``).
+        map_location: where tensors load.
+        weights_only: torch's safe unpickler (tensors and plain containers only). Pass False
+            only for a checkpoint you trust that holds other objects.
+    Returns:
+        (network in eval mode, model spec ``{"name": ..., **overrides}``).
+    """
+    try:
+        ckpt = torch.load(str(path), map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name and a hint
+        hint = (" It holds objects beyond tensors and plain containers; if you trust the file, load it "
+                "with weights_only=False." if weights_only else "")
+        raise RuntimeError(f"Cannot load checkpoint {path}: {type(e).__name__}: {e}.{hint}") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a vrn checkpoint (no 'state_dict')")
+    hp = ckpt.get("hyper_parameters") or {}
+    spec = hp.get("net")
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"{path} does not store a model spec (hyper_parameters['net'] = {{'name': ...}}); "
+                         f"was it written by vrn.lit_module.VRNLitModule or Reconstructor.save?")
+    spec = dict(spec)
+    net = create_model(**spec)
+    missing, unexpected = net.load_state_dict(_strip_prefix(ckpt["state_dict"]), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match model {spec}: missing {missing[:5]}..., "
+                         f"unexpected {unexpected[:5]}...")
+    return net.eval(), spec
+
+
+def save_network(path: str | os.PathLike, net: nn.Module, model_spec: dict[str, Any]) -> Path:
+    """A slim checkpoint (model spec + network weights; loads with :func:`load_network`), written atomically."""
+    if not model_spec:
+        raise ValueError("unknown model spec: build the Reconstructor with model_spec=... to save it")
+    state = {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"hyper_parameters": {"net": dict(model_spec)}, "state_dict": state}, tmp)
+    return Path(path)
