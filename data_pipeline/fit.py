@@ -44,6 +44,7 @@ from tddfa_v2 import similar_transform, split_param
 
 from vrn.conventions import DEPTH_BINS, DEPTH_FACTOR
 from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
+from vrn.face_models.tddfa_models import load_tddfa
 from vrn.face_models.mat_fit import MatFitError, angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points, mat_path_for
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
@@ -103,9 +104,7 @@ class TDDFAFitter:
 
     def setup(self) -> None:
         if self._tddfa is None:
-            from tddfa_v2 import TDDFA
-
-            self._tddfa = TDDFA(arch=self.arch, device=self.device, bfm_source=self.bfm_source)
+            self._tddfa = load_tddfa(arch=self.arch, device=self.device, bfm_source=self.bfm_source)
 
     def fit(self, crop_rgb: np.ndarray, landmarks_crop: np.ndarray, sample: dict[str, Any],
             ctx: ItemContext) -> FitResult:

@@ -31,11 +31,79 @@ Network input
     float32 RGB in [0, 1], shape (B, 3, CROP_SIZE, CROP_SIZE); logits (B, DEPTH_BINS, H, W).
 """
 
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["CROP_SIZE", "DEPTH_BINS", "DEPTH_FACTOR", "CROP_FACE_SIZE", "VolumeLayout", "DEFAULT_LAYOUT",
+           "LayoutMismatchError", "depth_centre_z"]
+
 CROP_SIZE: int = 192
 DEPTH_BINS: int = 200
 DEPTH_FACTOR: float = 2.0
 # VRN crop rule: the 68-landmark box is scaled so that sqrt(w*h) = CROP_FACE_SIZE crop px.
 CROP_FACE_SIZE: float = 90.0
+
+
+class LayoutMismatchError(ValueError):
+    """Two parts of a run (dataset, model, checkpoint) were made with different layouts."""
+
+
+@dataclass(frozen=True)
+class VolumeLayout:
+    """The crop and volume layout, the one source of truth for these four numbers.
+
+    Recorded in every packed dataset's ``meta.json`` (key ``layout``) and in every
+    checkpoint (``hyper_parameters["layout"]``); checked when a dataset meets a model;
+    :class:`vrn.Reconstructor` and evaluation take it from the checkpoint.
+
+    Attributes:
+        crop_size: side of the square network input, crop px.
+        face_size: ``sqrt(w * h)`` of the 68-landmark box in the crop, crop px.
+        depth_bins: depth bins of the volume (network output channels).
+        depth_factor: depth bins per crop px (``d = depth_factor * z``).
+    """
+
+    crop_size: int = CROP_SIZE
+    face_size: float = CROP_FACE_SIZE
+    depth_bins: int = DEPTH_BINS
+    depth_factor: float = DEPTH_FACTOR
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crop_size", int(self.crop_size))
+        object.__setattr__(self, "face_size", float(self.face_size))
+        object.__setattr__(self, "depth_bins", int(self.depth_bins))
+        object.__setattr__(self, "depth_factor", float(self.depth_factor))
+        if self.crop_size <= 0 or self.depth_bins <= 0 or self.face_size <= 0 or self.depth_factor <= 0:
+            raise ValueError(f"layout values must be positive, got {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "VolumeLayout":
+        """From a recorded dict; None or missing keys -> the defaults (files written before
+        layouts were recorded used the defaults)."""
+        d = dict(d or {})
+        known = {k: d[k] for k in ("crop_size", "face_size", "depth_bins", "depth_factor") if k in d}
+        return cls(**known)
+
+    def check_matches(self, other: "VolumeLayout", this: str, that: str) -> None:
+        """Raise :class:`LayoutMismatchError` naming both sides and every differing value."""
+        diff = [f"{k}: {getattr(self, k)} ({this}) vs {getattr(other, k)} ({that})"
+                for k in ("crop_size", "face_size", "depth_bins", "depth_factor") if getattr(self, k) != getattr(other, k)]
+        if diff:
+            raise LayoutMismatchError(f"{this} and {that} use different crop/volume layouts: " + "; ".join(diff)
+                                      + ". Rebuild one of them with the other's layout.")
+
+    @property
+    def depth_centre_z(self) -> float:
+        """z (crop px) of the volume's depth centre, where meshes are centred in depth."""
+        return self.depth_bins / (2.0 * self.depth_factor)
+
+
+DEFAULT_LAYOUT = VolumeLayout()
 
 
 def depth_centre_z(depth_bins: int = DEPTH_BINS, depth_factor: float = DEPTH_FACTOR) -> float:

@@ -25,8 +25,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from vrn.conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
-from vrn.image_io import decode_image_rgb, encode_image_rgb
+from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
+from vrn.image_io import check_rgb_image, decode_image_rgb, encode_image_rgb
 from vrn.volume.codec import VolumeCode, from_bytes, to_bytes
 
 __all__ = ["PackedWriter", "PackedReader", "FORMAT_VERSION", "PackedFormatError"]
@@ -48,7 +48,8 @@ class PackedWriter:
     """
 
     def __init__(self, root: str | os.PathLike, image_codec: str = ".png", jpeg_quality: int = 95,
-                 extra_meta: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+                 extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
+                 layout: VolumeLayout = DEFAULT_LAYOUT) -> None:
         self.root = Path(root)
         if self.root.exists() and not overwrite:
             raise FileExistsError(f"Packed dataset already exists at {self.root}; pass overwrite=True to replace it")
@@ -59,6 +60,7 @@ class PackedWriter:
         self.image_codec = image_codec
         self.jpeg_quality = jpeg_quality
         self.extra_meta = dict(extra_meta or {})
+        self.layout = layout
         self._img = open(self.tmp / "images.bin", "wb")
         self._tgt = open(self.tmp / "targets.bin", "wb")
         self._man = open(self.tmp / "manifest.jsonl", "w")
@@ -68,8 +70,10 @@ class PackedWriter:
 
     def add(self, image_rgb: np.ndarray, code: VolumeCode, row: dict[str, Any]) -> None:
         """Append one sample. image_rgb: (H, W, 3) uint8 RGB crop; row: manifest fields (id, split...)."""
-        if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-            raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image_rgb.shape} {image_rgb.dtype}")
+        check_rgb_image(image_rgb)
+        if image_rgb.shape[:2] != (self.layout.crop_size,) * 2 or code.shape != (self.layout.depth_bins,) + (self.layout.crop_size,) * 2:
+            raise ValueError(f"sample does not match the dataset layout {self.layout}: image {image_rgb.shape}, "
+                             f"volume {code.shape}")
         ib = encode_image_rgb(image_rgb, self.image_codec, self.jpeg_quality)
         tb = to_bytes(code)
         io_, to_ = self._img.tell(), self._tgt.tell()
@@ -88,9 +92,9 @@ class PackedWriter:
             f.close()
         np.save(self.tmp / "index.npy", np.asarray(self._index, dtype=np.int64).reshape(-1, 4))
         meta = {
-            "format": "vrn-packed", "version": FORMAT_VERSION, "crop_size": CROP_SIZE,
-            "depth_bins": DEPTH_BINS, "depth_factor": DEPTH_FACTOR, "image_codec": self.image_codec,
-            "num_samples": len(self._index), "splits": self._splits, **self.extra_meta,
+            "format": "vrn-packed", "version": FORMAT_VERSION, "layout": self.layout.to_dict(),
+            "image_codec": self.image_codec, "num_samples": len(self._index), "splits": self._splits,
+            **self.extra_meta,
         }
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if self.root.exists():
@@ -137,6 +141,8 @@ class PackedReader:
         if self.meta.get("version") != FORMAT_VERSION:
             raise PackedFormatError(f"{self.root}: packed format version {self.meta.get('version')} "
                                     f"is not {FORMAT_VERSION}; rebuild the dataset")
+        # datasets written before layouts were recorded kept the three volume numbers at the top level
+        self.layout = VolumeLayout.from_dict(self.meta.get("layout", self.meta))
         rows = [json.loads(line) for line in (self.root / "manifest.jsonl").read_text().splitlines() if line]
         if split is not None:
             wanted = {split} if isinstance(split, str) else set(split)

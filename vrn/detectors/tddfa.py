@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from vrn.detectors.base import Detection, FaceDetector, register_detector
+from vrn.face_models.tddfa_models import load_faceboxes, load_tddfa
 
 __all__ = ["TDDFADetector"]
 
@@ -34,10 +35,8 @@ class TDDFADetector(FaceDetector):
         self._m_tddfa = None
 
     def _load(self) -> None:
-        from tddfa_v2 import TDDFA, FaceBoxesDetector
-
-        self._m_boxes = FaceBoxesDetector(device=self.device, score_threshold=self.min_score)
-        self._m_tddfa = TDDFA(arch=self.arch, device=self.device)
+        self._m_boxes = load_faceboxes(device=self.device, score_threshold=self.min_score)
+        self._m_tddfa = load_tddfa(arch=self.arch, device=self.device)
 
     def _detect(self, image_rgb: np.ndarray, image_path: str | None) -> list[Detection]:
         boxes = np.asarray(self._m_boxes(image_rgb), dtype=np.float64).reshape(-1, 5)
