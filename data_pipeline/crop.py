@@ -2,9 +2,11 @@
 
 ``python -m data_pipeline.crop input_dir=<photos> output_dir=<out>/crop detector=tddfa``
 
-The VRN crop rule (:func:`crop_face`): scale the photo so that the 68-landmark box has
-``sqrt(w * h) = CROP_FACE_SIZE`` (90) px, centre the box in the crop, pad with black, cut
-``CROP_SIZE`` (192) px square. RGB throughout.
+The VRN crop rule (:func:`vrn.geometry.crop.crop_face`): scale the photo so that the
+68-landmark box has ``sqrt(w * h) = face_size`` (``crop.face_size``, default
+``CROP_FACE_SIZE`` = 90) px, centre the box in the crop, pad with black, cut ``crop_size``
+(default ``CROP_SIZE`` = 192) px square. RGB throughout. Both numbers are recorded in
+``stage.json`` / the manifest's ``params``; ``pack`` copies them into the dataset's layout.
 
 Writes, per face ``<image id>_f<k>`` (k: faces left to right):
 
@@ -33,7 +35,8 @@ from vrn.detectors.base import FaceDetector
 from vrn.geometry.crop import crop_face, padding_fraction
 from vrn.image_io import IMAGE_EXTS, ImageReadError, encode_image_rgb, list_image_files, read_image_rgb
 
-from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage, safe_id
+from data_pipeline.run import run_single_stage
+from data_pipeline.stage import Item, ItemContext, ItemFailure, PipelineInputError, Stage, safe_id
 
 __all__ = ["CropStage"]
 
@@ -46,7 +49,7 @@ class CropStage(Stage):
     """The crop stage (see the module doc).
 
     Args:
-        detector: a :class:`~data_pipeline.detectors.base.FaceDetector`.
+        detector: a :class:`~vrn.detectors.base.FaceDetector`.
         crop_size, face_size: the VRN crop rule.
         border_value: padding grey level.
         image_exts: file extensions read from ``input_dir``.
@@ -77,8 +80,6 @@ class CropStage(Stage):
     def list_items(self, input_dir: Path, upstream: dict[str, Any] | None, out_dir: Path) -> list[Item]:
         rels = list_image_files(input_dir, self.image_exts, self.recursive)
         if not rels:
-            from data_pipeline.stage import PipelineInputError
-
             raise PipelineInputError(f"input_dir={input_dir} holds no images ({', '.join(self.image_exts)}).")
         return [Item(safe_id(r), {"source_image": r,
                                   "path": os.path.relpath(input_dir / r, out_dir).replace(os.sep, "/")})
@@ -118,8 +119,6 @@ class CropStage(Stage):
 
 @hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="crop")
 def main(cfg: DictConfig) -> None:
-    from data_pipeline.run import run_single_stage
-
     run_single_stage(cfg, "crop")
 
 

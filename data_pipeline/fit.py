@@ -1,38 +1,34 @@
 """Stage 2, fit: a dense 3D face mesh for every crop.
 
-``python -m data_pipeline.fit input_dir=<out>/crop output_dir=<out>/fit source=tddfa``
+``python -m data_pipeline.fit input_dir=<out>/crop output_dir=<out>/fit fitter=tddfa``
 
-Sources (``source=<name>``):
+Fitters (``fitter=<name>``, config group ``conf/pipeline/fitter/``):
 
 * ``tddfa``: 3DDFA_V2 (mb05) run on the crop, its ROI from the crop's 68 landmarks
   (upstream's landmark policy).
 * ``300wlp``: the 3DMM fit stored in each 300W-LP / AFLW2000-3D ``.mat`` beside the photo:
   ``Pose_Para`` (pitch, yaw, roll [rad], tx, ty, tz, scale), ``Shape_Para`` (199),
-  ``Exp_Para`` (29). The dense mesh needs a BFM: ``source.bfm_path`` (3DDFA_V2's
+  ``Exp_Para`` (29). The dense mesh needs a BFM: ``fitter.bfm_path`` (3DDFA_V2's
   ``bfm_noneck_v3.pkl``, or face3d's full ``BFM.mat``); without one, the offline stand-in
   with the 40 shape / 10 expression truncation, whose 68 landmarks reproduce the .mat's
   to ~1 px (see docs/pipeline.md for the measured numbers).
 
-Output frame (both sources): crop px, x right, y down, z toward the camera with the same
+Output frame (both fitters): crop px, x right, y down, z toward the camera with the same
 scale as x/y; the target solid's depth range is centred in the volume (:func:`vrn.volume.voxelize.solid_depth_shift`).
 ``R`` is the head rotation in that frame (``posed = R @ frontal``; frontal = the mesh
 looking at the camera, upright), det +1.
 
 Per sample ``items/<id>.npz`` (written atomically, deterministic bytes): ``verts`` (V, 3)
 float32, ``tris`` (F, 3) int32 (no-neck BFM: no neck, no ears), ``R`` (3, 3) float32,
-``landmarks`` (68, 3) float32 crop px, ``bfm_source`` (str).
+``landmarks`` (68, 3) float32 crop px, ``bfm_source`` (str); the sample also records
+``dense_model`` (how the dense mesh was built).
 
-Dense mesh and the offline stand-in. ``bfm_noneck_v3_offline.npz`` carries identity and
-expression only on the 68 landmark vertices; used naively the mesh would be the mean face
-with 68 spikes. With ``smooth_standin`` (default) the landmark displacements are spread
-over the whole mean face by a 3D polyharmonic spline (phi(r) = r, plus an affine term),
-exact at the landmarks: a smooth face that passes through the fitted landmarks. The
-sample's ``bfm_source`` says which model was used and ``dense_model`` how.
+Dense mesh and the offline stand-in (``smooth_standin``): see :mod:`vrn.face_models.bfm`.
 """
 
 from __future__ import annotations
 
-import os
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +46,8 @@ from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
 from vrn.volume.voxelize import solid_depth_shift
 
-from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage, load_npz
+from data_pipeline.run import run_single_stage
+from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage
 
 __all__ = ["FitResult", "TDDFAFitter", "MatFitter", "FitStage"]
 
@@ -75,13 +72,14 @@ class FitResult:
 
 
 class TDDFAFitter:
-    """3DDFA_V2 on the crop, ROI from the crop's landmarks (``source=tddfa``).
+    """3DDFA_V2 on the crop, ROI from the crop's landmarks (``fitter=tddfa``).
 
     Args:
         arch: "mb05" or "mb1".
         device: torch device.
         bfm_source: "auto" (``bfm_noneck_v3.pkl`` when present, else the offline stand-in).
-        smooth_standin: spread the stand-in's landmark displacements (module doc).
+        smooth_standin: spread the stand-in's landmark displacements
+            (:func:`vrn.face_models.bfm.dense_model_shape`).
         iterations: 3DDFA_V2 passes; each pass after the first takes its ROI from the
             previous pass's landmarks.
     """
@@ -125,12 +123,12 @@ class TDDFAFitter:
 
 
 class MatFitter:
-    """The 3DMM fit of the ``.mat`` beside each photo (``source=300wlp``).
+    """The 3DMM fit of the ``.mat`` beside each photo (``fitter=300wlp``).
 
     Args:
         bfm_path: full BFM for the dense mesh (see :func:`load_dense_bfm`); None = the
             registry (``bfm_noneck_v3.pkl`` when present, else the offline stand-in).
-        smooth_standin: see the module doc.
+        smooth_standin: see :func:`vrn.face_models.bfm.dense_model_shape`.
         max_landmark_error: crop px; the fit's landmarks must lie within this mean distance
             of the crop's landmarks, else the sample fails with ``fit_mismatch`` (a crop of
             another face of the photo, or a wrong .mat).
@@ -175,7 +173,7 @@ class MatFitter:
         err = float(np.linalg.norm(lm[:, :2] - np.asarray(landmarks_crop)[:, :2], axis=1).mean())
         if err > self.max_landmark_error:
             raise ItemFailure("fit_mismatch", f"the .mat fit's landmarks lie {err:.1f} crop px (mean) from the "
-                                              f"crop's; limit source.max_landmark_error={self.max_landmark_error}")
+                                              f"crop's; limit fitter.max_landmark_error={self.max_landmark_error}")
         p = np.asarray(pose, np.float64).ravel()
         R = rotation_to_crop_frame(angles_to_matrix_3ddfa(p[0], p[1], p[2]))
         return FitResult(verts=verts, tris=np.asarray(bfm.tri, np.int32), R=R, landmarks=lm,
@@ -191,7 +189,7 @@ class FitStage(Stage):
     """The fit stage (module doc).
 
     Args:
-        fitter: :class:`TDDFAFitter` or :class:`MatFitter` (``source=`` in the config).
+        fitter: :class:`TDDFAFitter` or :class:`MatFitter` (``fitter=`` in the config).
         depth_bins, depth_factor: volume layout, to centre the mesh's depth range on
             ``depth_bins / (2 depth_factor)``.
     """
@@ -205,6 +203,8 @@ class FitStage(Stage):
         self.depth_factor = float(depth_factor)
 
     def params(self) -> dict[str, Any]:
+        # the fitter's key stays "source" (the recorded stage.json format): renaming it would make
+        # every existing fit folder refuse a resume with StageConfigError
         return {"source": self.fitter.params(), "depth_bins": self.depth_bins, "depth_factor": self.depth_factor}
 
     def setup(self) -> None:
@@ -212,8 +212,6 @@ class FitStage(Stage):
 
     def process(self, item: Item, ctx: ItemContext) -> list[dict[str, Any]]:
         s = dict(item.data)
-        import json
-
         rec = json.loads(ctx.path(s["files"]["crop_record"]).read_text())
         crop = read_image_rgb(ctx.path(s["files"]["crop"]))
         lm_crop = np.asarray(rec["landmarks_crop"], np.float64)
@@ -245,15 +243,8 @@ class FitStage(Stage):
                  "files": {**s["files"], "mesh": mesh}}]
 
 
-def read_mesh(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load a fit stage ``.npz`` (verts, tris, R, landmarks, bfm_source)."""
-    return load_npz(path)
-
-
 @hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="fit")
 def main(cfg: DictConfig) -> None:
-    from data_pipeline.run import run_single_stage
-
     run_single_stage(cfg, "fit")
 
 

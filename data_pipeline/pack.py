@@ -11,6 +11,12 @@ first group); no match: the stem itself. The defaults handle 300W-LP
 The sorted subjects are shuffled with ``seed`` and cut by ``fractions``: the same inputs
 always give the same split.
 
+Layout: ``meta.json``'s ``layout`` (:class:`vrn.conventions.VolumeLayout`) is what the
+upstream stages actually used, read from their manifests' ``params`` by following each
+manifest's ``input_dir`` back from ``reap``: ``crop_size`` and ``face_size`` from the crop
+stage, ``depth_bins`` and ``depth_factor`` from the voxelize stage (whose ``size`` must
+equal the crop's ``crop_size``, else :class:`~data_pipeline.stage.PipelineInputError`).
+
 Output: :class:`vrn.data.packed.PackedWriter`'s folder (``meta.json``, ``manifest.jsonl``,
 ``index.npy``, ``images.bin``, ``targets.bin``), written under ``<output_dir>.partial``
 and renamed into place; crops stored as JPEG quality 95 by default (a sample, crop +
@@ -30,14 +36,18 @@ from typing import Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
+from vrn.conventions import VolumeLayout
 from vrn.data.packed import PackedReader, PackedWriter
 from vrn.image_io import read_image_rgb
 from vrn.volume.codec import from_bytes
 
-from data_pipeline.stage import Stage, load_npz
+from data_pipeline.run import run_single_stage
+from data_pipeline.stage import MANIFEST, PipelineInputError, Stage, load_manifest, load_npz
 
-__all__ = ["PackStage", "subject_of", "split_subjects", "DEFAULT_SUBJECT_PATTERNS"]
+__all__ = ["PackStage", "subject_of", "split_subjects", "upstream_params", "upstream_layout",
+           "DEFAULT_SUBJECT_PATTERNS"]
 
 DEFAULT_SUBJECT_PATTERNS = (
     r"^(LFPW_image_(?:test|train)_\d+)_\d+$",  # 300W-LP LFPW: <image>_<view>
@@ -92,6 +102,52 @@ def split_subjects(subjects: list[str], fractions: dict[str, float], seed: int) 
     return out
 
 
+def upstream_params(input_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """``{stage name: (its folder, its recorded params)}`` for ``manifest`` (the manifest of
+    ``input_dir``) and every stage upstream of it, found by following each manifest's
+    ``input_dir`` (relative to its own folder) back to the ``crop`` stage."""
+    found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    folder = Path(input_dir)
+    while True:
+        name = manifest.get("stage")
+        if name in found:  # pragma: no cover - manifests never point at themselves
+            break
+        found[name] = (folder, dict(manifest.get("params", {})))
+        if name == "crop" or not manifest.get("input_dir") or not manifest.get("upstream_stage"):
+            break
+        folder = Path(os.path.normpath(folder / manifest["input_dir"]))
+        manifest = load_manifest(folder, manifest["upstream_stage"])
+    return found
+
+
+def upstream_layout(input_dir: str | os.PathLike, manifest: dict[str, Any]) -> VolumeLayout:
+    """The crop / volume layout the upstream stages used (module doc).
+
+    Args:
+        input_dir: the reap stage's output folder (any stage after voxelize works).
+        manifest: that folder's ``manifest.json``.
+
+    Raises:
+        PipelineInputError: the crop or voxelize stage's manifest cannot be reached, or the
+            voxelize stage's ``size`` differs from the crop stage's ``crop_size``.
+    """
+    found = upstream_params(input_dir, manifest)
+    for need in ("crop", "voxelize"):
+        if need not in found:
+            raise PipelineInputError(
+                f"pack records the dataset layout from the '{need}' stage, but no '{need}' {MANIFEST} is "
+                f"upstream of input_dir={input_dir} (followed: {' <- '.join(map(str, found))}); keep the stage "
+                f"folders of one pipeline run together (python -m data_pipeline.run writes them side by side).")
+    (crop_dir, crop), (vox_dir, vox) = found["crop"], found["voxelize"]
+    if int(vox["size"]) != int(crop["crop_size"]):
+        raise PipelineInputError(
+            f"the crop stage made {crop['crop_size']} px crops (crop.crop_size, {crop_dir}) but the voxelize "
+            f"stage made {vox['size']} px volumes (voxelize.size, {vox_dir}): rerun voxelize, reap and pack "
+            f"with voxelize.size={crop['crop_size']}.")
+    return VolumeLayout(crop_size=crop["crop_size"], face_size=crop["face_size"],
+                        depth_bins=vox["depth_bins"], depth_factor=vox["depth_factor"])
+
+
 class PackStage(Stage):
     """The pack stage (module doc).
 
@@ -128,8 +184,7 @@ class PackStage(Stage):
                 "max_sample_bytes": self.max_sample_bytes}
 
     def reduce(self, upstream: dict[str, Any], input_dir: Path, out_dir: Path, progress: bool) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
+        layout = upstream_layout(input_dir, upstream)
         samples = sorted(upstream["samples"], key=lambda s: s["id"])
         if not samples:
             raise ValueError(f"{input_dir}: no samples to pack (all dropped: see {input_dir}/summary.json)")
@@ -141,7 +196,7 @@ class PackStage(Stage):
                 "subjects": {k: sum(v == k for v in split_of_subject.values()) for k in sorted(self.fractions)},
                 "dropped": upstream.get("summary", {}).get("dropped", {})}
         with PackedWriter(out_dir, image_codec=self.image_codec, jpeg_quality=self.jpeg_quality,
-                          extra_meta=meta, overwrite=True) as w:
+                          extra_meta=meta, overwrite=True, layout=layout) as w:
             for s in tqdm(samples, desc="pack", unit="sample", disable=not progress):
                 files = s["files"]
                 crop = read_image_rgb(input_dir / files["crop"])
@@ -173,8 +228,6 @@ class PackStage(Stage):
 
 @hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="pack")
 def main(cfg: DictConfig) -> None:
-    from data_pipeline.run import run_single_stage
-
     run_single_stage(cfg, "pack")
 
 

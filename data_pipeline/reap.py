@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from vrn.atomic_write import atomic_write
 
+from data_pipeline.run import run_single_stage
 from data_pipeline.stage import TMP_DIR, Item, ItemContext, ItemFailure, Stage, dumps_json
 
 __all__ = ["ReapStage", "summarize"]
@@ -104,8 +105,6 @@ class ReapStage(Stage):
 
 @hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="reap")
 def main(cfg: DictConfig) -> None:
-    from data_pipeline.run import run_single_stage
-
     run_single_stage(cfg, "reap")
 
 

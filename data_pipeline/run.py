@@ -1,6 +1,6 @@
 """The whole pipeline: crop -> fit -> voxelize -> reap -> pack.
 
-``python -m data_pipeline.run input_dir=<photos> output_dir=<out> [detector=tddfa] [source=tddfa] [n_jobs=4]``
+``python -m data_pipeline.run input_dir=<photos> output_dir=<out> [detector=tddfa] [fitter=tddfa] [n_jobs=4]``
 
 Each stage runs in its own subfolder of ``output_dir`` (``crop/``, ``fit/``,
 ``voxelize/``, ``reap/``, ``packed/``); every stage skips what is already done, so the
@@ -18,7 +18,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipeline.stage import PipelineInputError, Stage, StageConfigError, run_stage
+from data_pipeline.runner import run_stage
+from data_pipeline.stage import PipelineInputError, Stage, StageConfigError
 
 log = logging.getLogger("data_pipeline")
 
@@ -54,7 +55,7 @@ def build_stage(cfg: DictConfig, name: str) -> Stage:
     if name == "crop":
         return _instantiate(cfg.crop, "crop", detector=_instantiate(cfg.detector, "detector"))
     if name == "fit":
-        return _instantiate(cfg.fit, "fit", fitter=_instantiate(cfg.source, "source"))
+        return _instantiate(cfg.fit, "fit", fitter=_instantiate(cfg.fitter, "fitter"))
     return _instantiate(cfg[name], name)
 
 

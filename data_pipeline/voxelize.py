@@ -26,6 +26,7 @@ from vrn.conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
 from vrn.volume.codec import VolumeCode, to_bytes
 from vrn.volume.voxelize import voxelize_face
 
+from data_pipeline.run import run_single_stage
 from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage, load_npz
 
 __all__ = ["VoxelizeStage", "volume_stats"]
@@ -91,8 +92,6 @@ class VoxelizeStage(Stage):
 
 @hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="voxelize")
 def main(cfg: DictConfig) -> None:
-    from data_pipeline.run import run_single_stage
-
     run_single_stage(cfg, "voxelize")
 
 

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
-from vrn.geometry.crop import crop_face, crop_transform_for_landmarks, padding_fraction, warp_crop
-from vrn.detectors import Detection, available_detectors, get_detector
+from data_pipeline.run import STAGES, build_stage
 from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE
+from vrn.detectors import Detection, available_detectors, get_detector
+from vrn.geometry.crop import crop_face, crop_transform_for_landmarks, padding_fraction, warp_crop
 from vrn.geometry.transforms import CropTransform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,11 +145,6 @@ def test_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.parametrize("name", ["crop", "fit", "voxelize", "reap", "pack", "run", "300w_lp"])
 def test_pipeline_configs_compose_and_build(name, tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from data_pipeline.run import STAGES, build_stage
-
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
         cfg = compose(config_name=name, overrides=[f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}"])
@@ -161,11 +159,6 @@ def test_pipeline_configs_compose_and_build(name, tmp_path):
 
 @pytest.mark.parametrize("det", ["tddfa", "fan", "mat"])
 def test_detector_configs_build_lazily(det, tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from data_pipeline.run import build_stage
-
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
         cfg = compose(config_name="crop", overrides=[f"detector={det}", f"input_dir={tmp_path}",

@@ -11,14 +11,18 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from data_pipeline.pack import split_subjects, subject_of
+from data_pipeline.pack import split_subjects, subject_of, upstream_layout
 from data_pipeline.run import run_pipeline
-from data_pipeline.stage import load_npz
+from data_pipeline.stage import PipelineInputError, load_npz
 from tests.helpers import compose_config
+from vrn.conventions import VolumeLayout
 from vrn.data.packed import PackedReader
+from vrn.face_models.bfm import load_bfm
+from vrn.geometry.crop import warp_crop
 from vrn.geometry.raster import rasterize
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
+from vrn.train import train
 from vrn.volume.codec import from_bytes
 from vrn.volume.surface import front_depth_of_code
 from vrn.volume.voxelize import solid_depth_shift
@@ -33,7 +37,7 @@ def e2e(tmp_path_factory, shared_dir) -> Path:
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
         cfg = compose(config_name="run", overrides=[f"input_dir={shared_dir / 'data' / 'images'}",
-                                                     f"output_dir={out}", "detector=tddfa", "source=tddfa",
+                                                     f"output_dir={out}", "detector=tddfa", "fitter=tddfa",
                                                      "progress=false"])
     run_pipeline(cfg)
     return out
@@ -71,8 +75,6 @@ def test_crops_are_rgb_192_and_follow_the_rule(e2e):
     # RGB order: the photo read through vrn.image_io and cropped again gives the stored crop
     s = _samples(e2e, "crop")[0]
     rec = json.loads((e2e / "crop" / s["files"]["crop_record"]).read_text())
-    from vrn.geometry.crop import warp_crop
-
     img = read_image_rgb(ROOT.parent / "shared" / "data" / "images" / s["source_image"])
     again = warp_crop(img, CropTransform.from_dict(rec["transform"]))
     assert np.array_equal(again, read_image_rgb(e2e / "crop" / s["files"]["crop"]))
@@ -91,8 +93,6 @@ def test_fit_landmarks_map_back_to_the_crop_landmarks(e2e):
 
 def test_fit_rotation_poses_the_frontal_mean_face(e2e):
     """verts ~ s * R @ (F @ model) + t: R is the head rotation in the crop frame."""
-    from tddfa_v2 import load_bfm
-
     bfm = load_bfm("offline_standin")
     frontal = (_F @ bfm.u.reshape(-1, 3).T.astype(np.float64)).T
     for s in _samples(e2e, "fit"):
@@ -144,6 +144,7 @@ def test_packed_dataset(e2e):
     sizes = reader.index[:, 1] + reader.index[:, 3]
     assert sizes.max() <= 100_000, sizes.max()
     assert reader.meta["image_codec"] == ".jpg"
+    assert reader.meta["layout"] == {"crop_size": 192, "face_size": 90.0, "depth_bins": 200, "depth_factor": 2.0}
     subjects: dict[str, set] = {}
     for r in reader.rows:
         subjects.setdefault(r["subject"], set()).add(r["split"])
@@ -158,6 +159,47 @@ def test_packed_dataset(e2e):
     vox = {x["id"]: x for x in _samples(e2e, "voxelize")}
     ref = from_bytes((e2e / "voxelize" / vox[s.row["id"]]["files"]["volume"]).read_bytes())
     assert s.code == ref
+
+
+def test_packed_layout_is_the_one_the_stages_used(tmp_path, shared_dir):
+    """crop.face_size=100 on one photo: meta.json's layout records face 100, not the default 90."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "emma.jpg").symlink_to(shared_dir / "data" / "images" / "emma.jpg")
+    out = tmp_path / "out"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
+        cfg = compose(config_name="run", overrides=[f"input_dir={inp}", f"output_dir={out}", "detector=tddfa",
+                                                     "fitter=tddfa", "crop.face_size=100", "progress=false"])
+    run_pipeline(cfg)
+    s = _samples(out, "crop")[0]
+    box = np.ptp(np.asarray(json.loads((out / "crop" / s["files"]["crop_record"]).read_text())["landmarks_crop"]), 0)
+    assert np.sqrt(box[0] * box[1]) == pytest.approx(100.0, abs=0.01)
+    meta = json.loads((out / "packed" / "meta.json").read_text())
+    assert meta["layout"] == {"crop_size": 192, "face_size": 100.0, "depth_bins": 200, "depth_factor": 2.0}
+    assert PackedReader(out / "packed").layout == VolumeLayout(face_size=100)
+
+
+def _fake_manifest(root: Path, stage: str, params: dict, upstream: str | None) -> dict:
+    man = {"stage": stage, "params": params, "input_dir": f"../{upstream or 'photos'}", "upstream_stage": upstream,
+           "samples": [], "failures": []}
+    (root / stage).mkdir(exist_ok=True)
+    (root / stage / "manifest.json").write_text(json.dumps(man))
+    return man
+
+
+def test_pack_layout_comes_from_crop_and_voxelize_and_must_agree(tmp_path):
+    _fake_manifest(tmp_path, "crop", {"crop_size": 192, "face_size": 100.0}, None)
+    _fake_manifest(tmp_path, "fit", {"depth_bins": 200, "depth_factor": 2.0}, "crop")
+    _fake_manifest(tmp_path, "voxelize", {"size": 192, "depth_bins": 100, "depth_factor": 1.0}, "fit")
+    reap = _fake_manifest(tmp_path, "reap", {}, "voxelize")
+    assert upstream_layout(tmp_path / "reap", reap) == VolumeLayout(192, 100.0, 100, 1.0)
+    _fake_manifest(tmp_path, "voxelize", {"size": 128, "depth_bins": 200, "depth_factor": 2.0}, "fit")
+    with pytest.raises(PipelineInputError, match=r"crop.crop_size.*voxelize.size=192"):
+        upstream_layout(tmp_path / "reap", reap)
+    (tmp_path / "crop" / "manifest.json").unlink()
+    with pytest.raises(PipelineInputError, match="no manifest.json"):
+        upstream_layout(tmp_path / "reap", reap)
 
 
 def test_subject_rule_and_split_are_deterministic():
@@ -175,8 +217,6 @@ def test_subject_rule_and_split_are_deterministic():
 
 
 def test_packed_dataset_trains(e2e, tmp_path):
-    from vrn.train import train
-
     cfg = compose_config("train", ["data=folder", f"data.root={e2e / 'packed'}", "model=vrn_tiny", "logger=none",
                                    "trainer.max_steps=3", "trainer.max_epochs=1", "callbacks=none",
                                    "data.num_workers=0", "data.batch_size=2", "trainer.accelerator=cpu",

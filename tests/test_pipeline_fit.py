@@ -1,4 +1,4 @@
-"""fit source=300wlp on the real AFLW2000-3D / 300W-LP samples, and the dense-model helpers."""
+"""fit fitter=300wlp on the real AFLW2000-3D / 300W-LP samples, and the dense-model helpers."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_user_supplied_bfm_pkl_is_loaded(tmp_path, shared_dir):
 
 @pytest.fixture(scope="module")
 def lp_run(tmp_path_factory, shared_dir):
-    """The 300w_lp preset (detector=mat, source=300wlp) on the 6 AFLW2000-3D + 1 300W-LP samples."""
+    """The 300w_lp preset (detector=mat, fitter=300wlp) on the 6 AFLW2000-3D + 1 300W-LP samples."""
     root = tmp_path_factory.mktemp("lp")
     inp = root / "in"
     (inp / "AFLW2000").mkdir(parents=True)
@@ -116,7 +116,7 @@ def lp_run(tmp_path_factory, shared_dir):
         os.symlink(p, inp / "IBUG" / p.name)
     cfg = compose_pipeline("300w_lp", [f"input_dir={inp}", f"output_dir={root / 'out'}", "n_jobs=1",
                                        "progress=false"])
-    assert cfg.detector._target_.endswith("MatLandmarks") and cfg.source._target_.endswith("MatFitter")
+    assert cfg.detector._target_.endswith("MatLandmarks") and cfg.fitter._target_.endswith("MatFitter")
     run_pipeline(cfg)
     return inp, root / "out"
 

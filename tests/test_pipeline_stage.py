@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from data_pipeline.stage import (Item, ItemContext, ItemFailure, Stage, StageConfigError, load_npz, npz_bytes,
-                                 run_stage)
+from data_pipeline.runner import run_stage
+from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage, StageConfigError, load_npz, npz_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IMAGES = ROOT.parent / "shared" / "data" / "images"
@@ -136,7 +136,7 @@ def test_npz_bytes_are_deterministic(tmp_path):
 
 
 _TOY_CMD = ("import sys; from pathlib import Path; from tests.test_pipeline_stage import ToyStage; "
-            "from data_pipeline.stage import run_stage; "
+            "from data_pipeline.runner import run_stage; "
             "run_stage(ToyStage(sleep=0.01), Path(sys.argv[1]), Path(sys.argv[2]), n_jobs=2, progress=False)")
 
 
