@@ -7,33 +7,29 @@ data folder next to them; skipped when the data folder is absent.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pickle
-import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
-
-if importlib.util.find_spec("tddfa_v2") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "third_party" / "3ddfa_v2"))
-
-import cv2  # noqa: E402
-import scipy.io as sio  # noqa: E402
-
-from tddfa_v2 import (  # noqa: E402
+import scipy.io as sio
+from tddfa_v2 import (
     TDDFA,
     FaceBoxesDetector,
     build_regressor,
     decompose_camera,
-    load_bfm,
     load_landmark_basis_v1,
+    load_param_stats,
     nms,
     prior_boxes,
     roi_box_from_landmarks,
+    similar_transform,
 )
-from vrn.assets import AssetNotFoundError, available, resolve  # noqa: E402
+
+from vrn.assets import AssetNotFoundError, available, resolve
+from vrn.face_models.bfm import load_bfm
+from vrn.face_models.tddfa_models import load_faceboxes, load_tddfa
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,12 +75,13 @@ def _nme(pred: np.ndarray, gt: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def detector() -> FaceBoxesDetector:
-    return FaceBoxesDetector(device="cpu")
+    return FaceBoxesDetector(resolve("3ddfa_v2/FaceBoxesProd.pth"), device="cpu")
 
 
 @pytest.fixture(scope="module")
 def tddfa() -> TDDFA:
-    return TDDFA(arch="mb05", device="cpu")
+    return TDDFA(resolve("3ddfa_v2/mb05_120x120.pth"), resolve("3ddfa_v2/param_mean_std_62d_120x120.pkl"),
+                 load_bfm("auto"), arch="mb05", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +92,7 @@ def reference() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def param_std() -> np.ndarray:
-    with open(resolve("3ddfa_v2/param_mean_std_62d_120x120.pkl"), "rb") as f:
-        return np.asarray(pickle.load(f)["std"], dtype=np.float32)
+    return load_param_stats(resolve("3ddfa_v2/param_mean_std_62d_120x120.pkl"))[1]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +131,7 @@ def test_faceboxes_face_counts(detector):
 
 def test_faceboxes_threshold_is_configurable():
     img = _read_rgb(IMAGES / "trump_hillary.jpg")
-    strict = FaceBoxesDetector(score_threshold=0.99999)
+    strict = FaceBoxesDetector(resolve("3ddfa_v2/FaceBoxesProd.pth"), score_threshold=0.99999)
     assert len(strict(img)) < 2
 
 
@@ -253,8 +249,6 @@ def test_dense_reconstruction(samples, tddfa):
         sr = mean_only[:12].reshape(3, 4)
         mean_face = tddfa.bfm.u.reshape(-1, 3).T
         posed = sr[:, :3] @ mean_face + sr[:, 3:]
-        from tddfa_v2 import similar_transform
-
         ref = similar_transform(posed, res.roi_box)
         mask = np.ones(dense.shape[1], bool)
         mask[tddfa.bfm.landmark_vertices] = False
@@ -262,12 +256,24 @@ def test_dense_reconstruction(samples, tddfa):
 
 
 def test_landmark_basis_matches_v1_files(tddfa):
-    u, ws, we = load_landmark_basis_v1()
+    u, ws, we = load_landmark_basis_v1(resolve("3ddfa_v1/u_base.txt"), resolve("3ddfa_v1/w_shp_base.txt"),
+                                       resolve("3ddfa_v1/w_exp_base.txt"))
     bfm = tddfa.bfm
     np.testing.assert_allclose(u, bfm.u_base, atol=1e-5 * np.abs(bfm.u_base).max())
     np.testing.assert_allclose(ws, bfm.w_shp_base, atol=1e-6)
     np.testing.assert_allclose(we, bfm.w_exp_base, atol=1e-6)
     assert load_bfm("auto") is bfm  # cached: one copy of the bases per process
+
+
+def test_adapter_builds_the_same_model(samples, tddfa):
+    """vrn's adapter (registry paths) gives the same regressor, stats and cached BFM."""
+    adapted = load_tddfa(arch="mb05", device="cpu")
+    assert adapted.bfm is tddfa.bfm
+    np.testing.assert_array_equal(adapted.param_mean, tddfa.param_mean)
+    np.testing.assert_array_equal(adapted.param_std, tddfa.param_std)
+    s = samples["image00050"]
+    res = adapted(s["img"], s["boxes"][:1, :4])[0]
+    np.testing.assert_array_equal(res.param, s["fb"][0].param)
 
 
 def test_rotation_and_scale(samples):
@@ -325,14 +331,23 @@ def test_box_partly_outside_image_is_padded(tddfa):
 
 def test_missing_asset_raises(monkeypatch, tmp_path):
     monkeypatch.setenv("VRN_OFFLINE", "1")
+    # the adapters: registry errors
     with pytest.raises(AssetNotFoundError):
-        TDDFA(arch="mb05", checkpoint=tmp_path / "nope.pth")
+        load_tddfa(arch="mb05", checkpoint=tmp_path / "nope.pth")
     with pytest.raises(AssetNotFoundError):
-        FaceBoxesDetector(weights=tmp_path / "nope.pth")
+        load_faceboxes(weights=tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="unknown arch"):
+        load_tddfa(arch="mb3")
     if not available("3ddfa_v2/mb1_120x120.pth"):
         monkeypatch.setenv("VRN_CACHE_DIR", str(tmp_path))
         with pytest.raises(AssetNotFoundError):
-            TDDFA(arch="mb1")
+            load_tddfa(arch="mb1")
+    # the port itself: plain paths, plain FileNotFoundError
+    stats = resolve("3ddfa_v2/param_mean_std_62d_120x120.pkl")
+    with pytest.raises(FileNotFoundError):
+        TDDFA(tmp_path / "nope.pth", stats, load_bfm("auto"))
+    with pytest.raises(FileNotFoundError):
+        FaceBoxesDetector(tmp_path / "nope.pth")
 
 
 def test_mobilenet_architectures():

@@ -1,7 +1,8 @@
 """Dense 3D face models: the 3DDFA_V2 Basel Face Model (BFM) and its offline stand-in.
 
 Shared domain code for the data pipeline's fit stage and for evaluation: loading a dense
-BFM (:func:`load_dense_bfm`), building a dense shape from 3DMM coefficients
+BFM from the asset registry (:func:`load_bfm`, :func:`load_dense_bfm`; the files are read
+by the 3DDFA_V2 port's loaders in :mod:`tddfa_v2.bfm`), building a dense shape from 3DMM coefficients
 (:func:`dense_model_shape`), and the rotation from the BFM frame (y up) to the crop frame
 (y down, :mod:`vrn.conventions`).
 
@@ -15,18 +16,25 @@ exact at the landmarks: a smooth face that passes through the fitted landmarks.
 from __future__ import annotations
 
 import os
-import pickle
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.io as sio
-from tddfa_v2 import BFMModel, load_bfm
+from tddfa_v2 import BFMModel, load_bfm_offline_npz, load_bfm_pkl, load_tri
 
-from vrn.assets import resolve
+from vrn.assets import available, resolve
 
-__all__ = ["rotation_to_crop_frame", "spread_landmark_displacement", "dense_model_shape", "load_dense_bfm"]
+__all__ = ["BFM_SOURCES", "default_bfm_source", "dense_model_shape", "load_bfm", "load_dense_bfm",
+           "rotation_to_crop_frame", "spread_landmark_displacement"]
+
+#: registry asset behind each BFM source name (``BFMModel.source``)
+BFM_SOURCES: dict[str, str] = {
+    "bfm_noneck_v3": "3ddfa_v2/bfm_noneck_v3.pkl",
+    "offline_standin": "3ddfa_v2/bfm_noneck_v3_offline.npz",
+}
+_TRI = "3ddfa_v2/tri.pkl"
 
 #: y flip between the 3DMM model frame (y up) and the image / crop frame (y down)
 _F = np.diag([1.0, -1.0, 1.0])
@@ -106,32 +114,59 @@ def dense_model_shape(bfm: Any, alpha_shp: np.ndarray, alpha_exp: np.ndarray,
     return bfm.shape(a_s, a_e, dense=True), lms, "dense_bases"
 
 
-def load_dense_bfm(bfm_path: str | os.PathLike | None = None, source: str = "auto") -> Any:
+def default_bfm_source() -> str:
+    """``"bfm_noneck_v3"`` when its file resolves locally (no download), else ``"offline_standin"``."""
+    return "bfm_noneck_v3" if available(BFM_SOURCES["bfm_noneck_v3"]) else "offline_standin"
+
+
+@lru_cache(maxsize=4)
+def _load_bfm_cached(source: str, path: Path, shape_dim: int, exp_dim: int) -> BFMModel:
+    """One model per (source, file, truncation) and process: the bases are ~20 MB."""
+    if source == "bfm_noneck_v3":
+        return load_bfm_pkl(path, resolve(_TRI), shape_dim, exp_dim)
+    return load_bfm_offline_npz(path, shape_dim, exp_dim)
+
+
+def load_bfm(source: str = "auto", shape_dim: int = 40, exp_dim: int = 10) -> BFMModel:
+    """The 3DDFA_V2 BFM from the asset registry (cached: the same object per file).
+
+    Args:
+        source: ``"auto"`` (:func:`default_bfm_source`: the dense ``bfm_noneck_v3.pkl``
+            when it resolves locally, else the offline stand-in; never downloads),
+            ``"bfm_noneck_v3"`` (``bfm_noneck_v3.pkl`` + ``tri.pkl``) or
+            ``"offline_standin"`` (``bfm_noneck_v3_offline.npz``).
+        shape_dim, exp_dim: number of shape / expression components kept.
+
+    Raises:
+        ValueError: unknown ``source``.
+        vrn.assets.AssetNotFoundError: the chosen file cannot be resolved.
+    """
+    if source == "auto":
+        source = default_bfm_source()
+    if source not in BFM_SOURCES:
+        raise ValueError(f"unknown BFM source {source!r}; expected 'auto' or one of {sorted(BFM_SOURCES)}")
+    return _load_bfm_cached(source, resolve(BFM_SOURCES[source]), int(shape_dim), int(exp_dim))
+
+
+def load_dense_bfm(bfm_path: str | os.PathLike | None = None, source: str = "auto") -> BFMModel:
     """A :class:`tddfa_v2.BFMModel` for dense meshes.
 
     Args:
         bfm_path: None (the registry: ``bfm_noneck_v3.pkl`` when present, else the offline
-            stand-in), a 3DDFA_V2 ``bfm_noneck_v3.pkl`` (40 shape / 10 expression
-            components), or face3d's full ``BFM.mat`` (199 / 29 components; reduced to the
-            38,365-vertex no-neck mesh with ``3ddfa_v2/indices.npy`` and ``tri.pkl``).
-        source: passed to :func:`tddfa_v2.load_bfm` when ``bfm_path`` is None.
+            stand-in), a 3DDFA_V2 ``bfm_noneck_v3.pkl`` (all its components, 40 shape /
+            10 expression upstream), or face3d's full ``BFM.mat`` (199 / 29 components;
+            reduced to the 38,365-vertex no-neck mesh with ``3ddfa_v2/indices.npy`` and
+            ``tri.pkl``).
+        source: passed to :func:`load_bfm` when ``bfm_path`` is None.
     """
     if bfm_path is None:
         return load_bfm(source)
     p = Path(os.path.expanduser(str(bfm_path)))
     if not p.is_file():
-        raise FileNotFoundError(f"source.bfm_path={p} does not exist: give the path of bfm_noneck_v3.pkl "
+        raise FileNotFoundError(f"fitter.bfm_path={p} does not exist: give the path of bfm_noneck_v3.pkl "
                                 f"(3DDFA_V2 configs/) or face3d's BFM.mat, or null for the offline stand-in")
     if p.suffix == ".pkl":
-        with open(p, "rb") as f:
-            d = pickle.load(f)
-        tri = np.asarray(pickle.load(open(resolve("3ddfa_v2/tri.pkl"), "rb")))
-        tri = tri.T if tri.shape[0] == 3 and tri.shape[1] != 3 else tri
-        return BFMModel(u=np.asarray(d["u"], np.float32).reshape(-1, 1),
-                        w_shp=np.ascontiguousarray(np.asarray(d["w_shp"], np.float32)),
-                        w_exp=np.ascontiguousarray(np.asarray(d["w_exp"], np.float32)),
-                        tri=np.ascontiguousarray(tri, np.int32),
-                        keypoints=np.asarray(d["keypoints"], np.int64).ravel(), source="bfm_noneck_v3")
+        return load_bfm_pkl(p, resolve(_TRI))
     if p.suffix == ".mat":
         m = sio.loadmat(str(p))["model"][0, 0]
         idx = np.load(resolve("3ddfa_v2/indices.npy")).astype(np.int64).ravel()
@@ -141,11 +176,9 @@ def load_dense_bfm(bfm_path: str | os.PathLike | None = None, source: str = "aut
         pos = np.searchsorted(idx, kpt)
         if not np.array_equal(idx[np.clip(pos, 0, len(idx) - 1)], kpt):
             raise ValueError(f"{p}: landmark vertices outside the no-neck mesh; is this face3d's BFM.mat?")
-        tri = np.asarray(pickle.load(open(resolve("3ddfa_v2/tri.pkl"), "rb")))
-        tri = tri.T if tri.shape[0] == 3 and tri.shape[1] != 3 else tri
         return BFMModel(u=mu[rows].astype(np.float32),
                         w_shp=np.ascontiguousarray(np.asarray(m["shapePC"], np.float32)[rows]),
                         w_exp=np.ascontiguousarray(np.asarray(m["expPC"], np.float32)[rows]),
-                        tri=np.ascontiguousarray(tri, np.int32),
+                        tri=load_tri(resolve(_TRI)),
                         keypoints=(pos[:, None] * 3 + np.arange(3)).ravel(), source="bfm_full_mat")
-    raise ValueError(f"source.bfm_path={p}: expected a .pkl (3DDFA_V2) or .mat (face3d BFM)")
+    raise ValueError(f"fitter.bfm_path={p}: expected a .pkl (3DDFA_V2) or .mat (face3d BFM)")

@@ -8,40 +8,41 @@ with 40 shape and 10 expression components (3DDFA_V2's truncation). ``keypoints`
 (204,) are the flat row indices of the 68 landmarks (3 rows per landmark), so the
 68-point basis is the dense basis restricted to those rows.
 
-Sources, in order of preference (``source="auto"``):
+The loaders take file paths, one loader per file kind (each file is read in exactly
+one function):
 
-* ``"bfm_noneck_v3"``: upstream ``configs/bfm_noneck_v3.pkl`` (dense bases), with the
-  triangles from ``configs/tri.pkl`` as upstream does;
-* ``"offline_standin"``: ``bfm_noneck_v3_offline.npz``, same keys and layout, built from
-  the other upstream files: the exact dense mean face, the exact bases on the 204
-  landmark rows and zero bases elsewhere. Landmarks are exact; the dense mesh is the
-  posed mean face away from the landmarks.
+* :func:`load_bfm_pkl`: upstream ``configs/bfm_noneck_v3.pkl`` (dense bases), with the
+  triangles from ``configs/tri.pkl`` (:func:`load_tri`) as upstream does;
+  ``source = "bfm_noneck_v3"``;
+* :func:`load_bfm_offline_npz`: ``bfm_noneck_v3_offline.npz``, same keys and layout,
+  built from the other upstream files: the exact dense mean face, the exact bases on
+  the 204 landmark rows and zero bases elsewhere. Landmarks are exact; the dense mesh is
+  the posed mean face away from the landmarks. ``source = "offline_standin"``;
+* :func:`load_landmark_basis_v1`: 3DDFA v1's exact 68-landmark text basis.
 
-Which one a model came from is in :attr:`BFMModel.source`.
+Which file a model came from is in :attr:`BFMModel.source`. Choosing between the files
+(e.g. "the dense file when present, else the stand-in") is the caller's business; the
+vrn project's adapter is ``vrn.face_models.bfm.load_bfm``.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 __all__ = [
     "BFMModel",
-    "BFM_SOURCES",
-    "load_bfm",
+    "load_bfm_offline_npz",
+    "load_bfm_pkl",
     "load_landmark_basis_v1",
-    "default_bfm_source",
+    "load_tri",
 ]
 
-#: registry asset behind each source name
-BFM_SOURCES: dict[str, str] = {
-    "bfm_noneck_v3": "3ddfa_v2/bfm_noneck_v3.pkl",
-    "offline_standin": "3ddfa_v2/bfm_noneck_v3_offline.npz",
-}
+PathLike = str | os.PathLike
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +54,7 @@ class BFMModel:
     w_exp: np.ndarray  # (3V, n_exp)
     tri: np.ndarray  # (F, 3) int32, 0-based vertex ids
     keypoints: np.ndarray  # (204,) int64 rows of the 68 landmarks
-    source: str  # "bfm_noneck_v3" or "offline_standin"
+    source: str  # file kind: "bfm_noneck_v3", "offline_standin" (or a caller's label)
     u_base: np.ndarray = field(init=False)  # (204, 1)
     w_shp_base: np.ndarray = field(init=False)  # (204, n_shp)
     w_exp_base: np.ndarray = field(init=False)  # (204, n_exp)
@@ -87,74 +88,89 @@ class BFMModel:
         return flat.reshape(-1, 3).T
 
 
-def _load_pickle(path: Path) -> object:
+def _load_pickle(path: PathLike) -> object:
     with open(path, "rb") as f:
         return pickle.load(f)
 
 
-def default_bfm_source() -> str:
-    """``"bfm_noneck_v3"`` when its file resolves locally (no download), else the stand-in."""
-    from vrn.assets import available
+def _as_faces(tri: np.ndarray) -> np.ndarray:
+    """Triangles as (F, 3) int32 (upstream files store them as (3, F))."""
+    t = np.asarray(tri)
+    if t.shape[0] == 3 and t.shape[1] != 3:
+        t = t.T
+    return np.ascontiguousarray(t, dtype=np.int32)
 
-    return "bfm_noneck_v3" if available(BFM_SOURCES["bfm_noneck_v3"]) else "offline_standin"
 
+def _bfm_from_arrays(data: Mapping[str, np.ndarray], tri: np.ndarray, source: str,
+                     shape_dim: int | None, exp_dim: int | None) -> BFMModel:
+    """A :class:`BFMModel` from the upstream keys ``u``, ``w_shp``, ``w_exp``, ``keypoints``.
 
-@lru_cache(maxsize=4)
-def load_bfm(source: str = "auto", shape_dim: int = 40, exp_dim: int = 10) -> BFMModel:
-    """Load the BFM from the asset registry.
-
-    Args:
-        source: ``"auto"`` (dense file when available locally, else the offline
-            stand-in), ``"bfm_noneck_v3"`` or ``"offline_standin"``.
-        shape_dim, exp_dim: number of shape / expression components kept.
-
-    Raises:
-        vrn.assets.AssetNotFoundError: the chosen file cannot be resolved.
+    ``shape_dim`` / ``exp_dim``: components kept (None = all in the file).
     """
-    from vrn.assets import resolve
-
-    if source == "auto":
-        source = default_bfm_source()
-    if source not in BFM_SOURCES:
-        raise ValueError(
-            f"unknown BFM source {source!r}; expected 'auto' or one of {sorted(BFM_SOURCES)}"
-        )
-    path = resolve(BFM_SOURCES[source])
-    if source == "bfm_noneck_v3":
-        data = _load_pickle(path)
-        assert isinstance(data, dict)
-        # upstream rebuilt the triangles for the v3 no-neck mesh and ships them separately
-        tri = np.asarray(_load_pickle(resolve("3ddfa_v2/tri.pkl")))
-    else:
-        with np.load(path) as z:
-            data = {k: z[k] for k in z.files}
-        tri = np.asarray(data["tri"])
-    u = np.asarray(data["u"], dtype=np.float32).reshape(-1, 1)
-    w_shp = np.ascontiguousarray(np.asarray(data["w_shp"], dtype=np.float32)[:, :shape_dim])
-    w_exp = np.ascontiguousarray(np.asarray(data["w_exp"], dtype=np.float32)[:, :exp_dim])
-    if tri.shape[0] == 3 and tri.shape[1] != 3:
-        tri = tri.T
     return BFMModel(
-        u=u,
-        w_shp=w_shp,
-        w_exp=w_exp,
-        tri=np.ascontiguousarray(tri, dtype=np.int32),
+        u=np.asarray(data["u"], dtype=np.float32).reshape(-1, 1),
+        w_shp=np.ascontiguousarray(np.asarray(data["w_shp"], dtype=np.float32)[:, :shape_dim]),
+        w_exp=np.ascontiguousarray(np.asarray(data["w_exp"], dtype=np.float32)[:, :exp_dim]),
+        tri=_as_faces(tri),
         keypoints=np.asarray(data["keypoints"], dtype=np.int64).ravel(),
         source=source,
     )
 
 
-def load_landmark_basis_v1() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_tri(tri_path: PathLike) -> np.ndarray:
+    """Triangles (F, 3) int32, 0-based, from upstream's ``configs/tri.pkl`` ((3, 76073) there).
+
+    Upstream rebuilt the triangles for the v3 no-neck mesh and ships them separately
+    from ``bfm_noneck_v3.pkl``.
+    """
+    return _as_faces(np.asarray(_load_pickle(tri_path)))
+
+
+def load_bfm_pkl(pkl_path: PathLike, tri_path: PathLike, shape_dim: int | None = None,
+                 exp_dim: int | None = None) -> BFMModel:
+    """The dense BFM from upstream's ``bfm_noneck_v3.pkl`` and its ``tri.pkl``.
+
+    Args:
+        pkl_path: dict with ``u`` (3V, 1), ``w_shp`` (3V, 40), ``w_exp`` (3V, 10),
+            ``keypoints`` (204,); rows interleaved xyz.
+        tri_path: ``tri.pkl`` (see :func:`load_tri`).
+        shape_dim, exp_dim: shape / expression components kept (None = all in the file).
+
+    Returns a model with ``source == "bfm_noneck_v3"``.
+    """
+    data = _load_pickle(pkl_path)
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{pkl_path}: expected a dict with u, w_shp, w_exp, keypoints, "
+                         f"got {type(data).__name__}")
+    return _bfm_from_arrays(data, load_tri(tri_path), "bfm_noneck_v3", shape_dim, exp_dim)
+
+
+def load_bfm_offline_npz(npz_path: PathLike, shape_dim: int | None = None,
+                         exp_dim: int | None = None) -> BFMModel:
+    """The offline stand-in ``bfm_noneck_v3_offline.npz`` (same keys as the .pkl, plus
+    ``tri`` (3, F)); returns a model with ``source == "offline_standin"``.
+
+    ``shape_dim`` / ``exp_dim``: components kept (None = all in the file).
+    """
+    with np.load(npz_path) as z:
+        data = {k: z[k] for k in z.files}
+    return _bfm_from_arrays(data, data["tri"], "offline_standin", shape_dim, exp_dim)
+
+
+def load_landmark_basis_v1(u_base_path: PathLike, w_shp_path: PathLike,
+                           w_exp_path: PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The exact 68-landmark basis shipped with 3DDFA v1's C++ demo.
+
+    Args:
+        u_base_path, w_shp_path, w_exp_path: 3DDFA v1's ``c++/weights/u_base.txt``,
+            ``w_shp_base.txt``, ``w_exp_base.txt``.
 
     Returns ``u_base`` (204, 1), ``w_shp_base`` (204, 40), ``w_exp_base`` (204, 10)
     float32, rows interleaved xyz per landmark. These are the same numbers as the dense
     model's keypoint rows (to the 6 printed decimals), independent of which dense
     source is available.
     """
-    from vrn.assets import resolve
-
-    u = np.loadtxt(resolve("3ddfa_v1/u_base.txt"), dtype=np.float32).reshape(-1, 1)
-    ws = np.loadtxt(resolve("3ddfa_v1/w_shp_base.txt"), dtype=np.float32).reshape(u.shape[0], -1)
-    we = np.loadtxt(resolve("3ddfa_v1/w_exp_base.txt"), dtype=np.float32).reshape(u.shape[0], -1)
+    u = np.loadtxt(u_base_path, dtype=np.float32).reshape(-1, 1)
+    ws = np.loadtxt(w_shp_path, dtype=np.float32).reshape(u.shape[0], -1)
+    we = np.loadtxt(w_exp_path, dtype=np.float32).reshape(u.shape[0], -1)
     return u, ws, we

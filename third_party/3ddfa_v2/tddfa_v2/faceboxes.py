@@ -306,37 +306,35 @@ class FaceBoxesDetector:
     """FaceBoxes face detector with the upstream 3DDFA_V2 weights and post-processing.
 
     Args:
+        weights_path: upstream ``FaceBoxes/weights/FaceBoxesProd.pth``.
         device: torch device for the network ("cpu", "cuda", ...).
         score_threshold: final score cut (strict ``>``); ``None`` = upstream's 0.5.
-        weights: explicit path to ``FaceBoxesProd.pth``; default resolves the asset
-            ``3ddfa_v2/FaceBoxesProd.pth`` through :func:`vrn.assets.resolve`
-            (raises :class:`vrn.assets.AssetNotFoundError` when missing).
         config: detector constants (defaults reproduce upstream).
 
     Call with an (H, W, 3) uint8 **RGB** image; returns (N, 5) float32
     ``x1, y1, x2, y2, score`` in image pixels, best score first.
+
+    Raises:
+        FileNotFoundError: ``weights_path`` is missing.
     """
 
     def __init__(
         self,
+        weights_path: str | os.PathLike,
         device: str | torch.device = "cpu",
         score_threshold: float | None = None,
-        weights: str | os.PathLike | None = None,
         config: FaceBoxesConfig = DEFAULT_CONFIG,
     ) -> None:
-        from vrn.assets import resolve
-
         self.config = config
         self.score_threshold = (
             config.score_threshold if score_threshold is None else float(score_threshold)
         )
         self.device = torch.device(device)
-        path = resolve("3ddfa_v2/FaceBoxesProd.pth", path=weights)
         net = FaceBoxesNet(num_classes=2)
-        state = load_state_dict(path)
+        state = load_state_dict(weights_path)
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing:
-            raise RuntimeError(f"FaceBoxes checkpoint {path} lacks weights: {missing[:5]}...")
+            raise RuntimeError(f"FaceBoxes checkpoint {weights_path} lacks weights: {missing[:5]}...")
         self.net = net.to(self.device).eval()
         self._prior_cache: dict[tuple[int, int], torch.Tensor] = {}
 

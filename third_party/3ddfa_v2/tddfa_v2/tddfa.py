@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from .bfm import BFMModel, load_bfm
+from .bfm import BFMModel
 from .faceboxes import check_rgb_image
 from .mobilenet import ARCH_WIDTH, build_regressor, load_regressor_weights
 
@@ -41,6 +41,7 @@ __all__ = [
     "similar_transform",
     "split_param",
     "decompose_camera",
+    "load_param_stats",
 ]
 
 INPUT_SIZE = 120
@@ -208,45 +209,50 @@ class TDDFAResult:
 # --------------------------------------------------------------------------------------
 
 
+def load_param_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (62,) float32 of the regressor's output, from upstream's
+    ``configs/param_mean_std_62d_120x120.pkl`` (a dict with ``mean`` and ``std``)."""
+    with open(path, "rb") as f:
+        stats = pickle.load(f)
+    mean = np.asarray(stats["mean"], dtype=np.float32).ravel()
+    std = np.asarray(stats["std"], dtype=np.float32).ravel()
+    return mean, std
+
+
 class TDDFA:
     """3DDFA_V2 dense face alignment from detector boxes or landmarks.
 
     Args:
+        weights_path: upstream regressor checkpoint (``weights/mb05_120x120.pth`` or
+            ``mb1_120x120.pth``; must match ``arch``).
+        param_stats_path: upstream ``configs/param_mean_std_62d_120x120.pkl``.
+        bfm: the 3DMM the parameters are decoded with (see :mod:`tddfa_v2.bfm`:
+            :func:`~tddfa_v2.bfm.load_bfm_pkl` or :func:`~tddfa_v2.bfm.load_bfm_offline_npz`).
         arch: "mb05" (MobileNetV1 x0.5, default upstream model) or "mb1" (x1.0).
         device: torch device for the regressor.
-        bfm_source: "auto" (dense ``bfm_noneck_v3.pkl`` when present locally, else the
-            offline stand-in), "bfm_noneck_v3" or "offline_standin".
-        checkpoint: explicit path to the regressor weights (else the registry asset).
-        param_stats: explicit path to ``param_mean_std_62d_120x120.pkl``.
 
     Raises:
-        vrn.assets.AssetNotFoundError: a model file is missing.
+        ValueError: unknown ``arch``.
+        FileNotFoundError: a model file is missing.
     """
 
     def __init__(
         self,
+        weights_path: str | os.PathLike,
+        param_stats_path: str | os.PathLike,
+        bfm: BFMModel,
         arch: str = "mb05",
         device: str | torch.device = "cpu",
-        bfm_source: str = "auto",
-        checkpoint: str | os.PathLike | None = None,
-        param_stats: str | os.PathLike | None = None,
     ) -> None:
-        from vrn.assets import resolve
-
         if arch not in ARCH_WIDTH:
             raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCH_WIDTH)}")
         self.arch = arch
         self.size = INPUT_SIZE
         self.device = torch.device(device)
-        ckpt_path = resolve(f"3ddfa_v2/{arch}_120x120.pth", path=checkpoint)
-        stats_path = resolve("3ddfa_v2/param_mean_std_62d_120x120.pkl", path=param_stats)
-        model = load_regressor_weights(build_regressor(arch, 62), ckpt_path)
+        model = load_regressor_weights(build_regressor(arch, 62), weights_path)
         self.model = model.to(self.device).eval()
-        with open(stats_path, "rb") as f:
-            stats = pickle.load(f)
-        self.param_mean = np.asarray(stats["mean"], dtype=np.float32).ravel()
-        self.param_std = np.asarray(stats["std"], dtype=np.float32).ravel()
-        self.bfm = load_bfm(bfm_source)
+        self.param_mean, self.param_std = load_param_stats(param_stats_path)
+        self.bfm = bfm
 
     @property
     def bfm_source(self) -> str:
