@@ -63,7 +63,7 @@ def main() -> None:
         print(f"read + decode one packed sample: {ms:.2f} ms")
 
     # One training step of the full model at batch 1.
-    from vrn.lit_module import volume_bce_loss
+    from vrn.losses import volume_bce_loss
     from vrn.models import create_model
 
     net = create_model("vrn_unguided")

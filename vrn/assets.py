@@ -72,10 +72,6 @@ REGISTRY: dict[str, Asset] = {
            "triangles of the 38,365-vertex no-neck BFM"),
         _a("3ddfa_v2/indices.npy", _3DDFA_V2 + "configs/indices.npy",
            "b341debcdf26492332c1f96ced438e727e74164d1524cab9cca0aedf6ccd39c8"),
-        _a("3ddfa_v2/ncc_code.npy", _3DDFA_V2 + "configs/ncc_code.npy",
-           "edab94fb09d2e25660d62eb068316becf8998e793dfe2ae3ac89196ebc0af981"),
-        _a("3ddfa_v2/BFM_UV.mat", _3DDFA_V2 + "configs/BFM_UV.mat",
-           "60be915f601563e274d9737abd54c6b925e8e737fa1c89d3cd64933315629ce1"),
         _a("3ddfa_v2/bfm_noneck_v3.pkl", _3DDFA_V2 + "configs/bfm_noneck_v3.pkl", None,
            "dense 38,365-vertex BFM shape/expression bases"),
         _a("3ddfa_v2/bfm_noneck_v3_offline.npz", None,
@@ -95,10 +91,6 @@ REGISTRY: dict[str, Asset] = {
            "bec9a2189eb77c61ff940c801dcd9e5cd7f1973b6d91949494d9cd7ac121b7f6"),
         _a("3ddfa_v1/w_exp_base.txt", _3DDFA_V1 + "c++/weights/w_exp_base.txt",
            "4dc637c92c34bfd69faab74cafce23913f2b6181ff00c57a7ab69c1204d20b18"),
-        _a("3ddfa_v1/param_mean_v2.txt", _3DDFA_V1 + "c++/weights/param_mean_v2.txt",
-           "aea8b3e0a3784a8b122919a21f554b88b24904bcc915e4b9d7d1034267e8944d"),
-        _a("3ddfa_v1/param_std_v2.txt", _3DDFA_V1 + "c++/weights/param_std_v2.txt",
-           "8982896dec0c32838cecf3e021dfd08bdd6a0733e7029d0fb9a31061c6c08662"),
         # --- Surrey Face Model via eos (Huber et al., VISAPP 2016; non-commercial) ---
         _a("sfm/sfm_shape_3448.bin", _EOS + "sfm_shape_3448.bin",
            "43750338ae533e7fb981e924b6f67ebde3d292f15ec4fc886ae5af14308ad980",
@@ -109,10 +101,6 @@ REGISTRY: dict[str, Asset] = {
         _a("sfm/ibug_to_sfm.txt", _EOS + "ibug_to_sfm.txt",
            "810810c457184526c7d54305ecbc5da764e2431b5e66025d921a7d424aebfac9",
            "68 iBUG landmarks -> SFM vertex ids"),
-        _a("sfm/sfm_model_contours.json", _EOS + "sfm_model_contours.json",
-           "c9e69bfa995ab19ac6b27abb07729eb0520a00bb192be12426ca6bce76f3fded"),
-        _a("sfm/sfm_reference.obj", _EOS + "sfm_reference.obj",
-           "1ac929fc7db5a2ec5a1bc9160b92cf8478a360866422a35105717dbc5992ca56"),
     ]
 }
 

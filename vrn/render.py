@@ -11,12 +11,14 @@ mesh covers is rasterised, so a face in a 4000 px photo costs what a face in a c
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from vrn.geometry.normals import vertex_normals
 from vrn.geometry.raster import Raster, rasterize
@@ -216,10 +218,6 @@ def save_gif(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float =
     all frames: no palette flicker, and 10-50x faster than quantising every frame on its
     own (imageio's default), which dominated the demo's time per face.
     """
-    import io
-
-    from PIL import Image
-
     fr = [np.ascontiguousarray(f[..., :3], dtype=np.uint8) for f in frames]
     step = max(1, len(fr) // 6)
     palette = Image.fromarray(np.concatenate(fr[::step], axis=0)).quantize(256, method=Image.Quantize.FASTOCTREE)

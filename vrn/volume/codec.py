@@ -68,10 +68,6 @@ class VolumeCode:
         """(D, H, W) of the decoded volume."""
         return (int(self.depth_bins),) + tuple(int(s) for s in self.lo.shape)  # type: ignore[return-value]
 
-    @property
-    def num_runs(self) -> int:
-        return int(np.count_nonzero(self.hi > self.lo)) + len(self.extra)
-
     def occupied_voxels(self) -> int:
         """Number of occupied voxels (without decoding)."""
         first = np.clip(self.hi.astype(np.int64) - self.lo.astype(np.int64), 0, None).sum()
@@ -86,12 +82,6 @@ class VolumeCode:
                 and np.array_equal(self.extra, other.extra))
 
     __hash__ = None  # type: ignore[assignment]
-
-
-def empty_code(height: int, width: int, depth_bins: int = DEPTH_BINS) -> VolumeCode:
-    """Code of an all-empty volume."""
-    z = np.zeros((height, width), np.uint8)
-    return VolumeCode(z, z.copy(), np.zeros((0, 3), np.int32), depth_bins)
 
 
 def encode(volume: np.ndarray) -> VolumeCode:
