@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import compose_config
+from vrn.conventions import DEFAULT_LAYOUT
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from tests.helpers import CONF_DIR, compose_config
 from vrn.nme import (
     icp,
     interocular_distance,
@@ -28,6 +34,21 @@ from vrn.nme import (
 )
 
 AFLW = Path(__file__).resolve().parents[2] / "shared" / "data" / "aflw2000_3d_sample"
+EVAL_CONF_DIR = CONF_DIR / "eval_data"
+
+
+def compose_eval(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """Compose ``conf/eval_data/evaluate.yaml`` (evaluation's own config folder) as
+    ``python -m vrn.evaluate`` does; hydra: interpolations resolvable."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(EVAL_CONF_DIR)):
+        cfg = compose(config_name="evaluate", overrides=overrides, return_hydra_config=True)
+        HydraConfig().set_config(cfg)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.log_dir = str(output_dir)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------
@@ -231,8 +252,8 @@ def _check_results(out: Path, n: int, metrics: list[str]) -> dict:
 def test_evaluate_synthetic_test_split(slab_ckpt: Path, tmp_path: Path) -> None:
     from vrn.evaluate import evaluate
 
-    cfg = compose_config("evaluate", [f"ckpt={slab_ckpt}", "eval_data@data=synthetic", f"paths.data_dir={tmp_path}",
-                                      "data.num_test=3", "batch_size=2"], output_dir=tmp_path / "run")
+    cfg = compose_eval([f"ckpt={slab_ckpt}", "data=synthetic", f"paths.data_dir={tmp_path}",
+                        "data.datamodule.num_test=3", "batch_size=2"], output_dir=tmp_path / "run")
     evaluate(cfg)
     res = _check_results(tmp_path / "run", 3, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "iou"])
     # only the test split was rendered (no training cache there)
@@ -240,13 +261,31 @@ def test_evaluate_synthetic_test_split(slab_ckpt: Path, tmp_path: Path) -> None:
     assert all(0.0 <= r["iou"] < 0.5 for r in res["samples"])  # a slab is not a face
 
 
-def test_evaluate_packed_folder_and_data_alias(slab_ckpt: Path, synthetic_packed: Path, tmp_path: Path) -> None:
-    from vrn.evaluate import evaluate, translate_overrides
+def test_evaluate_packed_folder(slab_ckpt: Path, synthetic_packed: Path, tmp_path: Path) -> None:
+    from vrn.evaluate import evaluate
 
-    args = translate_overrides([f"ckpt={slab_ckpt}", "data=folder", f"data.root={synthetic_packed}"])
-    assert args[1] == "eval_data@data=folder" and args[2].startswith("data.root=")
-    evaluate(compose_config("evaluate", args + ["max_samples=2"], output_dir=tmp_path))
+    cfg = compose_eval([f"ckpt={slab_ckpt}", "data=folder", f"data.root={synthetic_packed}", "max_samples=2"],
+                       output_dir=tmp_path)
+    assert cfg.data_name == "folder"
+    res = evaluate(cfg)
     _check_results(tmp_path, 2, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "iou"])
+    assert res["layout"] == DEFAULT_LAYOUT.to_dict()
+
+
+def test_eval_synthetic_settings_are_the_training_ones() -> None:
+    """One place for the synthetic data settings: evaluation composes the training config."""
+    train = compose_config("train", []).data
+    ev = compose_eval(["ckpt=x"]).data.datamodule
+    for key in ("cache_dir", "num_train", "num_val", "num_test", "gen_seed", "generator"):
+        assert ev[key] == train[key], key
+    assert ev._target_ == train._target_
+
+
+def test_evaluate_data_group_has_only_evaluation_datasets() -> None:
+    """`data=NAME` selects conf/eval_data/data/NAME.yaml, a _target_ of vrn.eval_datasets."""
+    for name in ("synthetic", "folder", "aflw2000_3d"):
+        cfg = compose_eval(["ckpt=x", f"data={name}"])
+        assert cfg.data._target_.startswith("vrn.eval_datasets.") and cfg.data_name == name
 
 
 def test_evaluate_aflw2000_3d(slab_ckpt: Path, tmp_path: Path) -> None:
@@ -256,10 +295,10 @@ def test_evaluate_aflw2000_3d(slab_ckpt: Path, tmp_path: Path) -> None:
 
     if not AFLW.is_dir():
         pytest.fail(f"shared AFLW2000-3D samples not found at {AFLW}")
-    base = [f"ckpt={slab_ckpt}", "eval_data@data=aflw2000_3d", f"data.root={AFLW}", "data.crop=gt"]
-    evaluate(compose_config("evaluate", base, output_dir=tmp_path / "lmk"))
+    base = [f"ckpt={slab_ckpt}", "data=aflw2000_3d", f"data.root={AFLW}", "data.crop=gt"]
+    evaluate(compose_eval(base, output_dir=tmp_path / "lmk"))
     _check_results(tmp_path / "lmk", 6, ["nme_lmk_3d", "nme_lmk_3d_51"])
-    res = evaluate(compose_config("evaluate", base + ["data.bfm_path=standin"], output_dir=tmp_path / "dense"))
+    res = evaluate(compose_eval(base + ["data.bfm_path=standin"], output_dir=tmp_path / "dense"))
     _check_results(tmp_path / "dense", 6, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "iou"])
     assert {r["bucket"] for r in res["samples"]} == {"[0, 30)", "[30, 60)", "[60, 90]"}
     assert res["summary"]["all"]["nme_rigid"] <= res["summary"]["all"]["nme_icp"]
@@ -269,8 +308,8 @@ def test_evaluate_aflw2000_3d(slab_ckpt: Path, tmp_path: Path) -> None:
 def test_evaluate_aflw2000_3d_with_detector(slab_ckpt: Path, tmp_path: Path) -> None:
     from vrn.evaluate import evaluate
 
-    res = evaluate(compose_config("evaluate", [f"ckpt={slab_ckpt}", "eval_data@data=aflw2000_3d",
-                                               f"data.root={AFLW}", "data.crop=detector"], output_dir=tmp_path))
+    res = evaluate(compose_eval([f"ckpt={slab_ckpt}", "data=aflw2000_3d", f"data.root={AFLW}", "data.crop=detector"],
+                                output_dir=tmp_path))
     assert all(r["info_crop"] == "detector" for r in res["samples"])
     # the 2D NME is the detector's (3DDFA_V2 mb05 + FaceBoxes: 3.26 % upstream on these 6)
     assert 0.02 < res["summary"]["all"]["nme_lmk_2d"] < 0.045

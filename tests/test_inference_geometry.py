@@ -15,6 +15,7 @@ import torch
 from scipy.spatial import cKDTree
 from torch import nn
 
+from vrn.conventions import DEFAULT_LAYOUT, DEPTH_BINS
 from vrn.detectors.base import Detection
 from vrn.data.synthetic import SyntheticFaceConfig, render_sample
 from vrn.geometry.transforms import CropTransform
@@ -184,10 +185,10 @@ def test_reconstruct_crops_batches_dtypes_and_bf16() -> None:
 def test_checkpoint_round_trip_path_and_url(tmp_path: Path) -> None:
     torch.manual_seed(1)
     net = create_model("vrn_tiny").eval()
-    rec = Reconstructor(net, detector=None, model_spec={"name": "vrn_tiny", "depth_bins": 200})
+    rec = Reconstructor(net, detector=None, model_spec={"name": "vrn_tiny", "depth_bins": DEPTH_BINS})
     path = rec.save(tmp_path / "slim.ckpt")
-    net2, spec = load_network(path)
-    assert spec == {"name": "vrn_tiny", "depth_bins": 200}
+    net2, spec, layout = load_network(path)
+    assert spec == {"name": "vrn_tiny", "depth_bins": DEPTH_BINS} and layout == DEFAULT_LAYOUT
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         torch.testing.assert_close(a, b)
     # a URL is downloaded once into the cache (file:// stands in for http here)

@@ -1,9 +1,12 @@
 """Checkpoint files: find (path or URL, downloaded once), load the network, save a slim copy.
 
 A Lightning checkpoint of :class:`vrn.lit_module.VRNLitModule` stores the model spec in
-``hyper_parameters["net"] = {"name": ..., **overrides}``; the network is rebuilt from it
-with :func:`vrn.models.create_model` (no Hydra). :func:`save_network` writes a slim file of
-the same layout (spec + network weights only). URLs are downloaded once into
+``hyper_parameters["net"] = {"name": ..., **overrides}`` and the crop / volume layout in
+``hyper_parameters["layout"]`` (:meth:`vrn.conventions.VolumeLayout.to_dict`; checkpoints
+written before layouts were recorded load with :data:`~vrn.conventions.DEFAULT_LAYOUT`);
+the network is rebuilt from the spec with :func:`vrn.models.create_model` (no Hydra).
+:func:`save_network` writes a slim file of the same structure (spec + layout + network
+weights only). URLs are downloaded once into
 ``<vrn cache>/checkpoints/`` (``$VRN_CACHE_DIR`` or ``~/.cache/vrn``).
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +24,12 @@ from torch import nn
 
 from vrn.assets import cache_dir as vrn_cache_dir
 from vrn.atomic_write import atomic_path
+from vrn.conventions import DEFAULT_LAYOUT, LayoutMismatchError, VolumeLayout
 from vrn.models import create_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["resolve_checkpoint", "load_network", "save_network"]
-
-
+__all__ = ["resolve_checkpoint", "load_network", "save_network", "layout_for_network", "check_network_layout"]
 
 
 def _is_url(s: str) -> bool:
@@ -70,7 +73,7 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_network(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                 weights_only: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+                 weights_only: bool = True) -> tuple[nn.Module, dict[str, Any], VolumeLayout]:
     """Rebuild the network of a checkpoint from its stored model spec (no Hydra).
 
     Args:
@@ -81,7 +84,12 @@ def load_network(path: str | os.PathLike, map_location: str | torch.device = "cp
         weights_only: torch's safe unpickler (tensors and plain containers only). Pass False
             only for a checkpoint you trust that holds other objects.
     Returns:
-        (network in eval mode, model spec ``{"name": ..., **overrides}``).
+        (network in eval mode, model spec ``{"name": ..., **overrides}``, the crop / volume
+        layout the network was trained with; for a checkpoint that records none,
+        :data:`~vrn.conventions.DEFAULT_LAYOUT` with the network's depth bins).
+    Raises:
+        vrn.conventions.LayoutMismatchError: the recorded layout's depth bins differ from the
+            network's output channels.
     """
     try:
         ckpt = torch.load(str(path), map_location=map_location, weights_only=weights_only)
@@ -102,14 +110,41 @@ def load_network(path: str | os.PathLike, map_location: str | torch.device = "cp
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match model {spec}: missing {missing[:5]}..., "
                          f"unexpected {unexpected[:5]}...")
-    return net.eval(), spec
+    recorded = hp.get("layout")
+    layout = VolumeLayout.from_dict(recorded) if recorded is not None else layout_for_network(net)
+    check_network_layout(net, layout, str(path))
+    return net.eval(), spec, layout
 
 
-def save_network(path: str | os.PathLike, net: nn.Module, model_spec: dict[str, Any]) -> Path:
-    """A slim checkpoint (model spec + network weights; loads with :func:`load_network`), written atomically."""
+def layout_for_network(net: nn.Module, layout: VolumeLayout | dict[str, Any] | None = None) -> VolumeLayout:
+    """``layout`` as a :class:`~vrn.conventions.VolumeLayout`; None -> :data:`~vrn.conventions.DEFAULT_LAYOUT`
+    with the network's output depth bins (``net.depth_bins``, when it has the attribute)."""
+    if isinstance(layout, VolumeLayout):
+        return layout
+    if layout is not None:
+        return VolumeLayout.from_dict(layout)
+    bins = getattr(net, "depth_bins", None)
+    return DEFAULT_LAYOUT if bins is None else replace(DEFAULT_LAYOUT, depth_bins=int(bins))
+
+
+def check_network_layout(net: nn.Module, layout: VolumeLayout, what: str = "the checkpoint") -> None:
+    """Raise :class:`~vrn.conventions.LayoutMismatchError` unless the network's output depth
+    bins (``net.depth_bins``, when it has the attribute) equal ``layout.depth_bins``."""
+    bins = getattr(net, "depth_bins", None)
+    if bins is not None and int(bins) != layout.depth_bins:
+        raise LayoutMismatchError(f"{what}: the network outputs {bins} depth bins but its layout has "
+                                  f"depth_bins={layout.depth_bins}")
+
+
+def save_network(path: str | os.PathLike, net: nn.Module, model_spec: dict[str, Any],
+                 layout: VolumeLayout = DEFAULT_LAYOUT) -> Path:
+    """A slim checkpoint (model spec + layout + network weights; loads with :func:`load_network`),
+    written atomically."""
     if not model_spec:
         raise ValueError("unknown model spec: build the Reconstructor with model_spec=... to save it")
+    check_network_layout(net, layout, str(path))
     state = {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
-        torch.save({"hyper_parameters": {"net": dict(model_spec)}, "state_dict": state}, tmp)
+        torch.save({"hyper_parameters": {"net": dict(model_spec), "layout": layout.to_dict()}, "state_dict": state},
+                   tmp)
     return Path(path)

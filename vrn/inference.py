@@ -13,8 +13,10 @@ Pipeline per photo (each stage is a method, so batch front-ends such as :mod:`vr
 reuse them):
 
 1. :func:`prepare_image`: read (RGB), detect faces + 68 landmarks (:mod:`vrn.detectors`),
-   cut the VRN crop of each face (:func:`vrn.geometry.crop.crop_face`: 192 x 192 crop px and
-   the :class:`~vrn.geometry.transforms.CropTransform` image px -> crop px).
+   cut the VRN crop of each face (:func:`vrn.geometry.crop.crop_face` with the checkpoint's
+   :class:`~vrn.conventions.VolumeLayout`: ``crop_size`` x ``crop_size`` crop px, landmark box
+   ``face_size`` crop px, and the :class:`~vrn.geometry.transforms.CropTransform` image px ->
+   crop px).
 2. :meth:`Reconstructor.reconstruct_crops`: the network on a batch of crops, sigmoid ->
    occupancy probabilities (B, D, H, W), index ``[d, r, c]`` (:mod:`vrn.conventions`).
 3. :func:`volume_to_image_mesh`: marching cubes at ``threshold`` (crop px, the z factor
@@ -24,9 +26,11 @@ reuse them):
 4. :func:`sample_vertex_colors`: per-vertex RGB sampled (bilinear) from the photo.
 
 Checkpoints: a Lightning checkpoint of :class:`vrn.lit_module.VRNLitModule` stores the
-model spec in ``hyper_parameters["net"] = {"name": ..., **overrides}``; the network is
-rebuilt from it with :func:`vrn.models.create_model` (no Hydra). :meth:`Reconstructor.save`
-writes a slim file of the same layout (spec + network weights only). URLs are downloaded
+model spec in ``hyper_parameters["net"] = {"name": ..., **overrides}`` and the crop / volume
+layout in ``hyper_parameters["layout"]``; the network is rebuilt from the spec with
+:func:`vrn.models.create_model` (no Hydra), and the layout decides the crop and the depth
+scale (:mod:`vrn.checkpoint`). :meth:`Reconstructor.save` writes a slim file of the same
+structure (spec + layout + network weights only). URLs are downloaded
 once into ``<vrn cache>/checkpoints/`` (``$VRN_CACHE_DIR`` or ``~/.cache/vrn``).
 """
 
@@ -44,8 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vrn.checkpoint import load_network, resolve_checkpoint, save_network
-from vrn.conventions import CROP_SIZE, DEPTH_FACTOR
+from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_checkpoint, save_network
+from vrn.conventions import DEFAULT_LAYOUT, DEPTH_FACTOR, VolumeLayout
 from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
 from vrn.geometry.crop import crop_face
 from vrn.geometry.transforms import CropTransform
@@ -64,6 +68,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
     "16": torch.float16, "16-mixed": torch.float16, "fp16": torch.float16,
 }
+#: vertex colour (RGB) when no photo is given
+_GREY = 200
 
 
 # --------------------------------------------------------------------------------------
@@ -87,7 +93,7 @@ class FaceResult:
         face_index: position among the photo's faces (left to right).
         code: compact occupancy (``prob > threshold``) in crop px, or None (``keep=None``).
         prob: (D, H, W) float32 occupancy probabilities in crop px (``keep="prob"``), else None.
-        crop: (192, 192, 3) uint8 RGB network input.
+        crop: (S, S, 3) uint8 RGB network input (S = the layout's ``crop_size``).
         timings: seconds spent per stage on this face (``marching_cubes``, ``colour``, ...).
     """
 
@@ -127,7 +133,7 @@ class PreparedImage:
     Attributes:
         image: (H, W, 3) uint8 RGB.
         detections: one per face, left to right (box, score, landmarks in image px).
-        crops: (K, 192, 192, 3) uint8 RGB VRN crops.
+        crops: (K, S, S, 3) uint8 RGB VRN crops (S = the layout's ``crop_size``).
         transforms: K image px -> crop px transforms.
         path: the file it came from (None for arrays).
         timings: seconds for ``read``, ``detect``, ``crop``.
@@ -150,13 +156,14 @@ class PreparedImage:
 
 
 def prepare_image(image: np.ndarray | str | os.PathLike, detector: "FaceDetector",
-                  crop_size: int = CROP_SIZE) -> PreparedImage:
+                  layout: VolumeLayout = DEFAULT_LAYOUT) -> PreparedImage:
     """Read (if a path), detect every face and cut its VRN crop.
 
     Args:
         image: (H, W, 3) uint8 RGB array, or an image file path.
         detector: a :class:`vrn.detectors.base.FaceDetector`.
-        crop_size: crop side (192).
+        layout: the crop rule's ``crop_size`` (crop side, px) and ``face_size`` (``sqrt(w * h)``
+            of the landmark box, crop px); use the network's layout (:attr:`Reconstructor.layout`).
     Returns:
         :class:`PreparedImage`; no faces -> empty ``detections`` and (0, S, S, 3) crops.
     Raises:
@@ -177,11 +184,11 @@ def prepare_image(image: np.ndarray | str | os.PathLike, detector: "FaceDetector
     timings["detect"] = t2 - t1
     crops, transforms = [], []
     for d in dets:
-        c, t = crop_face(img, d.landmarks, crop_size=crop_size)
+        c, t = crop_face(img, d.landmarks, crop_size=layout.crop_size, face_size=layout.face_size)
         crops.append(c)
         transforms.append(t)
     timings["crop"] = time.perf_counter() - t2
-    arr = np.stack(crops) if crops else np.zeros((0, crop_size, crop_size, 3), np.uint8)
+    arr = np.stack(crops) if crops else np.zeros((0, layout.crop_size, layout.crop_size, 3), np.uint8)
     return PreparedImage(img, list(dets), arr, transforms, path, timings)
 
 
@@ -193,7 +200,7 @@ def volume_to_image_mesh(prob: np.ndarray, transform: CropTransform, threshold: 
         prob: (D, H, W) float occupancy probabilities (or a bool volume), crop px, ``[d, r, c]``.
         transform: image px -> crop px of the crop the volume was predicted from.
         threshold: iso level (0.5).
-        depth_factor: depth bins per crop px (2).
+        depth_factor: depth bins per crop px (the layout's ``depth_factor``).
     Returns:
         verts: (V, 3) float32 image px (x, y, z); z = crop z / ``transform.scale``.
         faces: (F, 3) int32 (winding kept: the crop similarity has positive determinant).
@@ -269,15 +276,22 @@ class Reconstructor:
             :mod:`vrn.detectors`), a ``FaceDetector``, or None (then only
             :meth:`reconstruct_crops` / :meth:`reconstruct_prepared` work).
         threshold: marching-cubes level on the probabilities (0.5).
-        depth_factor: depth bins per crop px (2, :mod:`vrn.conventions`).
+        layout: the crop / volume layout the network was trained with (crop size, face size
+            and depth factor of the crop rule and the post-processing); None =
+            :data:`~vrn.conventions.DEFAULT_LAYOUT` with the network's depth bins.
+            :meth:`from_checkpoint` passes the checkpoint's.
         batch_size: crops per network call.
         detector_device: the detector's device (default: ``device``).
         model_spec: the spec the network was built from (kept for :meth:`save`).
+
+    Attributes:
+        layout: the :class:`~vrn.conventions.VolumeLayout` in use.
+        depth_factor: ``layout.depth_factor`` (depth bins per crop px).
     """
 
     def __init__(self, net: nn.Module, device: str | torch.device = "cpu", precision: str = "32",
                  detector: "str | FaceDetector | None" = DEFAULT_DETECTOR, threshold: float = 0.5,
-                 depth_factor: float = DEPTH_FACTOR, batch_size: int = 8,
+                 layout: VolumeLayout | None = None, batch_size: int = 8,
                  detector_device: str | None = None, model_spec: dict[str, Any] | None = None,
                  detector_kwargs: dict[str, Any] | None = None) -> None:
         precision = str(precision)
@@ -291,13 +305,15 @@ class Reconstructor:
         self.autocast_dtype = PRECISIONS[precision]
         if self.autocast_dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("precision=16 needs a CUDA device; use bf16 or 32 on CPU")
+        self.layout = layout_for_network(net, layout)
+        check_network_layout(net, self.layout)
         self.net = net.to(self.device).eval()
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # one input size (192 x 192): pick the fastest kernels once
+            torch.backends.cudnn.benchmark = True  # one input size (the crop): pick the fastest kernels once
         self.threshold = float(threshold)
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        self.depth_factor = float(depth_factor)
+        self.depth_factor = self.layout.depth_factor
         self.batch_size = max(1, int(batch_size))
         self.model_spec = dict(model_spec or {})
         if isinstance(detector, str):
@@ -323,13 +339,13 @@ class Reconstructor:
             kwargs: other :class:`Reconstructor` arguments (batch_size, detector_device, ...).
         """
         path = resolve_checkpoint(path_or_url, cache_dir)
-        net, spec = load_network(path, "cpu", weights_only=weights_only)
+        net, spec, layout = load_network(path, "cpu", weights_only=weights_only)
         return cls(net, device=device, precision=precision, detector=detector, threshold=threshold,
-                   model_spec=spec, **kwargs)
+                   model_spec=spec, layout=layout, **kwargs)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """A slim checkpoint (model spec + network weights; loads with :meth:`from_checkpoint`)."""
-        return save_network(path, self.net, self.model_spec)
+        """A slim checkpoint (model spec + layout + network weights; loads with :meth:`from_checkpoint`)."""
+        return save_network(path, self.net, self.model_spec, self.layout)
 
     # ---- stages -------------------------------------------------------------------------
     def _autocast(self) -> Any:
@@ -342,10 +358,10 @@ class Reconstructor:
         """The network on a batch of crops.
 
         Args:
-            crops: (B, 3, 192, 192) RGB, uint8 or float in [0, 1] (numpy or torch; any
-                device). (B, 192, 192, 3) uint8 is accepted too.
+            crops: (B, 3, S, S) RGB (S = ``layout.crop_size``), uint8 or float in [0, 1]
+                (numpy or torch; any device). (B, S, S, 3) uint8 is accepted too.
         Returns:
-            (B, D, 192, 192) float32 occupancy probabilities (sigmoid of the logits), on the
+            (B, D, S, S) float32 occupancy probabilities (sigmoid of the logits), on the
             CPU, index ``[b, d, r, c]`` in crop px.
         """
         x = _to_input(crops)
@@ -360,7 +376,7 @@ class Reconstructor:
                 logits = self.net(xb)
             out.append(torch.sigmoid(logits.float()).cpu())
         if not out:
-            return torch.zeros((0, int(getattr(self.net, "depth_bins", 200))) + tuple(x.shape[-2:]))
+            return torch.zeros((0, self.layout.depth_bins) + tuple(x.shape[-2:]))
         return torch.cat(out)
 
     def postprocess(self, prob: np.ndarray | torch.Tensor, transform: CropTransform,
@@ -381,7 +397,7 @@ class Reconstructor:
         if image is not None:
             colors = sample_vertex_colors(image, verts)
         else:
-            colors = np.full((len(verts), 3), 200, np.uint8)
+            colors = np.full((len(verts), 3), _GREY, np.uint8)
         t2 = time.perf_counter()
         return verts, faces, colors, {"marching_cubes": t1 - t0, "colour": t2 - t1}
 
@@ -389,8 +405,9 @@ class Reconstructor:
         """Read, detect and crop (see :func:`prepare_image`)."""
         if self.detector is None:
             raise RuntimeError("this Reconstructor has no detector: pass detector='tddfa' (or 'fan', 'dlib'), "
-                               "or call reconstruct_crops() on your own 192x192 crops")
-        return prepare_image(image, self.detector)
+                               f"or call reconstruct_crops() on your own {self.layout.crop_size}x"
+                               f"{self.layout.crop_size} crops")
+        return prepare_image(image, self.detector, self.layout)
 
     def reconstruct_prepared(self, prep: PreparedImage, probs: torch.Tensor | None = None,
                              keep: str | None = "code") -> list[FaceResult]:
@@ -442,8 +459,6 @@ class Reconstructor:
             tm[key] = sum(r.timings.get(key, 0.0) for r in results)
         self.timings = tm
         return results
-
-    reconstruct = __call__
 
     def reconstruct_many(self, images: Iterable[np.ndarray | str | os.PathLike],
                          keep: str | None = "code") -> list[list[FaceResult]]:

@@ -9,6 +9,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from vrn.checkpoint import check_network_layout, layout_for_network
+from vrn.conventions import VolumeLayout
 from vrn.losses import volume_bce_loss
 from vrn.metrics import front_depth_mae, voxel_iou
 from vrn.models import create_model
@@ -36,6 +38,14 @@ class VRNLitModule(pl.LightningModule):
         train_metrics_every_n_steps: training IoU / depth error are computed on every n-th
             batch only (they cost about as much as a small model's step on CPU); validation
             and test compute them on every batch.
+        layout: the crop / volume layout (:class:`vrn.conventions.VolumeLayout` or its dict);
+            None = :data:`~vrn.conventions.DEFAULT_LAYOUT` with the network's depth bins.
+            Saved in the checkpoint as ``hyper_parameters["layout"]`` (a plain dict) and
+            checked against the datamodule's ``layout`` when fitting / testing starts.
+
+    Attributes:
+        layout: the :class:`~vrn.conventions.VolumeLayout` in use.
+        depth_bins: ``layout.depth_bins`` (= the network's output channels).
     """
 
     def __init__(
@@ -47,19 +57,42 @@ class VRNLitModule(pl.LightningModule):
         pos_weight: float | None = None,
         compile: bool = False,
         train_metrics_every_n_steps: int = 10,
+        layout: VolumeLayout | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(net, DictConfig):
             net = OmegaConf.to_container(net, resolve=True)
+        if isinstance(layout, DictConfig):
+            layout = OmegaConf.to_container(layout, resolve=True)  # type: ignore[assignment]
         net = dict(net)
+        built = create_model(**net)
+        self.layout: VolumeLayout = layout_for_network(built, layout)  # type: ignore[arg-type]
+        check_network_layout(built, self.layout, f"model {net.get('name')}")
+        # saved from the current locals: the spec and the layout go into the checkpoint as plain
+        # dicts (safe for weights_only loading)
+        layout = self.layout.to_dict()  # noqa: F841 - read by save_hyperparameters
         self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.net: nn.Module = create_model(**net)
-        self.depth_bins: int = int(getattr(self.net, "depth_bins", 200))
+        self.net: nn.Module = built
+        self.depth_bins: int = self.layout.depth_bins
         if compile:
             self.net = torch.compile(self.net)
         self.val_preview: dict[str, torch.Tensor] | None = None
+
+    def setup(self, stage: str) -> None:
+        """Check the datamodule's layout (when it has one) against the model's.
+
+        Raises:
+            vrn.conventions.LayoutMismatchError: naming the dataset, the model and every
+                differing value.
+        """
+        trainer = getattr(self, "_trainer", None)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        data_layout = getattr(dm, "layout", None)
+        if isinstance(data_layout, VolumeLayout):
+            name = getattr(dm, "root", None) or type(dm).__name__
+            data_layout.check_matches(self.layout, f"dataset {name}", f"model {self.hparams.net.get('name')}")
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """image: (B, 3, H, W) float32 RGB [0, 1] -> logits (B, D, H, W)."""

@@ -36,6 +36,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
+from vrn.geometry.raster import rasterize
+
 __all__ = [
     "interocular_distance", "landmark_box_size", "rigid_transform", "IcpResult", "icp", "SurfaceNME",
     "surface_nme", "landmark_nme", "surface_depth_at", "yaw_bucket", "YAW_BUCKETS",
@@ -286,7 +288,6 @@ def surface_depth_at(verts: np.ndarray, faces: np.ndarray, xy: np.ndarray) -> np
     Returns:
         (K,) float64 z; NaN where the query is NaN or the mesh is empty.
     """
-    from vrn.geometry.raster import rasterize
 
     q = np.asarray(xy, np.float64)[:, :2]
     out = np.full(len(q), np.nan)

@@ -11,8 +11,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vrn.conventions import VolumeLayout
 from vrn.data.augment import AugmentConfig, augment_sample
 from vrn.data.packed import PackedReader
+from vrn.data.synthetic import SyntheticFaceConfig, cache_name, generate_packed
 
 __all__ = ["VolumeDataset", "collate_volumes", "PackedDataModule", "SyntheticDataModule"]
 
@@ -71,6 +73,11 @@ class PackedDataModule(pl.LightningDataModule):
         augment: training augmentation (AugmentConfig fields as a dict), or None.
         splits: names of the train/val/test splits in the manifest.
         seed: augmentation seed.
+
+    Attributes:
+        layout: the crop / volume layout recorded in the folder's ``meta.json``
+            (:attr:`vrn.data.packed.PackedReader.layout`); None until the folder exists.
+            :class:`vrn.lit_module.VRNLitModule` checks it against the model's.
     """
 
     def __init__(self, root: str, batch_size: int = 8, num_workers: int = 0, pin_memory: bool = False,
@@ -107,6 +114,13 @@ class PackedDataModule(pl.LightningDataModule):
         if len(self._sets["train"]) == 0:
             raise ValueError(f"{root} has no samples in split '{self.splits['train']}'")
 
+    @property
+    def layout(self) -> VolumeLayout | None:
+        if self._sets:
+            return next(iter(self._sets.values())).reader.layout
+        root = Path(os.path.expanduser(str(self.root)))
+        return PackedReader(root).layout if (root / "meta.json").is_file() else None
+
     def _loader(self, key: str, shuffle: bool) -> DataLoader:
         ds = self._sets[key]
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
@@ -141,8 +155,6 @@ class SyntheticDataModule(PackedDataModule):
     def __init__(self, cache_dir: str, num_train: int = 512, num_val: int = 64, num_test: int = 64,
                  generator: dict[str, Any] | None = None, gen_seed: int = 0, num_gen_workers: int = 0,
                  **kw: Any) -> None:
-        from vrn.data.synthetic import SyntheticFaceConfig, cache_name
-
         self.gen_cfg = SyntheticFaceConfig(**(generator or {}))
         self.counts = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
         self.gen_seed = int(gen_seed)
@@ -151,8 +163,6 @@ class SyntheticDataModule(PackedDataModule):
         super().__init__(root=str(root), **kw)
 
     def prepare_data(self) -> None:
-        from vrn.data.synthetic import generate_packed
-
         if not (Path(self.root) / "meta.json").is_file():
             generate_packed(self.root, self.gen_cfg, self.counts, seed=self.gen_seed, workers=self.num_gen_workers)
 

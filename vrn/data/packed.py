@@ -1,5 +1,5 @@
 """The packed dataset format: what the data pipeline's ``pack`` stage and the synthetic
-generator write, and what :class:`PackedDataset` reads.
+generator write, and what :class:`PackedReader` reads.
 
 A packed folder holds::
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from vrn.conventions import CROP_SIZE
+
 __all__ = ["euler_to_matrix", "similarity_2d", "CropTransform"]
 
 
@@ -81,7 +83,7 @@ class CropTransform:
     """
 
     matrix: np.ndarray
-    size: tuple[int, int] = (192, 192)
+    size: tuple[int, int] = (CROP_SIZE, CROP_SIZE)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "matrix", _as_affine(self.matrix))
@@ -92,7 +94,7 @@ class CropTransform:
     # ---- constructors -------------------------------------------------------------
     @classmethod
     def from_center_scale(cls, center_xy: tuple[float, float] | np.ndarray, scale: float,
-                          angle_deg: float = 0.0, size: tuple[int, int] = (192, 192)) -> "CropTransform":
+                          angle_deg: float = 0.0, size: tuple[int, int] = (CROP_SIZE, CROP_SIZE)) -> "CropTransform":
         """Crop centred on image point ``center_xy`` (image px), magnified by ``scale``
         (crop px per image px) and rotated by ``angle_deg`` (see :func:`similarity_2d`).
         The centre maps to the crop centre ``((W-1)/2, (H-1)/2)`` (pixel-centre convention).
@@ -105,7 +107,7 @@ class CropTransform:
 
     @classmethod
     def from_box(cls, box_xyxy: np.ndarray | tuple[float, float, float, float], face_size: float,
-                 size: tuple[int, int] = (192, 192)) -> "CropTransform":
+                 size: tuple[int, int] = (CROP_SIZE, CROP_SIZE)) -> "CropTransform":
         """VRN crop rule: centre of the box (x0, y0, x1, y1) in image px to the crop centre,
         scaled so that ``sqrt(w * h)`` of the box becomes ``face_size`` crop px."""
         x0, y0, x1, y1 = (float(v) for v in box_xyxy)
@@ -171,7 +173,7 @@ class CropTransform:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CropTransform":
-        return cls(np.asarray(d["matrix"], dtype=np.float64), tuple(d.get("size", (192, 192))))
+        return cls(np.asarray(d["matrix"], dtype=np.float64), tuple(d.get("size", (CROP_SIZE, CROP_SIZE))))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CropTransform):

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vrn.conventions import DEPTH_BINS
 from vrn.models.blocks import Bottleneck, ConvBnRelu, SeparableBilinearUpsample
 from vrn.models.hourglass import StandardHourglass, VRNHourglass
 
@@ -29,7 +30,7 @@ class VRN(nn.Module):
     loss (``BCEWithLogits``) and to inference here.
 
     Args:
-        depth_bins: output channels = depth bins of the volume (200).
+        depth_bins: output channels = depth bins of the volume (:data:`vrn.conventions.DEPTH_BINS`).
         features: hourglass width (256).
         stacks: number of hourglass stages (2).
         hourglass: ``"vrn"`` (released nesting) or ``"standard"`` (Newell et al.).
@@ -48,7 +49,7 @@ class VRN(nn.Module):
 
     def __init__(
         self,
-        depth_bins: int = 200,
+        depth_bins: int = DEPTH_BINS,
         features: int = 256,
         stacks: int = 2,
         hourglass: Literal["vrn", "standard"] = "vrn",

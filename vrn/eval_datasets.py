@@ -1,0 +1,252 @@
+"""The evaluation datasets of ``python -m vrn.evaluate`` (one per ``conf/eval_data/data/*.yaml``).
+
+Each config is a ``_target_`` that :func:`hydra.utils.instantiate` builds, with the
+checkpoint's :class:`~vrn.conventions.VolumeLayout` and ``max_samples`` passed in by
+:func:`vrn.evaluate.build_dataset`. Every dataset yields :class:`EvalSample` items:
+
+* :class:`PackedEvalDataset`: any packed folder (``data=folder``); crop px = image px.
+* :func:`synthetic_test_set`: the synthetic test split of the *training* data config
+  (``data=synthetic``): the training cache when it exists, else only the test split is
+  rendered (sample ``i`` is the same either way).
+* :class:`AFLW2000Dataset`: AFLW2000-3D ``.jpg`` + ``.mat`` pairs (``data=aflw2000_3d``),
+  cropped and voxelised with the checkpoint's layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
+from vrn.data.datamodule import SyntheticDataModule
+from vrn.data.packed import PackedReader
+from vrn.data.synthetic import cache_name, generate_packed
+from vrn.detectors import FaceDetector, get_detector
+from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
+from vrn.face_models.mat_fit import angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points
+from vrn.geometry.crop import crop_face
+from vrn.geometry.transforms import CropTransform
+from vrn.image_io import read_image_rgb
+from vrn.nme import yaw_from_rotation
+from vrn.volume.codec import VolumeCode
+from vrn.volume.surface import front_depth_of_code, front_surface_points
+from vrn.volume.voxelize import solid_depth_shift, voxelize_face
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalSample", "PackedEvalDataset", "AFLW2000Dataset", "synthetic_test_set"]
+
+_IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
+@dataclass
+class EvalSample:
+    """One evaluation sample, everything in image px unless said otherwise.
+
+    Attributes:
+        id: sample name.
+        crop: (S, S, 3) uint8 RGB network input (S = the layout's ``crop_size``).
+        transform: image px -> crop px (identity for packed crops).
+        yaw: degrees (bucket by |yaw|).
+        gt_code: ground-truth occupancy (crop px, the layout's depth bins) for the IoU, or None.
+        gt_verts: (N, 3) ground-truth surface points for the surface NME, or None.
+        gt_landmarks: (68, 3) ground-truth landmarks (NaN rows = absent), or None.
+        pred_landmarks_xy: (68, 2) x, y of the predicted landmarks, or None.
+        landmarks_xy_from: "detector" or "ground truth" (then the 2D NME is not reported).
+        info: provenance (crop source, GT mesh source, ...).
+        error: set when the sample could not be prepared (then it is counted and skipped).
+    """
+
+    id: str
+    crop: np.ndarray | None
+    transform: CropTransform | None
+    yaw: float
+    gt_code: VolumeCode | None = None
+    gt_verts: np.ndarray | None = None
+    gt_landmarks: np.ndarray | None = None
+    pred_landmarks_xy: np.ndarray | None = None
+    landmarks_xy_from: str = "ground truth"
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class PackedEvalDataset(Dataset):
+    """Samples of a packed folder (crop px = image px).
+
+    Args:
+        root: packed folder.
+        split: manifest split ("test"); None or "all" = all rows.
+        max_samples: keep the first N.
+        layout: the model's layout; the folder's (``meta.json``) must match it.
+    Raises:
+        vrn.conventions.LayoutMismatchError: the folder was packed with another layout.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str | None = "test", max_samples: int | None = None,
+                 layout: VolumeLayout = DEFAULT_LAYOUT) -> None:
+        split = None if split in (None, "all") else str(split)
+        self.reader = PackedReader(Path(os.path.expanduser(str(root))), split=split)
+        self.reader.layout.check_matches(layout, f"dataset {root}", "the checkpoint")
+        if len(self.reader) == 0:
+            raise ValueError(f"{root} has no samples in split '{split}'")
+        self.n = len(self.reader) if max_samples is None else min(len(self.reader), int(max_samples))
+        self.depth_factor = layout.depth_factor
+        self.root = str(root)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> EvalSample:
+        s = self.reader[i]
+        row = s.row
+        lm = None
+        for key in ("landmarks", "landmarks_3d", "landmarks_crop"):
+            if row.get(key) is not None:
+                a = np.asarray(row[key], np.float64)
+                if a.shape[0] == 68:
+                    lm = a if a.shape[1] == 3 else None
+                    break
+        if "yaw" in row:
+            yaw = float(row["yaw"])
+        elif "rotation" in row:
+            yaw = yaw_from_rotation(np.asarray(row["rotation"], np.float64))
+        else:
+            yaw = float("nan")
+        return EvalSample(
+            id=str(row.get("id", i)), crop=s.image, transform=CropTransform(_IDENTITY, s.image.shape[:2]), yaw=yaw,
+            gt_code=s.code, gt_verts=front_surface_points(front_depth_of_code(s.code), self.depth_factor), gt_landmarks=lm,
+            pred_landmarks_xy=None if lm is None else lm[:, :2].copy(), landmarks_xy_from="ground truth",
+            info={"source": str(row.get("source", "packed")), "gt_surface": "front surface of the GT volume"})
+
+
+def synthetic_test_set(datamodule: SyntheticDataModule, split: str = "test", max_samples: int | None = None,
+                       layout: VolumeLayout = DEFAULT_LAYOUT) -> PackedEvalDataset:
+    """The synthetic test split of a training data config: the training cache when present,
+    else a test-only cache (rendered once; test sample ``i`` depends only on the generator
+    settings, ``gen_seed`` and ``i``).
+
+    Args:
+        datamodule: the training ``data=synthetic`` datamodule (its generator settings, counts,
+            seed and cache folder; nothing is generated by building it).
+        split, max_samples, layout: see :class:`PackedEvalDataset`.
+    """
+    full = Path(datamodule.root)
+    if (full / "meta.json").is_file():
+        return PackedEvalDataset(full, split=split, max_samples=max_samples, layout=layout)
+    only = {"train": 0, "val": 0, "test": datamodule.counts["test"]}
+    root = full.parent / cache_name(datamodule.gen_cfg, only, datamodule.gen_seed)
+    if not (root / "meta.json").is_file():
+        log.info(f"Rendering the synthetic test split ({only['test']} faces) into {root}")
+        generate_packed(root, datamodule.gen_cfg, only, seed=datamodule.gen_seed, workers=datamodule.num_gen_workers)
+    return PackedEvalDataset(root, split=split, max_samples=max_samples, layout=layout)
+
+
+class AFLW2000Dataset(Dataset):
+    """AFLW2000-3D: ``<name>.jpg`` + ``<name>.mat`` pairs in a folder.
+
+    Args:
+        root: the folder.
+        bfm_path: None (landmark NME only), "standin" (the offline stand-in: mean face +
+            landmark spline; for testing the code path, NOT a benchmark), or the path of
+            face3d's ``BFM.mat`` / 3DDFA_V2's ``bfm_noneck_v3.pkl`` (dense GT mesh).
+        crop: "detector" (crop and landmark x, y from ``detector``; falls back to the
+            ground-truth crop when no face is found) or "gt" (crop from ``pt3d_68``).
+        detector: a ``FaceDetector`` or a registered detector name (built only for crop="detector").
+        detector_device: the detector's device when built from a name.
+        max_samples: keep the first N images (sorted by name).
+        layout: the model's layout: the crop rule (``crop_size``, ``face_size``) and the
+            ground-truth volume (``depth_bins``, ``depth_factor``).
+    """
+
+    def __init__(self, root: str | os.PathLike, bfm_path: str | None = None, crop: str = "detector",
+                 detector: FaceDetector | str | None = None, detector_device: str = "cpu",
+                 max_samples: int | None = None, layout: VolumeLayout = DEFAULT_LAYOUT) -> None:
+        self.root = Path(os.path.expanduser(str(root)))
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.root={self.root} is not a folder: point it at your AFLW2000-3D folder "
+                                    f"(image*.jpg + image*.mat)")
+        self.images = sorted(p for p in self.root.glob("*.jpg") if p.with_suffix(".mat").is_file())
+        if not self.images:
+            raise FileNotFoundError(f"data.root={self.root} holds no .jpg + .mat pairs (AFLW2000-3D layout)")
+        if max_samples is not None:
+            self.images = self.images[: int(max_samples)]
+        if crop not in ("detector", "gt"):
+            raise ValueError(f"data.crop must be 'detector' or 'gt', got {crop!r}")
+        if crop == "detector" and detector is None:
+            raise ValueError("data.crop=detector needs a detector")
+        if crop == "detector" and isinstance(detector, str):
+            detector = get_detector(detector, device=str(detector_device))
+        self.crop = crop
+        self.detector = detector if crop == "detector" else None
+        self.bfm_path = None if bfm_path in (None, "", "null", "none") else str(bfm_path)
+        self.layout = layout
+        self._bfm = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load_bfm(self) -> Any:
+        if self._bfm is None:
+            self._bfm = (load_dense_bfm(None, "offline_standin") if self.bfm_path == "standin"
+                         else load_dense_bfm(self.bfm_path))
+        return self._bfm
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_bfm": None}
+
+    def _crop_landmarks(self, image: np.ndarray, path: Path, gt_lm: np.ndarray) -> tuple[np.ndarray | None, str, str]:
+        """(68, 2) landmark x, y of the crop (None = ground truth), where they came from, crop info."""
+        if self.crop != "detector":
+            return None, "ground truth", "gt"
+        dets = self.detector.detect(image, str(path))  # type: ignore[union-attr]
+        if not dets:
+            return None, "ground truth", "gt (no face detected)"
+        # the detection nearest the annotated face (AFLW2000-3D annotates one face)
+        c_gt = (gt_lm[:, :2].min(0) + gt_lm[:, :2].max(0)) / 2
+        d = min(dets, key=lambda d: float(np.linalg.norm((d.box[:2] + d.box[2:]) / 2 - c_gt)))
+        return np.asarray(d.landmarks, np.float64), "detector", "detector"
+
+    def _add_dense_gt(self, s: EvalSample, mat: dict[str, Any], pose: np.ndarray, height: int) -> None:
+        """The dense GT mesh of the ``.mat`` fit (image px) and its solid voxelised in the crop."""
+        bfm = self._load_bfm()
+        dense, _lms, how = dense_model_shape(bfm, mat["Shape_Para"], mat["Exp_Para"])
+        verts = mat_fit_points(dense, pose, height)  # (V, 3) image px, z toward the camera
+        s.gt_verts = verts
+        R = rotation_to_crop_frame(angles_to_matrix_3ddfa(pose[0], pose[1], pose[2]))
+        vc = s.transform.apply(verts)  # type: ignore[union-attr]
+        tri = np.asarray(bfm.tri, np.int32)
+        L = self.layout
+        # the project's convention (as the pipeline's fit stage): the target solid centred in depth
+        vc[:, 2] += solid_depth_shift(vc, tri, R, depth_bins=L.depth_bins, depth_factor=L.depth_factor)
+        s.gt_code = voxelize_face(vc.astype(np.float32), tri, R, depth_bins=L.depth_bins, depth_factor=L.depth_factor,
+                                  size=L.crop_size)
+        s.info["gt_mesh"] = f"{bfm.source} ({how})"
+
+    def __getitem__(self, i: int) -> EvalSample:
+        path = self.images[i]
+        sid = path.stem
+        try:
+            image = read_image_rgb(path)
+            mat = load_mat_fit(path.with_suffix(".mat"))
+        except Exception as e:  # noqa: BLE001 - unreadable image or .mat: recorded as a failed sample
+            return EvalSample(sid, None, None, float("nan"), error=f"{type(e).__name__}: {e}")
+        pose = np.asarray(mat["Pose_Para"], np.float64).ravel()
+        yaw = float(np.degrees(pose[1]))
+        if "pt3d_68" not in mat:
+            return EvalSample(sid, None, None, yaw, error="no pt3d_68 in the .mat")
+        p3 = np.asarray(mat["pt3d_68"], np.float64)
+        gt_lm = np.stack([p3[0] - 1.0, p3[1] - 1.0, p3[2]], 1)  # MATLAB 1-based -> 0-based pixel centres
+        xy, xy_from, crop_info = self._crop_landmarks(image, path, gt_lm)
+        xy = gt_lm[:, :2] if xy is None else xy
+        crop, T = crop_face(image, xy, crop_size=self.layout.crop_size, face_size=self.layout.face_size)
+        s = EvalSample(sid, crop, T, yaw, gt_landmarks=gt_lm, pred_landmarks_xy=xy, landmarks_xy_from=xy_from,
+                       info={"image": path.name, "crop": crop_info})
+        if self.bfm_path is not None:
+            self._add_dense_gt(s, mat, pose, image.shape[0])
+        return s
