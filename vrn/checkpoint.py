@@ -26,6 +26,7 @@ from vrn.assets import cache_dir as vrn_cache_dir
 from vrn.atomic_write import atomic_path
 from vrn.conventions import DEFAULT_LAYOUT, LayoutMismatchError, VolumeLayout
 from vrn.models import create_model
+from vrn.models.torch7_import import is_torch7_file, load_torch7_vrn
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def load_network(path: str | os.PathLike, map_location: str | torch.device = "cp
     Args:
         path: local checkpoint: a Lightning ``.ckpt`` of :class:`vrn.lit_module.VRNLitModule`
             or a file written by :meth:`Reconstructor.save` (``hyper_parameters["net"]`` +
-            ``state_dict``).
+            ``state_dict``), or a Torch7 ``.t7`` file of the authors' released VRN-unguided
+            model (read with torchfile; see :mod:`vrn.models.torch7_import`).
         map_location: where tensors load.
         weights_only: torch's safe unpickler (tensors and plain containers only). Pass False
             only for a checkpoint you trust that holds other objects.
@@ -91,6 +93,11 @@ def load_network(path: str | os.PathLike, map_location: str | torch.device = "cp
         vrn.conventions.LayoutMismatchError: the recorded layout's depth bins differ from the
             network's output channels.
     """
+    if is_torch7_file(path):  # the authors' released Torch7 model (vrn-unguided.t7)
+        net, spec = load_torch7_vrn(path)
+        layout = layout_for_network(net)
+        check_network_layout(net, layout, str(path))
+        return net.to(map_location).eval(), spec, layout
     try:
         ckpt = torch.load(str(path), map_location=map_location, weights_only=weights_only)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and a hint
