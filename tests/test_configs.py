@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.helpers import CONF_DIR, compose_config
-from vrn.builders import build_trainer, resolve_gpus_alias
+from vrn.builders import build_callbacks, build_loggers, build_trainer, resolve_gpus_alias
+from vrn.detectors import DEFAULT_DETECTOR
 
 
 def _options(group: str) -> list[str]:
@@ -77,3 +78,22 @@ def test_gpus_alias_builds_a_cpu_trainer(tmp_path):
     with pytest.warns(DeprecationWarning):
         trainer = build_trainer(cfg.trainer)
     assert trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+
+
+def test_logger_none_builds_a_trainer_without_lr_monitor(tmp_path):
+    """`logger=none` with the default callbacks: LearningRateMonitor (needs a logger) is dropped."""
+    cfg = compose_config("train", ["logger=none", "trainer.accelerator=cpu", "trainer.max_epochs=1"],
+                         output_dir=tmp_path)
+    callbacks = build_callbacks(cfg.get("callbacks"))
+    assert any(type(cb).__name__ == "LearningRateMonitor" for cb in callbacks)  # the default list has one
+    loggers = build_loggers(cfg.get("logger"))
+    assert loggers == []
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers)
+    assert trainer.logger is None
+    assert not any(type(cb).__name__ == "LearningRateMonitor" for cb in trainer.callbacks)
+    assert any(type(cb).__name__ == "ModelCheckpoint" for cb in trainer.callbacks)
+
+
+def test_demo_detector_default_is_the_api_default(tmp_path):
+    cfg = compose_config("demo", ["input=x.jpg", "ckpt=x.ckpt"], output_dir=tmp_path)
+    assert cfg.detector == DEFAULT_DETECTOR

@@ -212,3 +212,19 @@ def test_demo_whole_image_folder(slab_ckpt: Path, tmp_path: Path) -> None:
     for r in reports:
         if r.path != "grass.jpg":
             assert r.status == "ok" and all(Path(f.files["ply"]).is_file() for f in r.faces), r.line()
+
+
+def test_demo_wandb_true_starts_and_finishes_its_own_run(photos: Path, slab_ckpt: Path, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    import wandb
+
+    from vrn.demo import run_demo
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "out"
+    run_demo(_demo_cfg(photos / "trump_hillary.jpg", slab_ckpt, out, "num_workers=0", "formats=[ply]",
+                       "turntable=false", "depth=false", "wandb=true"))
+    assert wandb.run is None  # the demo finished the run it started
+    (run_dir,) = list((out / "wandb").glob("offline-run-*"))
+    assert len(list(run_dir.rglob("media/object3D/**/*.glb"))) == 2
+    assert not list(out.glob(".wandb_meshes_*"))

@@ -7,8 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from tests.helpers import compose_config
+from vrn.callbacks import VolumePreviewLogger
+from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.train import train
+from vrn.wandb_logging import has_api_key, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +55,52 @@ def test_multirun_gives_separate_wandb_runs(synthetic_packed, tmp_path):
     assert len(runs) == 2, out.stderr[-2000:]
     assert runs[0].parent.parent != runs[1].parent.parent
     assert runs[0].name.split("-")[-1] != runs[1].name.split("-")[-1]  # distinct run ids
+
+
+@pytest.mark.parametrize("env_mode, key, requested, expected", [
+    (None, False, None, "offline"),         # no API key -> offline
+    (None, True, None, "online"),
+    ("offline", True, None, "offline"),
+    ("dryrun", True, None, "offline"),
+    ("disabled", True, None, "disabled"),
+    ("disabled", False, None, "disabled"),
+    (None, True, "offline", "offline"),
+    (None, True, "disabled", "disabled"),
+    ("offline", True, "online", "offline"),  # the environment only makes it more offline
+])
+def test_wandb_mode_rule(monkeypatch, tmp_path, env_mode, key, requested, expected):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    if key:
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    else:
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    if env_mode is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env_mode)
+    assert has_api_key() is key
+    assert wandb_mode(requested) == expected
+
+
+def test_wandb_mode_rejects_unknown(monkeypatch):
+    with pytest.raises(ValueError):
+        wandb_mode("sometimes")
+
+
+def test_has_api_key_from_netrc(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password x\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert has_api_key()
+
+
+def test_preview_callback_reads_the_module_layout():
+    class _Plain(torch.nn.Module):
+        pass
+
+    class _WithLayout(torch.nn.Module):
+        layout = VolumeLayout(depth_factor=4.0)
+
+    assert VolumePreviewLogger.layout_of(_Plain()) is DEFAULT_LAYOUT
+    assert VolumePreviewLogger.layout_of(_WithLayout()).depth_factor == 4.0

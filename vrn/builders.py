@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,10 +10,13 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import LearningRateMonitor
+
+from vrn.wandb_logging import has_api_key, wandb_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_trainer", "build_callbacks", "build_loggers", "resolve_gpus_alias", "wandb_has_api_key"]
+__all__ = ["build_callbacks", "build_loggers", "build_trainer", "drop_logger_callbacks", "resolve_gpus_alias"]
 
 
 def resolve_gpus_alias(trainer_cfg: DictConfig) -> DictConfig:
@@ -53,15 +55,21 @@ def build_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
     return out
 
 
-def wandb_has_api_key() -> bool:
-    """True when W&B can authenticate (env key or a stored login)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return netrc.is_file() and "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
+def _wandb_logger_cfg(lg: DictConfig) -> DictConfig:
+    """A resolved copy of a ``WandbLogger`` config with ``offline: null`` decided by
+    :func:`vrn.wandb_logging.wandb_mode` (offline without an API key; ``mode: disabled``
+    under ``WANDB_MODE=disabled``); creates ``save_dir``."""
+    lg = OmegaConf.create(OmegaConf.to_container(lg, resolve=True))
+    if lg.get("offline") is None:
+        mode = wandb_mode()
+        with open_dict(lg):
+            lg.offline = mode == "offline"
+            if mode == "disabled":
+                lg.mode = "disabled"
+        if lg.offline and not has_api_key():
+            log.info("W&B: no API key found, logging offline (sync later with `wandb sync`)")
+    Path(lg.save_dir).mkdir(parents=True, exist_ok=True)
+    return lg
 
 
 def build_loggers(cfg: DictConfig | None) -> list[Any]:
@@ -73,20 +81,34 @@ def build_loggers(cfg: DictConfig | None) -> list[Any]:
         if not (isinstance(lg, DictConfig) and "_target_" in lg):
             continue
         if "Wandb" in str(lg._target_):
-            lg = OmegaConf.create(OmegaConf.to_container(lg, resolve=True))
-            if lg.get("offline") is None:
-                lg.offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_has_api_key()
-                if lg.offline:
-                    log.info("W&B: no API key found, logging offline (sync later with `wandb sync`)")
-            Path(lg.save_dir).mkdir(parents=True, exist_ok=True)
+            lg = _wandb_logger_cfg(lg)
         out.append(hydra.utils.instantiate(lg))
     return out
 
 
+def drop_logger_callbacks(callbacks: list[pl.Callback], loggers: list[Any] | bool | None) -> list[pl.Callback]:
+    """``callbacks`` without the ones that need a logger (``LearningRateMonitor``) when there
+    is none (``logger=none``), logging what was dropped."""
+    if loggers:
+        return list(callbacks)
+    kept = []
+    for cb in callbacks:
+        if isinstance(cb, LearningRateMonitor):
+            log.info(f"no logger configured: dropping {type(cb).__name__} (it needs a logger)")
+            continue
+        kept.append(cb)
+    return kept
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] | None = None,
                   logger: list[Any] | bool | None = None) -> pl.Trainer:
-    """Instantiate ``pl.Trainer`` from ``cfg`` (the ``trainer`` group), honouring the ``gpus`` alias."""
+    """Instantiate ``pl.Trainer`` from ``cfg`` (the ``trainer`` group), honouring the ``gpus`` alias.
+
+    Without a logger (``logger=none``) the callbacks that need one are dropped
+    (:func:`drop_logger_callbacks`) instead of failing when training starts.
+    """
     tcfg = resolve_gpus_alias(cfg)
     if logger is None or logger == []:
         logger = False
-    return hydra.utils.instantiate(tcfg, callbacks=callbacks or [], logger=logger)
+    callbacks = drop_logger_callbacks(callbacks or [], logger)
+    return hydra.utils.instantiate(tcfg, callbacks=callbacks, logger=logger)

@@ -8,8 +8,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.image_io import write_image_rgb
 from vrn.volume.surface import front_depth, front_surface_points
+from vrn.wandb_logging import image_media, log_media, point_cloud_media
 
 __all__ = ["VolumePreviewLogger", "preview_panel", "surface_points"]
 
@@ -38,10 +40,11 @@ def preview_panel(image: torch.Tensor, prob: torch.Tensor, target: torch.Tensor)
     return np.concatenate(rows, axis=0)
 
 
-def surface_points(prob: torch.Tensor, depth_factor: float = 2.0, max_points: int = 20000) -> np.ndarray:
+def surface_points(prob: torch.Tensor, depth_factor: float = DEFAULT_LAYOUT.depth_factor,
+                   max_points: int = 20000) -> np.ndarray:
     """Front-surface point cloud of one predicted volume.
 
-    prob: (D, H, W) float. Returns (N, 3) float32 crop px (x, y, z) with y flipped to point
+    prob: (D, H, W) float; ``depth_factor``: depth bins per crop px (the volume layout's). Returns (N, 3) float32 crop px (x, y, z) with y flipped to point
     up for 3D viewers (W&B Object3D), at most ``max_points`` points.
     """
     pts = front_surface_points(front_depth((prob > 0.5)[None])[0].numpy(), depth_factor).astype(np.float32)
@@ -55,11 +58,20 @@ class VolumePreviewLogger(pl.Callback):
     """Each validation epoch: an image panel (input / predicted depth / target depth) and a
     ``wandb.Object3D`` point cloud of the first predicted surface when a W&B logger is
     active; otherwise the panel is written as ``previews/epoch_XXX.png`` in the run folder.
+
+    The volume layout (depth bins per crop px) is the LightningModule's ``layout``
+    (:class:`vrn.conventions.VolumeLayout`) when it has one, else
+    :data:`vrn.conventions.DEFAULT_LAYOUT`.
     """
 
-    def __init__(self, num_points: int = 20000, depth_factor: float = 2.0) -> None:
+    def __init__(self, num_points: int = 20000) -> None:
         self.num_points = num_points
-        self.depth_factor = depth_factor
+
+    @staticmethod
+    def layout_of(pl_module: pl.LightningModule) -> VolumeLayout:
+        """The module's volume layout, or the default one."""
+        layout = getattr(pl_module, "layout", None)
+        return layout if layout is not None else DEFAULT_LAYOUT
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         preview = getattr(pl_module, "val_preview", None)
@@ -69,15 +81,14 @@ class VolumePreviewLogger(pl.Callback):
         epoch = trainer.current_epoch
         wandb_loggers = [lg for lg in trainer.loggers if lg.__class__.__name__ == "WandbLogger"]
         if wandb_loggers:
-            import wandb
-
-            pts = surface_points(preview["prob"][0], self.depth_factor, self.num_points)
+            depth_factor = self.layout_of(pl_module).depth_factor
+            pts = surface_points(preview["prob"][0], depth_factor, self.num_points)
             for lg in wandb_loggers:
-                lg.experiment.log({
-                    "val/preview": wandb.Image(panel, caption="input | predicted front depth | target front depth"),
-                    "val/surface": wandb.Object3D(pts),
+                log_media({
+                    "val/preview": image_media(panel, "input | predicted front depth | target front depth"),
+                    "val/surface": point_cloud_media(pts),
                     "epoch": epoch,
-                })
+                }, run=lg.experiment)
         else:
             out = Path(trainer.default_root_dir) / "previews" / f"epoch_{epoch:03d}.png"
             write_image_rgb(out, panel)

@@ -24,15 +24,12 @@ waiting on the CPU stages.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,34 +39,22 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from vrn.atomic_write import atomic_write
+from vrn.conventions import VolumeLayout
+from vrn.demo_writer import MESH_EXTS, FaceOutput, FaceWriter, face_outputs
 from vrn.detectors import get_detector
 from vrn.image_io import IMAGE_EXTS, ImageReadError, list_image_files
 from vrn.inference import PreparedImage, Reconstructor, prepare_image
+from vrn.wandb_logging import finish_run, image_media, is_active, log_media, mesh_media, start_run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_demo", "ImageReport", "FaceOutput", "find_images", "face_outputs"]
-
-MESH_EXTS = ("obj", "ply", "glb")
+__all__ = ["MESH_EXTS", "FaceOutput", "ImageReport", "face_outputs", "find_images", "run_demo"]
 
 
 # --------------------------------------------------------------------------------------
 # reports
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class FaceOutput:
-    """What was written for one face."""
-
-    face_index: int
-    score: float
-    has_surface: bool
-    n_verts: int = 0
-    n_faces: int = 0
-    files: dict[str, str] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
 
 
 @dataclass
@@ -125,9 +110,10 @@ def find_images(input_path: str | os.PathLike, recursive: bool = True) -> tuple[
 class _ImageDataset(Dataset):
     """Reads, detects and crops one photo per item (runs in DataLoader workers)."""
 
-    def __init__(self, paths: list[Path], detector: Any) -> None:
+    def __init__(self, paths: list[Path], detector: Any, layout: VolumeLayout) -> None:
         self.paths = paths
         self.detector = detector
+        self.layout = layout
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -142,7 +128,7 @@ class _ImageDataset(Dataset):
                 f"Offline, use detector=tddfa (runs from the project's assets).") from e
         t0 = time.perf_counter()
         try:
-            prep = prepare_image(path, self.detector)
+            prep = prepare_image(path, self.detector, self.layout)
         except ImageReadError as e:
             return {"index": i, "path": str(path), "error": str(e), "t0": t0}
         return {"index": i, "path": str(path), "prep": prep, "t0": t0}
@@ -152,106 +138,14 @@ def _first(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return batch[0]
 
 
-# --------------------------------------------------------------------------------------
-# per face: post-processing and files
-# --------------------------------------------------------------------------------------
-
-
-def face_outputs(out_dir: Path, stem: str, k: int, cfg: DictConfig | dict[str, Any]) -> dict[str, Path]:
-    """The output files of face ``k`` of image ``stem`` under the config's switches."""
-    c = cfg
-    formats = [str(f).lower().lstrip(".") for f in (c.get("formats") or [])]
-    if c.get("glb") and "glb" not in formats:
-        formats.append("glb")
-    bad = [f for f in formats if f not in MESH_EXTS]
-    if bad:
-        raise ValueError(f"formats={bad} not supported; choose from {list(MESH_EXTS)}")
-    base = f"{stem}_face{k}"
-    files = {f: out_dir / f"{base}.{f}" for f in formats}
-    if c.get("depth", True):
-        files["depth"] = out_dir / f"{base}_depth.png"
-    if c.get("overlay", True):
-        files["overlay"] = out_dir / f"{base}_overlay.png"
-    if c.get("turntable", True):
-        files["turntable"] = out_dir / f"{base}_turntable.gif"
-    if c.get("save_volume", False):
-        files["volume"] = out_dir / f"{base}.vrnc"
-    return files
-
-
-def _write_face(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray, files: dict[str, Path],
-                cfg: dict[str, Any]) -> FaceOutput:
-    from vrn import render
-    from vrn.atomic_write import atomic_write
-    from vrn.volume.codec import encode, to_bytes
-    from vrn.volume.mesh import export_mesh
-
-    det = prep.detections[k]
-    verts, faces, colors, tm = rec.postprocess(prob, prep.transforms[k], prep.image)
-    out = FaceOutput(face_index=k, score=float(det.score), has_surface=len(faces) > 0,
-                     n_verts=int(len(verts)), n_faces=int(len(faces)), timings=tm)
-    if "volume" in files:
-        atomic_write(files["volume"], to_bytes(encode(prob > rec.threshold)))
-        out.files["volume"] = str(files["volume"])
-    if not out.has_surface:
-        return out
-    H, W = prep.image.shape[:2]
-    t0 = time.perf_counter()
-    for ext in MESH_EXTS:
-        if ext in files:
-            export_mesh(files[ext], verts, faces, colors)
-            out.files[ext] = str(files[ext])
-    t1 = time.perf_counter()
-    tm["export"] = t1 - t0
-    if "depth" in files:
-        d8, _ = render.render_depth(verts, faces, H, W)
-        render.save_png(files["depth"], d8)
-        out.files["depth"] = str(files["depth"])
-    if "overlay" in files:
-        render.save_png(files["overlay"], render.render_overlay(prep.image, [(verts, faces)]))
-        out.files["overlay"] = str(files["overlay"])
-    t2 = time.perf_counter()
-    tm["render"] = t2 - t1
-    if "turntable" in files:
-        frames = render.render_turntable(verts, faces, colors, frames=int(cfg.get("turntable_frames", 24)),
-                                         size=int(cfg.get("turntable_size", 256)),
-                                         sweep_deg=float(cfg.get("turntable_sweep", 360)))
-        render.save_gif(files["turntable"], frames)
-        out.files["turntable"] = str(files["turntable"])
-        tm["turntable"] = time.perf_counter() - t2
-    if cfg.get("_wandb_dir"):
-        # a y-up, right-handed copy for 3D viewers: (x, -y, z) with the winding reversed
-        tag = hashlib.sha1(str(prep.path).encode()).hexdigest()[:6]
-        p = Path(cfg["_wandb_dir"]) / f"{Path(prep.path or 'image').stem}_{tag}_face{k}_yup.glb"
-        export_mesh(p, verts * np.array([1, -1, 1], np.float32), faces[:, ::-1], colors)
-        out.files["wandb_glb"] = str(p)
-    return out
-
-
-def _write_face_safe(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray, files: dict[str, Path],
-                     cfg: dict[str, Any]) -> FaceOutput:
-    """:func:`_write_face`; an exception fails this face only (reported), not the run."""
-    try:
-        return _write_face(rec, prep, k, prob, files, cfg)
-    except Exception as e:  # noqa: BLE001
-        log.exception(f"{prep.path}: face {k} failed")
-        return FaceOutput(face_index=k, score=float(prep.detections[k].score), has_surface=False,
-                          error=f"{type(e).__name__}: {e}")
-
-
-# --------------------------------------------------------------------------------------
-# the run
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _ImageState:
-    report: ImageReport
-    prep: PreparedImage | None
-    stem: str
-    out_dir: Path
-    futures: list[Future] = field(default_factory=list)
-    t0: float = 0.0
+def _image_loader(paths: list[Path], detector: Any, layout: VolumeLayout, cfg: DictConfig) -> DataLoader:
+    """One item per photo: ``{"index", "path", "t0"}`` plus ``"prep"`` or ``"error"``."""
+    nw = int(cfg.get("num_workers", 0))
+    # (DataLoader workers run torch single-threaded already; do not touch OpenCV's thread pool in a
+    # forked worker: reconfiguring it after fork can hang when the parent has used it)
+    return DataLoader(_ImageDataset(paths, detector, layout), batch_size=1, shuffle=False, num_workers=nw,
+                      collate_fn=_first, prefetch_factor=2 if nw > 0 else None,
+                      multiprocessing_context=cfg.get("worker_start") if nw > 0 else None)
 
 
 def _build_detector(cfg: DictConfig) -> Any:
@@ -269,24 +163,126 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(plain, resolve=True)  # type: ignore[return-value]
 
 
-def _start_wandb(cfg: DictConfig, out_dir: Path) -> bool:
-    """Start a W&B run when asked (offline without an API key); True if this call started it."""
-    if not cfg.get("wandb", False):
-        return False
-    import wandb
+# --------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------
 
-    if wandb.run is not None:
-        return False
-    from vrn.trainer import wandb_has_api_key
 
-    mode = "offline" if (os.environ.get("WANDB_MODE") == "offline" or not wandb_has_api_key()) else "online"
-    wandb.init(project=str(cfg.get("wandb_project", "vrn-demo")), dir=str(out_dir), mode=mode, job_type="demo",
-               config=_plain(cfg))
-    return True
+@dataclass
+class _ImageState:
+    report: ImageReport
+    prep: PreparedImage | None
+    stem: str
+    out_dir: Path
+    futures: list[Future] = field(default_factory=list)
+    t0: float = 0.0
+
+
+class _DemoRun:
+    """The run loop's state: faces queued for the network, images waiting for their files.
+
+    :meth:`add` takes one loader item; faces go to the network ``batch_size`` at a time
+    (:meth:`_run_batch`) and on to the :class:`~vrn.demo_writer.FaceWriter`; :meth:`_flush`
+    reports images in input order as soon as all of their faces are written.
+    """
+
+    def __init__(self, cfg: DictConfig, rec: Reconstructor, writer: FaceWriter, root: Path, out_root: Path,
+                 detector_name: str) -> None:
+        self.cfg = cfg
+        self.rec = rec
+        self.writer = writer
+        self.root = root
+        self.out_root = out_root
+        self.detector_name = detector_name
+        self.batch_size = max(1, int(cfg.batch_size))
+        self.states: OrderedDict[int, _ImageState] = OrderedDict()
+        self.queue: list[tuple[_ImageState, int]] = []
+        self.reports: list[ImageReport] = []
+        self.n_faces = 0
+
+    def add(self, item: dict[str, Any]) -> None:
+        """One loader item: report it, queue its faces, run full batches, report finished images."""
+        path = Path(item["path"])
+        rel = path.relative_to(self.root) if path.is_relative_to(self.root) else Path(path.name)
+        out_dir = self.out_root / rel.parent
+        report = ImageReport(path=rel.as_posix(), status="ok", message="")
+        st = _ImageState(report, item.get("prep"), path.stem, out_dir, t0=item["t0"])
+        self.states[item["index"]] = st
+        if "error" in item:
+            report.status = "unreadable"
+            report.message = f"unreadable image, skipped ({item['error']})"
+        elif len(st.prep) == 0:  # type: ignore[arg-type]
+            report.status = "no_face"
+            report.message = f"no face found (detector={self.detector_name}), skipped"
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.n_faces += len(st.prep)  # type: ignore[arg-type]
+            self.queue.extend((st, k) for k in range(len(st.prep)))  # type: ignore[arg-type]
+        while len(self.queue) >= self.batch_size:
+            self._run_batch(self.queue[:self.batch_size])
+            del self.queue[:self.batch_size]
+        self._flush()
+
+    def finish(self) -> list[ImageReport]:
+        """Run the last partial batch, wait for every file, report the rest; all reports."""
+        if self.queue:
+            self._run_batch(self.queue)
+            self.queue.clear()
+        self.writer.wait()
+        self._flush(final=True)
+        return self.reports
+
+    def _run_batch(self, items: list[tuple[_ImageState, int]]) -> None:
+        crops = np.stack([st.prep.crops[k] for st, k in items])  # type: ignore[union-attr]
+        probs = self.rec.reconstruct_crops(crops)
+        for (st, k), p in zip(items, probs):
+            files = face_outputs(st.out_dir, st.stem, k, self.cfg)
+            st.futures.append(self.writer.submit(st.prep, k, p.numpy(), files))  # type: ignore[arg-type]
+
+    def _flush(self, final: bool = False) -> None:
+        while self.states:
+            st = next(iter(self.states.values()))
+            if st.prep is not None and len(st.prep) and len(st.futures) < len(st.prep):
+                return  # faces still queued for the network
+            if not final and not all(f.done() for f in st.futures):
+                return
+            st.report.faces = [f.result() for f in st.futures]
+            if st.futures:
+                st.report.seconds = time.perf_counter() - st.t0
+            self.states.popitem(last=False)
+            print(st.report.line(), flush=True)
+            _log_report_to_wandb(st.report)
+            self.reports.append(st.report)
+
+
+def _log_report_to_wandb(report: ImageReport) -> None:
+    """Log an image's y-up meshes (Object3D) and overlays to the active W&B run, if any."""
+    if report.status != "ok" or not is_active():
+        return
+    logged = {}
+    for f in report.faces:
+        p = f.files.get("wandb_glb")
+        if p:
+            logged[f"demo/face{f.face_index}"] = mesh_media(p, caption=f"{report.path} face {f.face_index}")
+        if "overlay" in f.files:
+            logged[f"demo/overlay{f.face_index}"] = image_media(f.files["overlay"], caption=report.path)
+    log_media(logged)
+
+
+def _write_summary(out_root: Path, cfg: DictConfig, rec: Reconstructor, detector: Any,
+                   reports: list[ImageReport], seconds: float) -> None:
+    summary = {"ckpt": str(cfg.ckpt), "model": rec.model_spec, "detector": detector.describe(),
+               "device": str(cfg.device), "precision": str(cfg.precision), "threshold": rec.threshold,
+               "seconds": seconds, "images": [asdict(r) for r in reports]}
+    atomic_write(out_root / "summary.json", json.dumps(summary, indent=2).encode())
 
 
 def run_demo(cfg: DictConfig) -> list[ImageReport]:
-    """Run the demo for a composed ``conf/demo.yaml``; returns one report per input image."""
+    """Run the demo for a composed ``conf/demo.yaml``; returns one report per input image.
+
+    ``wandb: true`` starts a W&B run (:func:`vrn.wandb_logging.start_run`) unless one is
+    active; with an active run, each face's y-up mesh and overlay are logged.
+    """
     out_root = Path(os.path.expanduser(str(cfg.output_dir)))
     out_root.mkdir(parents=True, exist_ok=True)
     root, paths = find_images(cfg.input, bool(cfg.get("recursive", True)))
@@ -297,125 +293,27 @@ def run_demo(cfg: DictConfig) -> list[ImageReport]:
     detector = _build_detector(cfg)
     log.info(f"{rec!r}; detector={detector.name}; {len(paths)} image(s) from {cfg.input}")
 
-    started_wandb = _start_wandb(cfg, out_root)
-    import importlib.util
-
-    wandb_run = None
-    if importlib.util.find_spec("wandb") is not None:
-        import wandb
-
-        wandb_run = wandb.run
-    wandb_dir = None
-    if wandb_run is not None:
-        wandb_dir = tempfile.mkdtemp(prefix=".wandb_meshes_", dir=out_root)
-    wcfg: dict[str, Any] = {**_plain(cfg), "_wandb_dir": wandb_dir}
-
-    nw = int(cfg.get("num_workers", 0))
-    # (DataLoader workers run torch single-threaded already; do not touch OpenCV's thread pool in a
-    # forked worker: reconfiguring it after fork can hang when the parent has used it)
-    loader = DataLoader(_ImageDataset(paths, detector), batch_size=1, shuffle=False, num_workers=nw,
-                        collate_fn=_first, prefetch_factor=2 if nw > 0 else None,
-                        multiprocessing_context=cfg.get("worker_start") if nw > 0 else None)
+    plain = _plain(cfg)
+    started_wandb = bool(cfg.get("wandb", False)) and start_run(
+        str(cfg.get("wandb_project", "vrn-demo")), out_root, job_type="demo", config=plain)
     batch_size = max(1, int(cfg.batch_size))
-    max_backlog = max(2, 2 * batch_size)
-    pool = ThreadPoolExecutor(max(1, int(cfg.get("post_threads", 2))), thread_name_prefix="vrn-post")
-    states: "OrderedDict[int, _ImageState]" = OrderedDict()
-    queue: list[tuple[_ImageState, int]] = []
-    inflight: list[Future] = []
-    reports: list[ImageReport] = []
     t_start = time.perf_counter()
-    n_faces = 0
-
-    def run_batch(items: list[tuple[_ImageState, int]]) -> None:
-        crops = np.stack([st.prep.crops[k] for st, k in items])  # type: ignore[union-attr]
-        probs = rec.reconstruct_crops(crops)
-        for (st, k), p in zip(items, probs):
-            while len(inflight) >= max_backlog:  # bound memory (~30 MB per pending volume)
-                inflight.pop(0).result()
-            files = face_outputs(st.out_dir, st.stem, k, cfg)
-            fut = pool.submit(_write_face_safe, rec, st.prep, k, p.numpy(), files, wcfg)  # type: ignore[arg-type]
-            st.futures.append(fut)
-            inflight.append(fut)
-
-    def flush(final: bool = False) -> None:
-        # report images in input order as soon as all of their faces are written
-        while states:
-            idx, st = next(iter(states.items()))
-            if st.prep is not None and len(st.prep) and len(st.futures) < len(st.prep):
-                return  # faces still queued for the network
-            if not final and not all(f.done() for f in st.futures):
-                return
-            st.report.faces = [f.result() for f in st.futures]
-            if st.futures:
-                st.report.seconds = time.perf_counter() - st.t0
-            states.popitem(last=False)
-            _finish_image(st.report, wandb_run)
-            reports.append(st.report)
-
     try:
-        for item in loader:
-            path = Path(item["path"])
-            rel = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
-            out_dir = out_root / rel.parent
-            report = ImageReport(path=rel.as_posix(), status="ok", message="")
-            st = _ImageState(report, item.get("prep"), path.stem, out_dir, t0=item["t0"])
-            states[item["index"]] = st
-            if "error" in item:
-                report.status = "unreadable"
-                report.message = f"unreadable image, skipped ({item['error']})"
-            elif len(st.prep) == 0:  # type: ignore[arg-type]
-                report.status = "no_face"
-                report.message = f"no face found (detector={detector.name}), skipped"
-            else:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                n_faces += len(st.prep)  # type: ignore[arg-type]
-                queue.extend((st, k) for k in range(len(st.prep)))  # type: ignore[arg-type]
-            while len(queue) >= batch_size:
-                run_batch(queue[:batch_size])
-                del queue[:batch_size]
-            flush()
-        if queue:
-            run_batch(queue)
-            queue.clear()
-        for f in inflight:
-            f.result()
-        flush(final=True)
+        with FaceWriter(rec, plain, threads=int(cfg.get("post_threads", 2)), max_backlog=max(2, 2 * batch_size),
+                        viewer_root=out_root if is_active() else None) as writer:
+            run = _DemoRun(cfg, rec, writer, root, out_root, detector.name)
+            for item in _image_loader(paths, detector, rec.layout, cfg):
+                run.add(item)
+            reports = run.finish()
     finally:
-        pool.shutdown(wait=True)
-        if wandb_dir is not None:  # W&B copied the meshes into its run folder when they were logged
-            shutil.rmtree(wandb_dir, ignore_errors=True)
         if started_wandb:
-            import wandb
-
-            wandb.finish()
+            finish_run()
     dt = time.perf_counter() - t_start
     ok = sum(r.status == "ok" for r in reports)
-    print(f"done: {len(reports)} image(s), {ok} with faces, {n_faces} face(s) in {dt:.1f} s -> {out_root}",
+    print(f"done: {len(reports)} image(s), {ok} with faces, {run.n_faces} face(s) in {dt:.1f} s -> {out_root}",
           flush=True)
-    summary = {"ckpt": str(cfg.ckpt), "model": rec.model_spec, "detector": detector.describe(),
-               "device": str(cfg.device), "precision": str(cfg.precision), "threshold": rec.threshold,
-               "seconds": dt, "images": [asdict(r) for r in reports]}
-    from vrn.atomic_write import atomic_write
-
-    atomic_write(out_root / "summary.json", json.dumps(summary, indent=2).encode())
+    _write_summary(out_root, cfg, rec, detector, reports, dt)
     return reports
-
-
-def _finish_image(report: ImageReport, wandb_run: Any) -> None:
-    print(report.line(), flush=True)
-    if wandb_run is None or report.status != "ok":
-        return
-    import wandb
-
-    logged = {}
-    for f in report.faces:
-        p = f.files.get("wandb_glb")
-        if p:
-            logged[f"demo/face{f.face_index}"] = wandb.Object3D(p, caption=f"{report.path} face {f.face_index}")
-        if "overlay" in f.files:
-            logged[f"demo/overlay{f.face_index}"] = wandb.Image(f.files["overlay"], caption=report.path)
-    if logged:
-        wandb_run.log(logged)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo.yaml")

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from vrn.builders import build_callbacks, build_loggers, build_trainer
+from vrn.wandb_logging import finish_run
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return metrics
     finally:
         # Hydra's basic launcher runs multirun jobs in one process: close each W&B run.
-        try:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish()
-        except ImportError:  # pragma: no cover
-            pass
+        finish_run()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")

@@ -1,0 +1,197 @@
+"""Demo, per face: post-processing and the files it writes, in a thread pool.
+
+:func:`write_face` turns one predicted occupancy volume into the face's files (meshes,
+depth map, overlay, turntable, compact volume); :class:`FaceWriter` runs it in a thread
+pool beside the network with a bounded backlog. Coordinates: meshes are in image px of the
+photo (x right, y down, z toward the camera; :mod:`vrn.conventions`); the optional copy for
+3D viewers (W&B) is y-up (x, -y, z) with the winding reversed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vrn import render
+from vrn.atomic_write import atomic_write
+from vrn.inference import PreparedImage, Reconstructor
+from vrn.volume.codec import encode, to_bytes
+from vrn.volume.mesh import export_mesh
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MESH_EXTS", "FaceOutput", "FaceWriter", "face_outputs", "write_face", "write_face_safe"]
+
+MESH_EXTS = ("obj", "ply", "glb")
+
+
+@dataclass
+class FaceOutput:
+    """What was written for one face (``files``: kind -> path; ``timings``: stage -> s)."""
+
+    face_index: int
+    score: float
+    has_surface: bool
+    n_verts: int = 0
+    n_faces: int = 0
+    files: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def face_outputs(out_dir: Path, stem: str, k: int, cfg: Mapping[str, Any]) -> dict[str, Path]:
+    """The output files of face ``k`` of image ``stem`` under the config's switches.
+
+    Raises:
+        ValueError: ``formats`` names a mesh format other than :data:`MESH_EXTS`.
+    """
+    c = cfg
+    formats = [str(f).lower().lstrip(".") for f in (c.get("formats") or [])]
+    if c.get("glb") and "glb" not in formats:
+        formats.append("glb")
+    bad = [f for f in formats if f not in MESH_EXTS]
+    if bad:
+        raise ValueError(f"formats={bad} not supported; choose from {list(MESH_EXTS)}")
+    base = f"{stem}_face{k}"
+    files = {f: out_dir / f"{base}.{f}" for f in formats}
+    if c.get("depth", True):
+        files["depth"] = out_dir / f"{base}_depth.png"
+    if c.get("overlay", True):
+        files["overlay"] = out_dir / f"{base}_overlay.png"
+    if c.get("turntable", True):
+        files["turntable"] = out_dir / f"{base}_turntable.gif"
+    if c.get("save_volume", False):
+        files["volume"] = out_dir / f"{base}.vrnc"
+    return files
+
+
+def _export_meshes(out: FaceOutput, files: dict[str, Path], verts: np.ndarray, faces: np.ndarray,
+                   colors: np.ndarray) -> None:
+    for ext in MESH_EXTS:
+        if ext in files:
+            export_mesh(files[ext], verts, faces, colors)
+            out.files[ext] = str(files[ext])
+
+
+def _render_views(out: FaceOutput, files: dict[str, Path], image: np.ndarray, verts: np.ndarray,
+                  faces: np.ndarray) -> None:
+    """Depth map and overlay of the (V, 3) image-px mesh over the (H, W, 3) photo."""
+    H, W = image.shape[:2]
+    if "depth" in files:
+        d8, _ = render.render_depth(verts, faces, H, W)
+        render.save_png(files["depth"], d8)
+        out.files["depth"] = str(files["depth"])
+    if "overlay" in files:
+        render.save_png(files["overlay"], render.render_overlay(image, [(verts, faces)]))
+        out.files["overlay"] = str(files["overlay"])
+
+
+def _viewer_copy(viewer_dir: Path, image_path: str | None, k: int, verts: np.ndarray, faces: np.ndarray,
+                 colors: np.ndarray) -> Path:
+    """A y-up, right-handed .glb copy for 3D viewers: (x, -y, z) with the winding reversed."""
+    tag = hashlib.sha1(str(image_path).encode()).hexdigest()[:6]
+    p = Path(viewer_dir) / f"{Path(image_path or 'image').stem}_{tag}_face{k}_yup.glb"
+    export_mesh(p, verts * np.array([1, -1, 1], np.float32), faces[:, ::-1], colors)
+    return p
+
+
+def write_face(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray, files: dict[str, Path],
+               cfg: Mapping[str, Any], viewer_dir: Path | None = None) -> FaceOutput:
+    """Post-process face ``k`` of ``prep`` and write its ``files`` (see :func:`face_outputs`).
+
+    prob: (D, H, W) float occupancy probabilities of the face's crop. ``cfg`` gives the
+    turntable settings (``turntable_frames``, ``turntable_size``, ``turntable_sweep``).
+    With ``viewer_dir``, a y-up .glb copy for W&B is written there too (``files["wandb_glb"]``).
+    """
+    det = prep.detections[k]
+    verts, faces, colors, tm = rec.postprocess(prob, prep.transforms[k], prep.image)
+    out = FaceOutput(face_index=k, score=float(det.score), has_surface=len(faces) > 0,
+                     n_verts=len(verts), n_faces=len(faces), timings=tm)
+    if "volume" in files:
+        atomic_write(files["volume"], to_bytes(encode(prob > rec.threshold)))
+        out.files["volume"] = str(files["volume"])
+    if not out.has_surface:
+        return out
+    t0 = time.perf_counter()
+    _export_meshes(out, files, verts, faces, colors)
+    t1 = time.perf_counter()
+    tm["export"] = t1 - t0
+    _render_views(out, files, prep.image, verts, faces)
+    t2 = time.perf_counter()
+    tm["render"] = t2 - t1
+    if "turntable" in files:
+        frames = render.render_turntable(verts, faces, colors, frames=int(cfg.get("turntable_frames", 24)),
+                                         size=int(cfg.get("turntable_size", 256)),
+                                         sweep_deg=float(cfg.get("turntable_sweep", 360)))
+        render.save_gif(files["turntable"], frames)
+        out.files["turntable"] = str(files["turntable"])
+        tm["turntable"] = time.perf_counter() - t2
+    if viewer_dir is not None:
+        out.files["wandb_glb"] = str(_viewer_copy(viewer_dir, prep.path, k, verts, faces, colors))
+    return out
+
+
+def write_face_safe(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray, files: dict[str, Path],
+                    cfg: Mapping[str, Any], viewer_dir: Path | None = None) -> FaceOutput:
+    """:func:`write_face`; an exception fails this face only (reported), not the run."""
+    try:
+        return write_face(rec, prep, k, prob, files, cfg, viewer_dir)
+    except Exception as e:  # noqa: BLE001
+        log.exception(f"{prep.path}: face {k} failed")
+        return FaceOutput(face_index=k, score=float(prep.detections[k].score), has_surface=False,
+                          error=f"{type(e).__name__}: {e}")
+
+
+class FaceWriter:
+    """Runs :func:`write_face_safe` in ``threads`` threads, at most ``max_backlog`` faces pending.
+
+    With ``viewer_root`` a temporary folder ``.wandb_meshes_*`` is made there for the y-up
+    copies that W&B logs (W&B copies them into its run folder); :meth:`close` removes it.
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, rec: Reconstructor, cfg: Mapping[str, Any], threads: int = 2, max_backlog: int = 2,
+                 viewer_root: str | os.PathLike | None = None) -> None:
+        self.rec = rec
+        self.cfg = cfg
+        self.max_backlog = max(1, int(max_backlog))
+        self.pool = ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="vrn-post")
+        self.viewer_dir = Path(tempfile.mkdtemp(prefix=".wandb_meshes_", dir=viewer_root)) if viewer_root else None
+        self._inflight: list[Future] = []
+
+    def submit(self, prep: PreparedImage, k: int, prob: np.ndarray, files: dict[str, Path]) -> Future:
+        """Queue face ``k`` (prob: (D, H, W) float); blocks first while the backlog is full
+        (bounds memory, ~30 MB per pending volume). The future yields a :class:`FaceOutput`."""
+        while len(self._inflight) >= self.max_backlog:
+            self._inflight.pop(0).result()
+        fut = self.pool.submit(write_face_safe, self.rec, prep, k, prob, files, self.cfg, self.viewer_dir)
+        self._inflight.append(fut)
+        return fut
+
+    def wait(self) -> None:
+        """Block until every queued face is written."""
+        for f in self._inflight:
+            f.result()
+
+    def close(self) -> None:
+        """Wait for the pool and remove the temporary viewer copies."""
+        self.pool.shutdown(wait=True)
+        if self.viewer_dir is not None:
+            shutil.rmtree(self.viewer_dir, ignore_errors=True)
+
+    def __enter__(self) -> FaceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
