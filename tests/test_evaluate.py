@@ -181,21 +181,21 @@ def test_front_surface_points_of_a_box() -> None:
 
 
 def test_yaw_buckets_and_summary() -> None:
-    assert [yaw_bucket(y) for y in (0, -29.9, 30, 59, -60, 90, 97)] == [
-        "[0, 30)", "[0, 30)", "[30, 60)", "[30, 60)", "[60, 90]", "[60, 90]", "[60, 90]"]
+    assert [yaw_bucket(y) for y in (0, -29.9, 30, 30.01, 59, -60, 60.5, 90, 97)] == [
+        "[0, 30]", "[0, 30]", "[0, 30]", "(30, 60]", "(30, 60]", "(30, 60]", "(60, 90]", "(60, 90]", "(60, 90]"]
     from vrn.geometry.transforms import euler_to_matrix
 
     assert yaw_from_rotation(euler_to_matrix(37.0, 10.0, -5.0)) == pytest.approx(37.0)
     rows = [{"yaw": 10, "a": 1.0}, {"yaw": -20, "a": 3.0}, {"yaw": 45, "a": 5.0, "b": 1.0}, {"yaw": 80, "a": None}]
     s = summarize(rows, ["a", "b"])
-    assert s["[0, 30)"]["a"] == 2.0 and s["[30, 60)"]["a"] == 5.0 and s["[60, 90]"]["a"] is None
+    assert s["[0, 30]"]["a"] == 2.0 and s["(30, 60]"]["a"] == 5.0 and s["(60, 90]"]["a"] is None
     assert s["all"]["a"] == 3.0 and s["all"]["n"] == 4 and s["all"]["a_n"] == 3
     assert s["balanced"]["a"] is None  # a bucket without data: no balanced mean
     rows.append({"yaw": 70, "a": 9.0})
     s = summarize(rows, ["a"])
     assert s["balanced"]["a"] == pytest.approx((2.0 + 5.0 + 9.0) / 3)
     table = markdown_table(s, [("a", "A (%)", 100.0, 1)])
-    assert "| [30, 60) | 1 | 500.0 |" in table and "| balanced (mean of buckets) | 5 | 533.3 |" in table
+    assert "| (30, 60] | 1 | 500.0 |" in table and "| balanced (mean of buckets) | 5 | 533.3 |" in table
 
 
 # --------------------------------------------------------------------------------------
@@ -240,9 +240,9 @@ def _check_results(out: Path, n: int, metrics: list[str]) -> dict:
     res = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
     assert len(res["samples"]) == n and res["metrics"] == metrics
-    for key in ("[0, 30)", "[30, 60)", "[60, 90]", "all", "balanced"):
+    for key in ("[0, 30]", "(30, 60]", "(60, 90]", "all", "balanced"):
         assert key in res["summary"]
-    assert "| all | " in md and "| [60, 90] |" in md
+    assert "| all | " in md and "| (60, 90] |" in md
     for m in metrics:
         v = res["summary"]["all"][m]
         assert v is not None and np.isfinite(v)
@@ -300,7 +300,7 @@ def test_evaluate_aflw2000_3d(slab_ckpt: Path, tmp_path: Path) -> None:
     _check_results(tmp_path / "lmk", 6, ["nme_lmk_3d", "nme_lmk_3d_51"])
     res = evaluate(compose_eval(base + ["data.bfm_path=standin"], output_dir=tmp_path / "dense"))
     _check_results(tmp_path / "dense", 6, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "iou"])
-    assert {r["bucket"] for r in res["samples"]} == {"[0, 30)", "[30, 60)", "[60, 90]"}
+    assert {r["bucket"] for r in res["samples"]} == {"[0, 30]", "(30, 60]", "(60, 90]"}
     assert res["summary"]["all"]["nme_rigid"] <= res["summary"]["all"]["nme_icp"]
 
 

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "vrn.metrics", "vrn.nme", "vrn.render", "vrn.wandb_logging"]),
     ("data", ["vrn.data"]),
     ("run", ["vrn.lit_module", "vrn.builders", "vrn.callbacks", "vrn.train", "vrn.checkpoint", "vrn.inference"]),
-    ("apps", ["vrn.demo", "vrn.demo_writer", "vrn.evaluate", "vrn.eval_datasets", "vrn.eval_scoring", "vrn"]),
+    ("apps", ["vrn.demo", "vrn.demo_writer", "vrn.evaluate", "vrn.eval_datasets", "vrn.aflw_benchmark", "vrn"]),
     ("pipeline", ["data_pipeline"]),
 ]
 

@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from vrn.aflw_benchmark import BENCHMARK_FILE, BenchmarkArrays, load_benchmark, port_meshes
 from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.data.datamodule import SyntheticDataModule
 from vrn.data.packed import PackedReader
 from vrn.data.synthetic import cache_name, generate_packed
 from vrn.detectors import FaceDetector, get_detector
 from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
+from vrn.face_models.tddfa_models import load_tddfa
 from vrn.face_models.mat_fit import angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points
 from vrn.geometry.crop import crop_face
 from vrn.geometry.transforms import CropTransform
@@ -61,6 +63,8 @@ class EvalSample:
         landmarks_xy_from: "detector" or "ground truth" (then the 2D NME is not reported).
         info: provenance (crop source, GT mesh source, ...).
         error: set when the sample could not be prepared (then it is counted and skipped).
+        benchmark: 3DDFA's benchmark arrays of this face and the port's baselines
+            (:func:`vrn.aflw_benchmark.score_benchmark`), or None.
     """
 
     id: str
@@ -74,6 +78,7 @@ class EvalSample:
     landmarks_xy_from: str = "ground truth"
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    benchmark: dict[str, Any] | None = None
 
 
 class PackedEvalDataset(Dataset):
@@ -162,11 +167,17 @@ class AFLW2000Dataset(Dataset):
         max_samples: keep the first N images (sorted by name).
         layout: the model's layout: the crop rule (``crop_size``, ``face_size``) and the
             ground-truth volume (``depth_bins``, ``depth_factor``).
+        benchmark: with 3DDFA's ``benchmark.npz`` in ``root`` (:mod:`vrn.aflw_benchmark`):
+            evaluate exactly its images, bucket by its ``pose``, and add its metrics.
+        baselines: with the benchmark arrays, also run the 3DDFA_V2 port on each ``roi_box``
+            (3DDFA's protocol) for its 2D NME and the two baseline meshes (port mesh, posed
+            mean face).
     """
 
     def __init__(self, root: str | os.PathLike, bfm_path: str | None = None, crop: str = "detector",
                  detector: FaceDetector | str | None = None, detector_device: str = "cpu",
-                 max_samples: int | None = None, layout: VolumeLayout = DEFAULT_LAYOUT) -> None:
+                 max_samples: int | None = None, layout: VolumeLayout = DEFAULT_LAYOUT,
+                 benchmark: bool = True, baselines: bool = True) -> None:
         self.root = Path(os.path.expanduser(str(root)))
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root={self.root} is not a folder: point it at your AFLW2000-3D folder "
@@ -174,6 +185,13 @@ class AFLW2000Dataset(Dataset):
         self.images = sorted(p for p in self.root.glob("*.jpg") if p.with_suffix(".mat").is_file())
         if not self.images:
             raise FileNotFoundError(f"data.root={self.root} holds no .jpg + .mat pairs (AFLW2000-3D layout)")
+        self.arrays: BenchmarkArrays | None = load_benchmark(self.root) if benchmark else None
+        if self.arrays is not None:
+            self.images = [p for p in self.images if self.arrays.row(p.stem) is not None]
+            if not self.images:
+                raise FileNotFoundError(f"data.root={self.root}: none of its images is in {BENCHMARK_FILE}")
+        self.baselines = bool(baselines) and self.arrays is not None
+        self._port = None
         if max_samples is not None:
             self.images = self.images[: int(max_samples)]
         if crop not in ("detector", "gt"):
@@ -198,7 +216,21 @@ class AFLW2000Dataset(Dataset):
         return self._bfm
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_bfm": None}
+        return {**self.__dict__, "_bfm": None, "_port": None}
+
+    def _benchmark_for(self, name: str, image: np.ndarray) -> dict[str, Any]:
+        """The face's benchmark arrays, and (``baselines``) the port's landmarks and meshes on its roi_box."""
+        assert self.arrays is not None
+        i = self.arrays.row(name)
+        bench: dict[str, Any] = {"pts68": self.arrays.pts68[i], "pts68_reannotated": self.arrays.pts68_reannotated[i],
+                                 "roi_box": self.arrays.roi_box[i], "yaw_abs_deg": float(self.arrays.yaw_abs_deg[i])}
+        if self.baselines:
+            if self._port is None:
+                self._port = load_tddfa()
+            res = self._port.from_roi_boxes(image, [self.arrays.roi_box[i]])[0]
+            bench["port_pts68"] = res.pts68
+            bench["meshes"] = port_meshes(res, self._port.bfm)
+        return bench
 
     def _crop_landmarks(self, image: np.ndarray, path: Path, gt_lm: np.ndarray) -> tuple[np.ndarray | None, str, str]:
         """(68, 2) landmark x, y of the crop (None = ground truth), where they came from, crop info."""
@@ -249,4 +281,7 @@ class AFLW2000Dataset(Dataset):
                        info={"image": path.name, "crop": crop_info})
         if self.bfm_path is not None:
             self._add_dense_gt(s, mat, pose, image.shape[0])
+        if self.arrays is not None:
+            s.benchmark = self._benchmark_for(sid, image)
+            s.yaw = s.benchmark["yaw_abs_deg"]  # 3DDFA's buckets come from the arrays' pose
         return s

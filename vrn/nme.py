@@ -46,7 +46,8 @@ __all__ = [
 
 #: iBUG 68 outer eye corners, 0-based (landmarks 37 and 46 1-based)
 OUTER_EYE_CORNERS: tuple[int, int] = (36, 45)
-#: |yaw| buckets in degrees, as 3DDFA / PRNet report AFLW2000-3D ([a, b); >= 90 goes to the last)
+#: |yaw| buckets in degrees, as 3DDFA's benchmark code splits AFLW2000-3D: [0, 30], (30, 60],
+#: (60, 90] (> 90 goes to the last)
 YAW_BUCKETS: tuple[tuple[float, float], ...] = ((0.0, 30.0), (30.0, 60.0), (60.0, 90.0))
 
 
@@ -331,14 +332,15 @@ def yaw_from_rotation(R: np.ndarray) -> float:
 
 
 def yaw_bucket(yaw_deg: float) -> str:
-    """Name of the |yaw| bucket: "[0, 30)", "[30, 60)", "[60, 90]" (>= 90 counts as the last)."""
+    """Name of the |yaw| bucket, 3DDFA's split: "[0, 30]", "(30, 60]", "(60, 90]" (> 90 counts
+    as the last)."""
     a = abs(float(yaw_deg))
     if not math.isfinite(a):
         return "unknown"
     for i, (lo, hi) in enumerate(YAW_BUCKETS):
         last = i == len(YAW_BUCKETS) - 1
-        if lo <= a < hi or (last and a >= lo):
-            return f"[{lo:g}, {hi:g}]" if last else f"[{lo:g}, {hi:g})"
+        if (lo < a <= hi) or (i == 0 and a == lo) or (last and a > hi):
+            return f"[{lo:g}, {hi:g}]" if i == 0 else f"({lo:g}, {hi:g}]"
     return "unknown"
 
 
