@@ -143,7 +143,7 @@ def test_config_errors_name_the_key(tmp_path):
     assert r.returncode == 2 and "no manifest.json" in r.stderr and "crop" in r.stderr
 
 
-@pytest.mark.parametrize("name", ["crop", "fit", "voxelize", "reap", "pack", "run", "300w_lp"])
+@pytest.mark.parametrize("name", ["crop", "fit", "voxelize", "reap", "pack", "run", "300w_lp", "aflw"])
 def test_pipeline_configs_compose_and_build(name, tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
@@ -153,11 +153,11 @@ def test_pipeline_configs_compose_and_build(name, tmp_path):
             stage = build_stage(cfg, st)
             assert stage.name == st
             stage.params()  # JSON-able parameters for stage.json
-    if name in ("run", "300w_lp"):
+    if name in ("run", "300w_lp", "aflw"):
         assert list(cfg.stages) == list(STAGES)
 
 
-@pytest.mark.parametrize("det", ["tddfa", "fan", "mat"])
+@pytest.mark.parametrize("det", ["tddfa", "tddfa_roi", "fan", "mat"])
 def test_detector_configs_build_lazily(det, tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):

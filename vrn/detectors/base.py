@@ -9,6 +9,7 @@ Backends (``detector=<name>`` in the pipeline configs, or :func:`get_detector`):
 
 ========  ==================================================================================
 tddfa     FaceBoxes + 3DDFA_V2 (mb05) 68 landmarks; offline with the project's assets
+tddfa_roi 3DDFA_V2 on the whole image as its ROI (3DDFA-style face crops such as AFLW's 120 px)
 fan       face-alignment: S3FD + 2D-FAN-4 (downloads its weights on first use)
 dlib      dlib HOG detector + the 68-point shape predictor (``pip install "vrn[dlib]"``)
 mat       the landmarks stored in the 300W-LP / AFLW2000-3D ``.mat`` beside each image
@@ -117,6 +118,7 @@ _REGISTRY: dict[str, type[FaceDetector]] = {}
 #: name -> module that registers it (imported on demand)
 DETECTOR_MODULES: dict[str, str] = {
     "tddfa": "vrn.detectors.tddfa",
+    "tddfa_roi": "vrn.detectors.tddfa",
     "fan": "vrn.detectors.fan",
     "dlib": "vrn.detectors.dlib",
     "mat": "vrn.detectors.mat",

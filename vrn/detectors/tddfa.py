@@ -1,5 +1,11 @@
-"""FaceBoxes boxes + 3DDFA_V2 68 landmarks (``detector=tddfa``); runs offline with the
-project's assets (:mod:`tddfa_v2`, weights through :mod:`vrn.assets`)."""
+"""3DDFA_V2 68 landmarks, offline with the project's assets (:mod:`tddfa_v2`, weights
+through :mod:`vrn.assets`).
+
+* ``detector=tddfa``: FaceBoxes boxes, then 3DDFA_V2 on upstream's ROI of each box.
+* ``detector=tddfa_roi``: no face detector: the whole image is 3DDFA_V2's ROI. For photos
+  that already are 3DDFA's regressor inputs (e.g. the AFLW crops of 3DDFA / 2DASL,
+  ``AFLW_GT_crop``: 120 x 120 crops around one face), where FaceBoxes misses tight faces.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import numpy as np
 from vrn.detectors.base import Detection, FaceDetector, register_detector
 from vrn.face_models.tddfa_models import load_faceboxes, load_tddfa
 
-__all__ = ["TDDFADetector"]
+__all__ = ["TDDFADetector", "TDDFARoiDetector"]
 
 
 @register_detector("tddfa")
@@ -49,3 +55,45 @@ class TDDFADetector(FaceDetector):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "arch": self.arch, "refine": self.refine}
+
+
+@register_detector("tddfa_roi")
+class TDDFARoiDetector(FaceDetector):
+    """The whole image is the 3DDFA_V2 ROI: one face per image, no face detector.
+
+    The ROI box is ``[0, 0, W, H]`` image px in the port's convention
+    (:func:`tddfa_v2.tddfa.crop_image` cuts rows ``0..H-1`` and columns ``0..W-1``, i.e.
+    exactly the image, and resizes it to 120 x 120; a 120 x 120 input goes to the regressor
+    unchanged). A non-square image is stretched to 120 x 120 (3DDFA's ROIs are square: give
+    this backend square crops).
+
+    Returns one :class:`~vrn.detectors.base.Detection`: 68 landmarks (x, y) image px (x right,
+    y down, 0-based pixel centres), ``box`` = the landmarks' bounding box, ``score`` 1.0 (no
+    detector confidence exists).
+
+    Args:
+        device: torch device.
+        arch: 3DDFA_V2 regressor, "mb05" (shipped asset) or "mb1".
+        refine: run 3DDFA_V2 a second time from the ROI of its own landmarks (upstream's
+            landmark policy, as ``tddfa``'s ``refine``).
+    """
+
+    def __init__(self, device: str = "cpu", arch: str = "mb05", refine: bool = False) -> None:
+        super().__init__(device=device, min_score=0.0, max_faces=1)
+        self.arch = arch
+        self.refine = bool(refine)
+        self._m_tddfa = None
+
+    def _load(self) -> None:
+        self._m_tddfa = load_tddfa(arch=self.arch, device=self.device)
+
+    def _detect(self, image_rgb: np.ndarray, image_path: str | None) -> list[Detection]:
+        H, W = image_rgb.shape[:2]
+        res = self._m_tddfa.from_roi_boxes(image_rgb, [np.array([0.0, 0.0, W, H])])[0]
+        if self.refine:
+            res = self._m_tddfa.from_landmarks(image_rgb, res.pts68)[0]
+        lm = res.pts68[:2].T.astype(np.float64)
+        return [Detection(box=np.concatenate([lm.min(0), lm.max(0)]), score=1.0, landmarks=lm)]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "arch": self.arch, "refine": self.refine, "roi": "whole_image"}

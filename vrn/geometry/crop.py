@@ -1,9 +1,27 @@
 """The VRN crop rule: a face -> a CROP_SIZE x CROP_SIZE crop and the transform back.
 
 Scale the photo so that the 68-landmark box has ``sqrt(w * h) = face_size`` crop px
-(default :data:`vrn.conventions.CROP_FACE_SIZE`, 90), centre the box in the crop, pad with
-``border_value``, cut ``crop_size`` px square (default :data:`vrn.conventions.CROP_SIZE`,
-192). RGB throughout. Used by the pipeline's crop stage, inference and evaluation alike.
+(default :data:`vrn.conventions.CROP_FACE_SIZE`, 90), centre the box in the crop, fill the
+crop pixels that fall outside the photo (``border``, below), cut ``crop_size`` px square
+(default :data:`vrn.conventions.CROP_SIZE`, 192). RGB throughout. Used by the pipeline's crop
+stage, inference and evaluation alike.
+
+Margin fill (``border``; :data:`BORDERS`):
+
+================  ===========================================================================
+``constant``      ``border_value`` grey (the default; black, 0)
+``reflect``       the photo mirrored at its edges (``cv2.BORDER_REFLECT_101``: the edge pixel
+                  is not repeated)
+``replicate``     the edge pixels repeated (``cv2.BORDER_REPLICATE``)
+``blur_reflect``  ``reflect``, then the pixels outside the photo replaced by a heavy Gaussian
+                  blur of the reflected crop (sigma :data:`BLUR_SIGMA_FRACTION` x crop side; the
+                  mirror fades into the blur over sigma px from the photo's edge, no seam), so
+                  colours continue but no mirrored second face can be read there; the photo's
+                  own pixels are unchanged
+================  ===========================================================================
+
+Tight crops (e.g. 3DDFA's 120 x 120 AFLW crops) leave large margins; a constant fill there
+teaches a network "flat border = background".
 """
 
 from __future__ import annotations
@@ -17,7 +35,24 @@ from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import check_rgb_image
 
-__all__ = ["crop_face", "crop_transform_for_landmarks", "warp_crop", "padding_fraction"]
+__all__ = ["crop_face", "crop_transform_for_landmarks", "warp_crop", "padding_fraction", "outside_mask",
+           "BORDERS", "BLUR_SIGMA_FRACTION"]
+
+#: margin fill -> OpenCV border mode of the resampling (``blur_reflect`` blurs afterwards)
+BORDERS: dict[str, int] = {
+    "constant": cv2.BORDER_CONSTANT,
+    "reflect": cv2.BORDER_REFLECT_101,
+    "replicate": cv2.BORDER_REPLICATE,
+    "blur_reflect": cv2.BORDER_REFLECT_101,
+}
+#: ``blur_reflect``: Gaussian sigma as a fraction of the crop side (8 px for 192)
+BLUR_SIGMA_FRACTION: float = 1.0 / 24.0
+
+
+def _check_border(border: str) -> int:
+    if border not in BORDERS:
+        raise ValueError(f"unknown border {border!r}; expected one of {', '.join(BORDERS)}")
+    return BORDERS[border]
 
 
 def crop_transform_for_landmarks(landmarks: np.ndarray, crop_size: int = CROP_SIZE,
@@ -42,13 +77,19 @@ def crop_transform_for_landmarks(landmarks: np.ndarray, crop_size: int = CROP_SI
     return CropTransform.from_box(box, face_size, (crop_size, crop_size))
 
 
-def warp_crop(image_rgb: np.ndarray, transform: CropTransform, border_value: int = 0) -> np.ndarray:
+def warp_crop(image_rgb: np.ndarray, transform: CropTransform, border_value: int = 0,
+              border: str = "constant") -> np.ndarray:
     """Resample ``image_rgb`` into the crop of ``transform`` (bilinear; area-averaged first
-    when shrinking, so large photos do not alias). Pixels outside the photo get
-    ``border_value``. Returns (H, W, 3) uint8 RGB (H, W = ``transform.size``).
+    when shrinking, so large photos do not alias). Pixels outside the photo are filled by
+    ``border`` (module doc; ``constant`` uses ``border_value``). Returns (H, W, 3) uint8 RGB
+    (H, W = ``transform.size``), crop px.
 
-    Pixel-centre convention on both sides (as OpenCV's warpAffine).
+    Pixel-centre convention on both sides (as OpenCV's warpAffine). Only the part of the
+    photo the crop (and, for the mirrored fills, its mirror image at the photo's edges)
+    needs is resampled; the mirror is always taken at the photo's own edges, also on the
+    area-averaged path (which shrinks the photo first and fills its border the same way).
     """
+    mode = _check_border(border)
     h_out, w_out = transform.size
     H, W = image_rgb.shape[:2]
     m = transform.matrix.copy()
@@ -58,10 +99,18 @@ def warp_crop(image_rgb: np.ndarray, transform: CropTransform, border_value: int
     corners = np.array([[-0.5, -0.5], [w_out - 0.5, -0.5], [-0.5, h_out - 0.5], [w_out - 0.5, h_out - 0.5]])
     ic = transform.apply_inverse(corners)
     margin = 2.0 / max(s, 1e-6) + 2.0
-    x0 = int(max(0, math.floor(ic[:, 0].min() - margin)))
-    y0 = int(max(0, math.floor(ic[:, 1].min() - margin)))
-    x1 = int(min(W, math.ceil(ic[:, 0].max() + margin) + 1))
-    y1 = int(min(H, math.ceil(ic[:, 1].max() + margin) + 1))
+    lo = ic.min(0) - margin
+    hi = ic.max(0) + margin
+    if mode != cv2.BORDER_CONSTANT:
+        # a mirrored / repeated fill reads the photo at its edges: keep the mirror image of
+        # the parts that stick out (the fill is then the one of the whole photo)
+        size = np.array([W, H], dtype=np.float64)
+        lo = np.minimum(np.minimum(lo, 2.0 * (size - 1.0) - hi), size - 1.0)
+        hi = np.maximum(np.maximum(hi, -lo), 0.0)
+    x0 = int(max(0, math.floor(lo[0])))
+    y0 = int(max(0, math.floor(lo[1])))
+    x1 = int(min(W, math.ceil(hi[0]) + 1))
+    y1 = int(min(H, math.ceil(hi[1]) + 1))
     if x1 <= x0 or y1 <= y0:  # the crop lies entirely outside the photo
         return np.full((h_out, w_out, 3), border_value, np.uint8)
     img = img[y0:y1, x0:x1]
@@ -76,33 +125,53 @@ def warp_crop(image_rgb: np.ndarray, transform: CropTransform, border_value: int
         t = m[:, :2] @ np.array([0.5 / fx - 0.5, 0.5 / fy - 0.5]) + m[:, 2]
         m = np.hstack([a, t[:, None]])
     out = cv2.warpAffine(np.ascontiguousarray(img), m, (w_out, h_out), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=(border_value,) * 3)
+                         borderMode=mode, borderValue=(border_value,) * 3)
+    if border == "blur_reflect":
+        outside = outside_mask(transform, (H, W))
+        if outside.any():
+            sigma = BLUR_SIGMA_FRACTION * max(h_out, w_out)
+            blurred = cv2.GaussianBlur(out, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+            # photo pixels stay exact; outside, the mirror fades into the blur over ``sigma`` px
+            # (crop px from the photo's edge), so no sharp seam outlines the photo
+            dist = cv2.distanceTransform(outside.astype(np.uint8), cv2.DIST_L2, 3)
+            alpha = np.clip(dist / sigma, 0.0, 1.0)[..., None].astype(np.float32)
+            mixed = out.astype(np.float32) * (1.0 - alpha) + blurred.astype(np.float32) * alpha
+            out = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
     return out
 
 
-def padding_fraction(transform: CropTransform, image_hw: tuple[int, int]) -> float:
-    """Fraction of crop pixels whose centre maps outside the photo (came from padding)."""
+def outside_mask(transform: CropTransform, image_hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool over the crop (H, W = ``transform.size``): True where the crop pixel's
+    centre maps outside the photo of size ``image_hw`` = (H_img, W_img) (a padding pixel)."""
     h_out, w_out = transform.size
     H, W = image_hw
     yy, xx = np.mgrid[0:h_out, 0:w_out]
     p = transform.apply_inverse(np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float64))
     inside = (p[:, 0] >= -0.5) & (p[:, 0] <= W - 0.5) & (p[:, 1] >= -0.5) & (p[:, 1] <= H - 0.5)
-    return float(1.0 - inside.mean())
+    return ~inside.reshape(h_out, w_out)
+
+
+def padding_fraction(transform: CropTransform, image_hw: tuple[int, int]) -> float:
+    """Fraction of crop pixels whose centre maps outside the photo (came from padding)."""
+    return float(outside_mask(transform, image_hw).mean())
 
 
 def crop_face(image_rgb: np.ndarray, landmarks68: np.ndarray, crop_size: int = CROP_SIZE,
-              face_size: float = CROP_FACE_SIZE, border_value: int = 0) -> tuple[np.ndarray, CropTransform]:
+              face_size: float = CROP_FACE_SIZE, border_value: int = 0,
+              border: str = "constant") -> tuple[np.ndarray, CropTransform]:
     """The VRN crop of one face.
 
     Args:
         image_rgb: (H, W, 3) uint8 RGB photo.
         landmarks68: (68, 2) float landmarks, image px.
         crop_size, face_size: see :func:`crop_transform_for_landmarks`.
-        border_value: grey level of padding outside the photo.
+        border_value: grey level of padding outside the photo (``border="constant"``).
+        border: margin fill, one of :data:`BORDERS` (module doc).
     Returns:
         crop_rgb: (crop_size, crop_size, 3) uint8 RGB, crop px.
         transform: image px -> crop px (``transform.apply_inverse`` maps back).
     """
     check_rgb_image(image_rgb)
+    _check_border(border)
     t = crop_transform_for_landmarks(landmarks68, crop_size, face_size)
-    return warp_crop(image_rgb, t, border_value), t
+    return warp_crop(image_rgb, t, border_value, border), t

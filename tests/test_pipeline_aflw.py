@@ -1,0 +1,180 @@
+"""The AFLW preset (``--config-name aflw``) on a few real AFLW crops (../shared/data/aflw_crops,
+120 x 120, 3DDFA's own regressor inputs): the whole crop is the 3DDFA_V2 ROI (``detector=tddfa_roi``),
+margins filled (``crop.border=blur_reflect``), split train/val by image, AFLW2000-3D refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from data_pipeline.run import build_stage, run_pipeline
+from data_pipeline.stage import PipelineInputError, load_npz
+from vrn.data.packed import PackedReader
+from vrn.detectors.base import get_detector
+from vrn.geometry.crop import crop_face, outside_mask, warp_crop
+from vrn.geometry.raster import rasterize
+from vrn.geometry.transforms import CropTransform
+from vrn.image_io import read_image_rgb
+from vrn.volume.codec import from_bytes
+from vrn.volume.surface import front_depth_of_code
+
+ROOT = Path(__file__).resolve().parents[1]
+# frontal, ~30 deg yaw and two ~90 deg profiles (both sides), with textured backgrounds
+IMAGES = ["image04378", "image04379", "image04389", "image18095", "image47504", "image58003"]
+
+
+def _cfg(inp: Path, out: Path, *extra: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
+        return compose(config_name="aflw", overrides=[f"input_dir={inp}", f"output_dir={out}", "progress=false",
+                                                      "n_jobs=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def aflw(tmp_path_factory, shared_dir) -> Path:
+    tmp = tmp_path_factory.mktemp("aflw")
+    inp = tmp / "aflw_crops"
+    inp.mkdir()
+    for n in IMAGES:
+        shutil.copy(shared_dir / "data" / "aflw_crops" / f"{n}.jpg", inp)
+    out = tmp / "out"
+    run_pipeline(_cfg(inp, out))
+    return out
+
+
+def _samples(out: Path, stage: str) -> list[dict]:
+    return json.loads((out / stage / "manifest.json").read_text())["samples"]
+
+
+def test_every_face_is_packed(aflw):
+    crop = json.loads((aflw / "crop" / "manifest.json").read_text())
+    assert crop["failures"] == [] and len(crop["samples"]) == len(IMAGES)  # no no_face
+    assert crop["params"]["border"] == "blur_reflect" and crop["params"]["detector"]["name"] == "tddfa_roi"
+    summary = json.loads((aflw / "reap" / "summary.json").read_text())
+    assert summary == {"kept": len(IMAGES), "dropped": {}, "dropped_total": 0}  # no outside_image (padding)
+    pads = [s["pad_fraction"] for s in crop["samples"]]
+    assert max(pads) > 0.3  # the margins really are there (and filled, below)
+    rec = json.loads((aflw / "crop" / crop["samples"][0]["files"]["crop_record"]).read_text())
+    assert rec["border"] == "blur_reflect" and rec["score"] == 1.0
+
+
+def test_split_train_val_by_image(aflw):
+    reader = PackedReader(aflw / "packed")
+    assert len(reader) == len(IMAGES)
+    assert {r["split"] for r in reader.rows} == {"train", "val"}
+    assert sum(r["split"] == "val" for r in reader.rows) == 1  # 5% of 6, at least one
+    for r in reader.rows:
+        assert r["subject"] == Path(r["source_image"]).stem  # one subject per image
+        assert r["detector"] == "tddfa_roi"
+    assert reader.meta["layout"]["crop_size"] == 192 and reader.meta["layout"]["face_size"] == 90.0
+
+
+def test_margins_are_filled(aflw, shared_dir):
+    """No large constant-colour region where the crop lies outside the 120 px photo; the fill is
+    blur_reflect's, the photo's own pixels unchanged."""
+    reader = PackedReader(aflw / "packed")
+    for i in range(len(reader)):
+        s = reader[i]
+        t = CropTransform.from_dict(s.row["transform"])
+        out = outside_mask(t, (120, 120))
+        assert out.mean() > 0.2, s.row["id"]
+        px = s.image[out].astype(np.float64)
+        flat = (np.abs(px - np.median(px, 0)).max(1) <= 6).mean()  # share of the modal colour
+        assert flat < 0.5 and px.std(0).max() > 5.0, (s.row["id"], flat)
+        src = read_image_rgb(shared_dir / "data" / "aflw_crops" / s.row["source_image"])
+        again = warp_crop(src, t, border="blur_reflect")
+        assert np.abs(again.astype(int) - s.image.astype(int)).mean() < 3.0  # JPEG q95 of the same crop
+
+
+def test_fit_landmarks_are_the_ports(aflw):
+    """The fit (3DDFA_V2 on the 192 crop) lands on the detector's (3DDFA_V2 on the 120 photo) landmarks."""
+    for s in _samples(aflw, "fit"):
+        rec = json.loads((aflw / "fit" / s["files"]["crop_record"]).read_text())
+        mesh = load_npz(aflw / "fit" / s["files"]["mesh"])
+        err = np.linalg.norm(mesh["landmarks"][:, :2] - np.asarray(rec["landmarks_crop"]), axis=1)
+        assert err.mean() < 4.0, (s["id"], err.mean())
+
+
+def test_target_front_surface_at_the_landmarks(aflw):
+    """As tests/test_pipeline_e2e.py: front_depth at each landmark's pixel vs its depth d = 2 z,
+    landmarks hidden by the mesh itself (far-side jaw in profile) excluded by the mesh's z-buffer."""
+    fracs, all_d = [], []
+    for s in _samples(aflw, "voxelize"):
+        mesh = load_npz(aflw / "voxelize" / s["files"]["mesh"])
+        code = from_bytes((aflw / "voxelize" / s["files"]["volume"]).read_bytes())
+        fd = front_depth_of_code(code) + 0.5  # centre of the front voxel
+        lm = mesh["landmarks"].astype(np.float64)
+        r = rasterize(mesh["verts"], mesh["tris"], 192, 192, keep="front")
+        c = np.clip(np.round(lm[:, :2]).astype(int), 0, 191)
+        d = np.abs(fd[c[:, 1], c[:, 0]] - 2 * lm[:, 2])
+        visible = np.abs(r.depth[c[:, 1], c[:, 0]] - lm[:, 2]) < 1.0
+        assert visible.sum() >= 20, s["id"]  # a 90 deg profile hides about half of the 68
+        fracs.append(np.mean(d[visible] <= 2.0))
+        all_d.append(d[visible])
+    all_d = np.concatenate(all_d)
+    print("visible landmarks within 2 bins:", np.round(fracs, 3), "median", np.median(all_d))
+    assert min(fracs) >= 0.9, fracs
+    assert np.median(all_d) <= 1.0 and np.mean(all_d <= 2.0) >= 0.95
+
+
+def test_tddfa_roi_detector_is_the_whole_crop(shared_dir):
+    img = read_image_rgb(shared_dir / "data" / "aflw_crops" / "image18095.jpg")
+    det = get_detector("tddfa_roi")
+    (d,) = det(img)
+    ref = det._m_tddfa.from_roi_boxes(img, [np.array([0.0, 0.0, 120.0, 120.0])])[0]
+    np.testing.assert_allclose(d.landmarks, ref.pts68[:2].T, atol=1e-4)
+    np.testing.assert_allclose(d.box, [*d.landmarks.min(0), *d.landmarks.max(0)])
+    assert d.score == 1.0 and det.describe()["roi"] == "whole_image"
+    assert get_detector("tddfa_roi", refine=True)(img)[0].landmarks.shape == (68, 2)
+
+
+def test_border_modes():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    img = cv2.GaussianBlur(img, (0, 0), 3)
+    lm = np.array([[100.0, 120.0], [240.0, 290.0]])  # box runs off the right / bottom edges
+    c0, t = crop_face(img, lm)
+    assert np.array_equal(c0, crop_face(img, lm, border="constant", border_value=0)[0])  # default unchanged
+    out = outside_mask(t, img.shape[:2])
+    deep = cv2.erode(out.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # bilinear edge excluded
+    assert deep.any() and (c0[deep] == 0).all()
+    # shrinking path (scale < 0.75): reflect = the photo mirrored at its own edges, also on the far side
+    assert t.scale < 0.75
+    pad = 400
+    big = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
+    ref = warp_crop(big, CropTransform.from_box(np.array([100.0 + pad, 120.0 + pad, 240.0 + pad, 290.0 + pad]),
+                                                90.0, (192, 192)))
+    c1, _ = crop_face(img, lm, border="reflect")
+    assert np.abs(c1.astype(int) - ref.astype(int)).mean() < 2.0
+    c2, _ = crop_face(img, lm, border="blur_reflect")
+    assert np.array_equal(c2[~out], c1[~out])  # the photo's own pixels unchanged
+    assert c2[out].astype(float).std() < c1[out].astype(float).std()  # blurred outside
+    c3, _ = crop_face(img, lm, border="replicate")
+    assert not (c3[out] == 0).all()
+    with pytest.raises(ValueError, match="border"):
+        crop_face(img, lm, border="wrap")
+
+
+def test_aflw2000_3d_is_refused(tmp_path, shared_dir):
+    """AFLW2000-3D is for evaluation only: the aflw preset refuses its folder and its images."""
+    sample = shared_dir / "data" / "aflw2000_3d_sample"
+    with pytest.raises(PipelineInputError, match="evaluation only"):
+        run_pipeline(_cfg(sample, tmp_path / "o1", "stages=[crop]"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(shared_dir / "data" / "aflw_crops" / "image04378.jpg", mixed)
+    name = min(sample.glob("*.jpg")).stem
+    for ext in (".jpg", ".mat"):
+        shutil.copy(sample / f"{name}{ext}", mixed)
+    with pytest.raises(PipelineInputError, match="pt3d_68"):
+        run_pipeline(_cfg(mixed, tmp_path / "o2", "stages=[crop]"))
+    assert not (tmp_path / "o2" / "crop" / "items").exists() or not any((tmp_path / "o2" / "crop" / "items").iterdir())
+    # the default crop config does not check (300W-LP / evaluation runs use .mat folders)
+    assert build_stage(_cfg(mixed, tmp_path / "o3", "crop.refuse_eval_sets=false"), "crop").refuse_eval_sets is False
