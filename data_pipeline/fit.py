@@ -12,8 +12,13 @@ Fitters (``fitter=<name>``, config group ``conf/pipeline/fitter/``):
   ``bfm_noneck_v3.pkl``, or face3d's full ``BFM.mat``); without one, the offline stand-in
   with the 40 shape / 10 expression truncation, whose 68 landmarks reproduce the .mat's
   to ~1 px (see docs/pipeline.md for the measured numbers).
+* ``sfm``: 3DDFA_V2 exactly as ``tddfa`` for its 68 3D landmarks, then the Surrey Face Model
+  (identity + expression bases, a N(0, 1) prior) fitted to them
+  (:func:`vrn.face_models.sfm_fit.fit_sfm_to_landmarks`): a dense mesh with a real shape
+  prior offline, where the BFM stand-in only spreads the landmark displacements
+  (``bfm_source: sfm_3448``, ``dense_model: sfm_fit_to_tddfa_landmarks``).
 
-Output frame (both fitters): crop px, x right, y down, z toward the camera with the same
+Output frame (all fitters): crop px, x right, y down, z toward the camera with the same
 scale as x/y; the target solid's depth range is centred in the volume (:func:`vrn.volume.voxelize.solid_depth_shift`).
 ``R`` is the head rotation in that frame (``posed = R @ frontal``; frontal = the mesh
 looking at the camera, upright), det +1.
@@ -42,6 +47,8 @@ from vrn.conventions import DEPTH_BINS, DEPTH_FACTOR
 from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
 from vrn.face_models.tddfa_models import load_tddfa
 from vrn.face_models.mat_fit import MatFitError, angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points, mat_path_for
+from vrn.face_models.sfm import load_sfm
+from vrn.face_models.sfm_fit import DEFAULT_LAMBDA_EXPRESSION, DEFAULT_LAMBDA_SHAPE, fit_sfm_to_landmarks
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
 from vrn.volume.voxelize import solid_depth_shift
@@ -49,7 +56,7 @@ from vrn.volume.voxelize import solid_depth_shift
 from data_pipeline.run import run_single_stage
 from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage
 
-__all__ = ["FitResult", "TDDFAFitter", "MatFitter", "FitStage"]
+__all__ = ["FitResult", "TDDFAFitter", "SFMFitter", "MatFitter", "FitStage"]
 
 # fitters
 # --------------------------------------------------------------------------------------
@@ -122,6 +129,67 @@ class TDDFAFitter:
                          landmarks=both[V:], bfm_source=bfm.source, dense_model=how)
 
 
+class SFMFitter(TDDFAFitter):
+    """3DDFA_V2 landmarks + a Surrey Face Model fit (``fitter=sfm``).
+
+    The port runs exactly as in :class:`TDDFAFitter` (same ROI policy and passes; its
+    landmarks in crop px come from ``TDDFAFitter.fit``); the SFM (3448 vertices, 63 identity
+    components, 6 expression blendshapes) is then fitted to those 68 3D landmarks
+    (:func:`vrn.face_models.sfm_fit.fit_sfm_to_landmarks`: similarity + regularised least
+    squares, the jaw contour to the SFM's model contour). The mesh is the fitted SFM in crop
+    px, ``R`` the fit's head rotation, ``landmarks`` the port's.
+
+    Args:
+        arch, device, bfm_source, iterations: the port, as :class:`TDDFAFitter`.
+        lambda_shape, lambda_expression, expression_max, fit_iterations, contour:
+            :func:`fit_sfm_to_landmarks` (``fit_iterations`` = its ``iterations``).
+        max_residual: crop px; a fit whose mean landmark residual exceeds it fails with
+            ``fit_failed`` (the port's landmarks are not a face the SFM can take).
+    """
+
+    name = "sfm"
+
+    def __init__(self, arch: str = "mb05", device: str = "cpu", bfm_source: str = "auto", iterations: int = 1,
+                 lambda_shape: float = DEFAULT_LAMBDA_SHAPE, lambda_expression: float = DEFAULT_LAMBDA_EXPRESSION,
+                 expression_max: float = 1.0, fit_iterations: int = 5, contour: bool = True,
+                 max_residual: float = 10.0) -> None:
+        # smooth_standin=False: the port's dense mesh is discarded, only its landmarks are used
+        super().__init__(arch=arch, device=device, bfm_source=bfm_source, smooth_standin=False,
+                         iterations=iterations)
+        self.lambda_shape, self.lambda_expression = float(lambda_shape), float(lambda_expression)
+        self.expression_max = float(expression_max)
+        self.fit_iterations = max(1, int(fit_iterations))
+        self.contour = bool(contour)
+        self.max_residual = float(max_residual)
+        self._sfm = None
+
+    def params(self) -> dict[str, Any]:
+        p = {k: v for k, v in super().params().items() if k != "smooth_standin"}
+        return {**p, "name": self.name, "lambda_shape": self.lambda_shape, "lambda_expression": self.lambda_expression,
+                "expression_max": self.expression_max, "fit_iterations": self.fit_iterations,
+                "contour": self.contour, "max_residual": self.max_residual}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_sfm": None}
+
+    def setup(self) -> None:
+        super().setup()
+        if self._sfm is None:
+            self._sfm = load_sfm()
+
+    def fit(self, crop_rgb: np.ndarray, landmarks_crop: np.ndarray, sample: dict[str, Any],
+            ctx: ItemContext) -> FitResult:
+        port = super().fit(crop_rgb, landmarks_crop, sample, ctx)
+        f = fit_sfm_to_landmarks(port.landmarks, self._sfm, lambda_shape=self.lambda_shape,
+                                 lambda_expression=self.lambda_expression, expression_max=self.expression_max,
+                                 iterations=self.fit_iterations, contour=self.contour)
+        if not f.residual <= self.max_residual:
+            raise ItemFailure("fit_failed", f"SFM fit to the 3DDFA_V2 landmarks left {f.residual:.1f} crop px (mean); "
+                                            f"limit fitter.max_residual={self.max_residual}")
+        return FitResult(verts=f.verts, tris=f.tris, R=f.R, landmarks=port.landmarks, bfm_source="sfm_3448",
+                         dense_model="sfm_fit_to_tddfa_landmarks")
+
+
 class MatFitter:
     """The 3DMM fit of the ``.mat`` beside each photo (``fitter=300wlp``).
 
@@ -189,7 +257,7 @@ class FitStage(Stage):
     """The fit stage (module doc).
 
     Args:
-        fitter: :class:`TDDFAFitter` or :class:`MatFitter` (``fitter=`` in the config).
+        fitter: :class:`TDDFAFitter`, :class:`SFMFitter` or :class:`MatFitter` (``fitter=`` in the config).
         depth_bins, depth_factor: volume layout, to centre the mesh's depth range on
             ``depth_bins / (2 depth_factor)``.
     """
