@@ -17,9 +17,8 @@ from data_pipeline.fit import SFMFitter
 from data_pipeline.run import run_pipeline
 from vrn.face_models.mat_fit import load_mat_fit
 from vrn.face_models.sfm import load_sfm
+from vrn.face_models.sfm import load_sfm_contours
 from vrn.face_models.sfm_fit import (
-    SFM_CONTOUR_LEFT,
-    SFM_CONTOUR_RIGHT,
     fit_sfm_to_landmarks,
     sfm_landmark_vertices,
 )
@@ -45,8 +44,9 @@ def _synthetic_targets(seed: int):
     lv = sfm_landmark_vertices(m)
     y = np.full((68, 3), np.nan)
     y[lv >= 0] = posed[lv[lv >= 0]]
-    y[0:8] = posed[list(SFM_CONTOUR_RIGHT[1:16:2])]
-    y[9:17] = posed[list(SFM_CONTOUR_LEFT[1:16:2])]
+    right, left = load_sfm_contours()
+    y[0:8] = posed[list(right[1:16:2])]
+    y[9:17] = posed[list(left[1:16:2])]
     return m, y, posed, R, s
 
 

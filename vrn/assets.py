@@ -101,6 +101,9 @@ REGISTRY: dict[str, Asset] = {
         _a("sfm/ibug_to_sfm.txt", _EOS + "ibug_to_sfm.txt",
            "810810c457184526c7d54305ecbc5da764e2431b5e66025d921a7d424aebfac9",
            "68 iBUG landmarks -> SFM vertex ids"),
+        _a("sfm/sfm_model_contours.json", _EOS + "sfm_model_contours.json",
+           "c9e69bfa995ab19ac6b27abb07729eb0520a00bb192be12426ca6bce76f3fded",
+           "SFM vertex ids of the face outline (jaw contour), right and left"),
     ]
 }
 

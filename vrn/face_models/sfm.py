@@ -5,6 +5,7 @@ Model frame: millimetres, x to the subject's left (image right), y up, z toward 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -13,7 +14,7 @@ import numpy as np
 
 from vrn.assets import resolve
 
-__all__ = ["SurreyFaceModel", "load_sfm"]
+__all__ = ["SurreyFaceModel", "load_sfm", "load_sfm_contours"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,16 @@ def load_sfm(shape_path: str | None = None, blendshapes_path: str | None = None,
     tris = np.asarray(sm.get_triangle_list(), dtype=np.int32)
     mapping = _parse_ibug_mapping(open(resolve("sfm/ibug_to_sfm.txt", mapping_path)).read())
     return SurreyFaceModel(mean, shape_basis, expr, tuple(b.name for b in blend), tris, mapping)
+
+
+@lru_cache(maxsize=2)
+def load_sfm_contours(path: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """SFM vertex ids of the face outline (eos ``sfm_model_contours.json``, "model_contour"):
+    (subject's right, subject's left), each from the temple down to the chin."""
+    p = resolve("sfm/sfm_model_contours.json", path)
+    try:
+        mc = json.loads(open(p).read())["model_contour"]
+        return tuple(int(i) for i in mc["right_contour"]), tuple(int(i) for i in mc["left_contour"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{p} is not eos' sfm_model_contours.json (model_contour.right_contour / "
+                         f"left_contour): {e}") from e

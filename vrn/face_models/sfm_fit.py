@@ -52,13 +52,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from vrn.face_models.sfm import SurreyFaceModel, load_sfm
+from vrn.face_models.sfm import SurreyFaceModel, load_sfm, load_sfm_contours
 
 __all__ = [
     "DEFAULT_LAMBDA_EXPRESSION",
     "DEFAULT_LAMBDA_SHAPE",
-    "SFM_CONTOUR_LEFT",
-    "SFM_CONTOUR_RIGHT",
     "SFMFit",
     "fit_sfm_to_landmarks",
     "sfm_landmark_vertices",
@@ -67,12 +65,6 @@ __all__ = [
 #: y flip between the SFM model frame (y up) and the crop frame (y down)
 _F = np.diag([1.0, -1.0, 1.0])
 
-#: eos share/sfm_model_contours.json ("model_contour"): SFM vertex ids of the subject's right
-#: (iBUG 1..8) and left (iBUG 10..17) face outline, top (temple) to chin. Copied here because
-#: the asset registry does not list that file (ids of the 3448-vertex SFM).
-SFM_CONTOUR_RIGHT: tuple[int, ...] = (380, 373, 356, 358, 359, 360, 365, 363, 364, 388, 391, 392, 393, 11, 21, 25, 22)
-SFM_CONTOUR_LEFT: tuple[int, ...] = (795, 790, 773, 775, 776, 777, 782, 780, 781, 802, 805, 806, 807, 454, 464, 466,
-                                     465)
 #: iBUG 68 contour points, 0-based: subject's right 0..7, left 9..16 (the chin, 8, is mapped)
 _CONTOUR_RIGHT_IBUG = np.arange(0, 8)
 _CONTOUR_LEFT_IBUG = np.arange(9, 17)
@@ -129,7 +121,7 @@ def _contour_sides(samples: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     weights ``w`` (point = (1 - w) v_a + w v_b), P = 16 segments x ``samples`` + 1."""
     w = np.arange(samples, dtype=np.float64) / samples
     out = []
-    for ids in (SFM_CONTOUR_RIGHT, SFM_CONTOUR_LEFT):
+    for ids in load_sfm_contours():
         a = np.asarray(ids, np.int64)
         pairs = np.stack([np.repeat(a[:-1], samples), np.repeat(a[1:], samples)], 1)
         out.append((np.vstack([pairs, [[a[-1], a[-1]]]]), np.concatenate([np.tile(w, len(a) - 1), [0.0]])))
