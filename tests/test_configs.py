@@ -23,7 +23,7 @@ GROUP_OVERRIDES = [f"{g}={o}" for g in ("data", "model", "trainer", "callbacks",
 
 @pytest.mark.parametrize("override", GROUP_OVERRIDES)
 def test_train_config_composes(override, tmp_path):
-    extra = ["data.root=/tmp/packed"] if override == "data=folder" else []
+    extra = ["data.root=/tmp/packed"] if override in ("data=folder", "experiment=aflw_real") else []
     cfg = compose_config("train", [override, *extra], output_dir=tmp_path)
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     OmegaConf.to_container(plain, resolve=True, throw_on_missing=True)  # every interpolation resolves
