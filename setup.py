@@ -1,4 +1,5 @@
 """Build the Cython kernels (z-buffer rasteriser, voxel fill). Metadata lives in pyproject.toml."""
+
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup

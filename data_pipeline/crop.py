@@ -39,13 +39,12 @@ import numpy as np
 import scipy.io as sio
 from omegaconf import DictConfig
 
+from data_pipeline.run import run_single_stage
+from data_pipeline.stage import Item, ItemContext, ItemFailure, PipelineInputError, Stage, safe_id
 from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE
 from vrn.detectors.base import FaceDetector
 from vrn.geometry.crop import BORDERS, crop_face, padding_fraction
 from vrn.image_io import IMAGE_EXTS, ImageReadError, encode_image_rgb, list_image_files, read_image_rgb
-
-from data_pipeline.run import run_single_stage
-from data_pipeline.stage import Item, ItemContext, ItemFailure, PipelineInputError, Stage, safe_id
 
 __all__ = ["CropStage", "check_not_eval_set"]
 
@@ -75,7 +74,8 @@ def check_not_eval_set(input_dir: Path, rels: list[str]) -> None:
         if EVAL_SET_DIR.match(d.name):
             raise PipelineInputError(
                 f"input_dir={input_dir} is the AFLW2000-3D benchmark ({d}): it is for evaluation only, never "
-                f"for training, validation or model selection (crop.refuse_eval_sets=true).")
+                f"for training, validation or model selection (crop.refuse_eval_sets=true)."
+            )
     for r in rels:
         mat = (root / r).with_suffix(".mat")
         if mat.is_file():
@@ -87,7 +87,8 @@ def check_not_eval_set(input_dir: Path, rels: list[str]) -> None:
                 raise PipelineInputError(
                     f"{mat} holds pt3d_68: {r} is an AFLW2000-3D image, which is for evaluation only, never for "
                     f"training, validation or model selection (crop.refuse_eval_sets=true). Remove the "
-                    f"AFLW2000-3D images from input_dir={input_dir}.")
+                    f"AFLW2000-3D images from input_dir={input_dir}."
+                )
 
 
 class CropStage(Stage):
@@ -106,9 +107,17 @@ class CropStage(Stage):
     name = "crop"
     needs_manifest = False
 
-    def __init__(self, detector: FaceDetector, crop_size: int = CROP_SIZE, face_size: float = CROP_FACE_SIZE,
-                 border_value: int = 0, image_exts: list[str] | tuple[str, ...] = IMAGE_EXTS,
-                 recursive: bool = True, border: str = "constant", refuse_eval_sets: bool = False) -> None:
+    def __init__(
+        self,
+        detector: FaceDetector,
+        crop_size: int = CROP_SIZE,
+        face_size: float = CROP_FACE_SIZE,
+        border_value: int = 0,
+        image_exts: list[str] | tuple[str, ...] = IMAGE_EXTS,
+        recursive: bool = True,
+        border: str = "constant",
+        refuse_eval_sets: bool = False,
+    ) -> None:
         self.detector = detector
         self.crop_size = int(crop_size)
         self.face_size = float(face_size)
@@ -121,9 +130,14 @@ class CropStage(Stage):
         self.recursive = bool(recursive)
 
     def params(self) -> dict[str, Any]:
-        p = {"detector": self.detector.describe(), "crop_size": self.crop_size, "face_size": self.face_size,
-             "border_value": self.border_value, "image_exts": list(self.image_exts),
-             "recursive": self.recursive}
+        p = {
+            "detector": self.detector.describe(),
+            "crop_size": self.crop_size,
+            "face_size": self.face_size,
+            "border_value": self.border_value,
+            "image_exts": list(self.image_exts),
+            "recursive": self.recursive,
+        }
         # the new keys only when not at their defaults: folders made before they existed keep
         # their stage.json (a rerun is not refused) and their bytes
         if self.border != "constant":
@@ -141,9 +155,10 @@ class CropStage(Stage):
             raise PipelineInputError(f"input_dir={input_dir} holds no images ({', '.join(self.image_exts)}).")
         if self.refuse_eval_sets:
             check_not_eval_set(input_dir, rels)
-        return [Item(safe_id(r), {"source_image": r,
-                                  "path": os.path.relpath(input_dir / r, out_dir).replace(os.sep, "/")})
-                for r in rels]
+        return [
+            Item(safe_id(r), {"source_image": r, "path": os.path.relpath(input_dir / r, out_dir).replace(os.sep, "/")})
+            for r in rels
+        ]
 
     def process(self, item: Item, ctx: ItemContext) -> list[dict[str, Any]]:
         path = ctx.path(item.data["path"])
@@ -162,20 +177,38 @@ class CropStage(Stage):
             pad = padding_fraction(t, (H, W))
             lm_crop = t.apply(d.landmarks)
             record = {
-                "id": sid, "source_image": item.data["source_image"], "image_size": [H, W], "face_index": k,
-                "detector": self.detector.name, "score": round(d.score, 6), "box": _r(d.box),
-                "landmarks_image": _r(d.landmarks), "landmarks_crop": _r(lm_crop),
-                "transform": t.to_dict(), "pad_fraction": round(pad, 6),
+                "id": sid,
+                "source_image": item.data["source_image"],
+                "image_size": [H, W],
+                "face_index": k,
+                "detector": self.detector.name,
+                "score": round(d.score, 6),
+                "box": _r(d.box),
+                "landmarks_image": _r(d.landmarks),
+                "landmarks_crop": _r(lm_crop),
+                "transform": t.to_dict(),
+                "pad_fraction": round(pad, 6),
             }
             if self.border != "constant":  # default records stay byte-identical to older runs
                 record["border"] = self.border
-            files = {"crop": ctx.write_bytes(f"items/{sid}.png", encode_image_rgb(crop, ".png")),
-                     "crop_record": ctx.write_json(f"items/{sid}.json", record),
-                     "source_image": item.data["path"]}
-            samples.append({"id": sid, "item": item.id, "source_image": item.data["source_image"],
-                            "face_index": k, "detector": self.detector.name, "score": record["score"],
-                            "pad_fraction": record["pad_fraction"], "transform": record["transform"],
-                            "files": files})
+            files = {
+                "crop": ctx.write_bytes(f"items/{sid}.png", encode_image_rgb(crop, ".png")),
+                "crop_record": ctx.write_json(f"items/{sid}.json", record),
+                "source_image": item.data["path"],
+            }
+            samples.append(
+                {
+                    "id": sid,
+                    "item": item.id,
+                    "source_image": item.data["source_image"],
+                    "face_index": k,
+                    "detector": self.detector.name,
+                    "score": record["score"],
+                    "pad_fraction": record["pad_fraction"],
+                    "transform": record["transform"],
+                    "files": files,
+                }
+            )
         return samples
 
 

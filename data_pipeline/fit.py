@@ -41,20 +41,18 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from data_pipeline.run import run_single_stage
+from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage
 from tddfa_v2 import similar_transform, split_param
-
 from vrn.conventions import DEPTH_BINS, DEPTH_FACTOR
 from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
-from vrn.face_models.tddfa_models import load_tddfa
 from vrn.face_models.mat_fit import MatFitError, angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points, mat_path_for
 from vrn.face_models.sfm import load_sfm
 from vrn.face_models.sfm_fit import DEFAULT_LAMBDA_EXPRESSION, DEFAULT_LAMBDA_SHAPE, fit_sfm_to_landmarks
+from vrn.face_models.tddfa_models import load_tddfa
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
 from vrn.volume.voxelize import solid_depth_shift
-
-from data_pipeline.run import run_single_stage
-from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage
 
 __all__ = ["FitResult", "TDDFAFitter", "SFMFitter", "MatFitter", "FitStage"]
 
@@ -93,16 +91,27 @@ class TDDFAFitter:
 
     name = "tddfa"
 
-    def __init__(self, arch: str = "mb05", device: str = "cpu", bfm_source: str = "auto",
-                 smooth_standin: bool = True, iterations: int = 1) -> None:
+    def __init__(
+        self,
+        arch: str = "mb05",
+        device: str = "cpu",
+        bfm_source: str = "auto",
+        smooth_standin: bool = True,
+        iterations: int = 1,
+    ) -> None:
         self.arch, self.device, self.bfm_source = arch, device, bfm_source
         self.smooth_standin = bool(smooth_standin)
         self.iterations = max(1, int(iterations))
         self._tddfa = None
 
     def params(self) -> dict[str, Any]:
-        return {"name": self.name, "arch": self.arch, "bfm_source": self.bfm_source,
-                "smooth_standin": self.smooth_standin, "iterations": self.iterations}
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "bfm_source": self.bfm_source,
+            "smooth_standin": self.smooth_standin,
+            "iterations": self.iterations,
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tddfa": None}
@@ -111,8 +120,9 @@ class TDDFAFitter:
         if self._tddfa is None:
             self._tddfa = load_tddfa(arch=self.arch, device=self.device, bfm_source=self.bfm_source)
 
-    def fit(self, crop_rgb: np.ndarray, landmarks_crop: np.ndarray, sample: dict[str, Any],
-            ctx: ItemContext) -> FitResult:
+    def fit(
+        self, crop_rgb: np.ndarray, landmarks_crop: np.ndarray, sample: dict[str, Any], ctx: ItemContext
+    ) -> FitResult:
         self.setup()
         pts = np.asarray(landmarks_crop, np.float64)[:, :2].T
         res = None
@@ -125,8 +135,14 @@ class TDDFAFitter:
         V = dense.shape[1]
         # one similar_transform over both sets: the same z shift for the mesh and landmarks
         both = similar_transform(np.hstack([sr @ dense + t, sr @ lms + t]), res.roi_box, res.size).T
-        return FitResult(verts=both[:V], tris=np.asarray(bfm.tri, np.int32), R=rotation_to_crop_frame(res.R),
-                         landmarks=both[V:], bfm_source=bfm.source, dense_model=how)
+        return FitResult(
+            verts=both[:V],
+            tris=np.asarray(bfm.tri, np.int32),
+            R=rotation_to_crop_frame(res.R),
+            landmarks=both[V:],
+            bfm_source=bfm.source,
+            dense_model=how,
+        )
 
 
 class SFMFitter(TDDFAFitter):
@@ -149,13 +165,21 @@ class SFMFitter(TDDFAFitter):
 
     name = "sfm"
 
-    def __init__(self, arch: str = "mb05", device: str = "cpu", bfm_source: str = "auto", iterations: int = 1,
-                 lambda_shape: float = DEFAULT_LAMBDA_SHAPE, lambda_expression: float = DEFAULT_LAMBDA_EXPRESSION,
-                 expression_max: float = 1.0, fit_iterations: int = 5, contour: bool = True,
-                 max_residual: float = 10.0) -> None:
+    def __init__(
+        self,
+        arch: str = "mb05",
+        device: str = "cpu",
+        bfm_source: str = "auto",
+        iterations: int = 1,
+        lambda_shape: float = DEFAULT_LAMBDA_SHAPE,
+        lambda_expression: float = DEFAULT_LAMBDA_EXPRESSION,
+        expression_max: float = 1.0,
+        fit_iterations: int = 5,
+        contour: bool = True,
+        max_residual: float = 10.0,
+    ) -> None:
         # smooth_standin=False: the port's dense mesh is discarded, only its landmarks are used
-        super().__init__(arch=arch, device=device, bfm_source=bfm_source, smooth_standin=False,
-                         iterations=iterations)
+        super().__init__(arch=arch, device=device, bfm_source=bfm_source, smooth_standin=False, iterations=iterations)
         self.lambda_shape, self.lambda_expression = float(lambda_shape), float(lambda_expression)
         self.expression_max = float(expression_max)
         self.fit_iterations = max(1, int(fit_iterations))
@@ -165,9 +189,16 @@ class SFMFitter(TDDFAFitter):
 
     def params(self) -> dict[str, Any]:
         p = {k: v for k, v in super().params().items() if k != "smooth_standin"}
-        return {**p, "name": self.name, "lambda_shape": self.lambda_shape, "lambda_expression": self.lambda_expression,
-                "expression_max": self.expression_max, "fit_iterations": self.fit_iterations,
-                "contour": self.contour, "max_residual": self.max_residual}
+        return {
+            **p,
+            "name": self.name,
+            "lambda_shape": self.lambda_shape,
+            "lambda_expression": self.lambda_expression,
+            "expression_max": self.expression_max,
+            "fit_iterations": self.fit_iterations,
+            "contour": self.contour,
+            "max_residual": self.max_residual,
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_sfm": None}
@@ -177,17 +208,33 @@ class SFMFitter(TDDFAFitter):
         if self._sfm is None:
             self._sfm = load_sfm()
 
-    def fit(self, crop_rgb: np.ndarray, landmarks_crop: np.ndarray, sample: dict[str, Any],
-            ctx: ItemContext) -> FitResult:
+    def fit(
+        self, crop_rgb: np.ndarray, landmarks_crop: np.ndarray, sample: dict[str, Any], ctx: ItemContext
+    ) -> FitResult:
         port = super().fit(crop_rgb, landmarks_crop, sample, ctx)
-        f = fit_sfm_to_landmarks(port.landmarks, self._sfm, lambda_shape=self.lambda_shape,
-                                 lambda_expression=self.lambda_expression, expression_max=self.expression_max,
-                                 iterations=self.fit_iterations, contour=self.contour)
+        f = fit_sfm_to_landmarks(
+            port.landmarks,
+            self._sfm,
+            lambda_shape=self.lambda_shape,
+            lambda_expression=self.lambda_expression,
+            expression_max=self.expression_max,
+            iterations=self.fit_iterations,
+            contour=self.contour,
+        )
         if not f.residual <= self.max_residual:
-            raise ItemFailure("fit_failed", f"SFM fit to the 3DDFA_V2 landmarks left {f.residual:.1f} crop px (mean); "
-                                            f"limit fitter.max_residual={self.max_residual}")
-        return FitResult(verts=f.verts, tris=f.tris, R=f.R, landmarks=port.landmarks, bfm_source="sfm_3448",
-                         dense_model="sfm_fit_to_tddfa_landmarks")
+            raise ItemFailure(
+                "fit_failed",
+                f"SFM fit to the 3DDFA_V2 landmarks left {f.residual:.1f} crop px (mean); "
+                f"limit fitter.max_residual={self.max_residual}",
+            )
+        return FitResult(
+            verts=f.verts,
+            tris=f.tris,
+            R=f.R,
+            landmarks=port.landmarks,
+            bfm_source="sfm_3448",
+            dense_model="sfm_fit_to_tddfa_landmarks",
+        )
 
 
 class MatFitter:
@@ -204,16 +251,21 @@ class MatFitter:
 
     name = "300wlp"
 
-    def __init__(self, bfm_path: str | None = None, smooth_standin: bool = True,
-                 max_landmark_error: float = 12.0) -> None:
+    def __init__(
+        self, bfm_path: str | None = None, smooth_standin: bool = True, max_landmark_error: float = 12.0
+    ) -> None:
         self.bfm_path = None if bfm_path in (None, "", "null") else str(bfm_path)
         self.smooth_standin = bool(smooth_standin)
         self.max_landmark_error = float(max_landmark_error)
         self._bfm = None
 
     def params(self) -> dict[str, Any]:
-        return {"name": self.name, "bfm_path": self.bfm_path, "smooth_standin": self.smooth_standin,
-                "max_landmark_error": self.max_landmark_error}
+        return {
+            "name": self.name,
+            "bfm_path": self.bfm_path,
+            "smooth_standin": self.smooth_standin,
+            "max_landmark_error": self.max_landmark_error,
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_bfm": None}
@@ -222,8 +274,9 @@ class MatFitter:
         if self._bfm is None:
             self._bfm = load_dense_bfm(self.bfm_path)
 
-    def fit(self, crop_rgb: np.ndarray, landmarks_crop: np.ndarray, sample: dict[str, Any],
-            ctx: ItemContext) -> FitResult:
+    def fit(
+        self, crop_rgb: np.ndarray, landmarks_crop: np.ndarray, sample: dict[str, Any], ctx: ItemContext
+    ) -> FitResult:
         self.setup()
         src = ctx.path(sample["files"]["source_image"])
         try:
@@ -240,12 +293,16 @@ class MatFitter:
         lm = t.apply(mat_fit_points(lms, pose, H))
         err = float(np.linalg.norm(lm[:, :2] - np.asarray(landmarks_crop)[:, :2], axis=1).mean())
         if err > self.max_landmark_error:
-            raise ItemFailure("fit_mismatch", f"the .mat fit's landmarks lie {err:.1f} crop px (mean) from the "
-                                              f"crop's; limit fitter.max_landmark_error={self.max_landmark_error}")
+            raise ItemFailure(
+                "fit_mismatch",
+                f"the .mat fit's landmarks lie {err:.1f} crop px (mean) from the "
+                f"crop's; limit fitter.max_landmark_error={self.max_landmark_error}",
+            )
         p = np.asarray(pose, np.float64).ravel()
         R = rotation_to_crop_frame(angles_to_matrix_3ddfa(p[0], p[1], p[2]))
-        return FitResult(verts=verts, tris=np.asarray(bfm.tri, np.int32), R=R, landmarks=lm,
-                         bfm_source=bfm.source, dense_model=how)
+        return FitResult(
+            verts=verts, tris=np.asarray(bfm.tri, np.int32), R=R, landmarks=lm, bfm_source=bfm.source, dense_model=how
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -296,19 +353,33 @@ class FitStage(Stage):
         R = np.asarray(r.R, np.float64)
         if abs(np.linalg.det(R) - 1.0) > 1e-3 or not np.allclose(R @ R.T, np.eye(3), atol=1e-3):
             raise ItemFailure("fit_failed", "head rotation is not a rotation")
-        shift = solid_depth_shift(verts, np.asarray(r.tris, np.int32), R, depth_bins=self.depth_bins,
-                                  depth_factor=self.depth_factor)
+        shift = solid_depth_shift(
+            verts, np.asarray(r.tris, np.int32), R, depth_bins=self.depth_bins, depth_factor=self.depth_factor
+        )
         verts[:, 2] += shift
         lms[:, 2] += shift
         lm_err = float(np.linalg.norm(lms[:, :2] - lm_crop[:, :2], axis=1).mean())
-        mesh = ctx.write_npz(f"items/{item.id}.npz", verts=verts.astype(np.float32),
-                             tris=np.asarray(r.tris, np.int32), R=R.astype(np.float32),
-                             landmarks=lms.astype(np.float32), bfm_source=np.array(r.bfm_source))
+        mesh = ctx.write_npz(
+            f"items/{item.id}.npz",
+            verts=verts.astype(np.float32),
+            tris=np.asarray(r.tris, np.int32),
+            R=R.astype(np.float32),
+            landmarks=lms.astype(np.float32),
+            bfm_source=np.array(r.bfm_source),
+        )
         zmin, zmax = float(verts[:, 2].min()), float(verts[:, 2].max())
-        return [{**s, "fit_source": self.fitter.name, "bfm_source": r.bfm_source, "dense_model": r.dense_model,
-                 "rotation": np.round(R, 6).tolist(), "fit_landmark_error": round(lm_err, 4),
-                 "depth_range": [round(zmin, 4), round(zmax, 4)],
-                 "files": {**s["files"], "mesh": mesh}}]
+        return [
+            {
+                **s,
+                "fit_source": self.fitter.name,
+                "bfm_source": r.bfm_source,
+                "dense_model": r.dense_model,
+                "rotation": np.round(R, 6).tolist(),
+                "fit_landmark_error": round(lm_err, 4),
+                "depth_range": [round(zmin, 4), round(zmax, 4)],
+                "files": {**s["files"], "mesh": mesh},
+            }
+        ]
 
 
 @hydra.main(version_base="1.3", config_path="../conf/pipeline", config_name="fit")

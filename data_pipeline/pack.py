@@ -38,20 +38,25 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from data_pipeline.run import run_single_stage
+from data_pipeline.stage import MANIFEST, PipelineInputError, Stage, load_manifest, load_npz
 from vrn.conventions import VolumeLayout
 from vrn.data.packed import PackedReader, PackedWriter
 from vrn.image_io import read_image_rgb
 from vrn.volume.codec import from_bytes
 
-from data_pipeline.run import run_single_stage
-from data_pipeline.stage import MANIFEST, PipelineInputError, Stage, load_manifest, load_npz
-
-__all__ = ["PackStage", "subject_of", "split_subjects", "upstream_params", "upstream_layout",
-           "DEFAULT_SUBJECT_PATTERNS"]
+__all__ = [
+    "PackStage",
+    "subject_of",
+    "split_subjects",
+    "upstream_params",
+    "upstream_layout",
+    "DEFAULT_SUBJECT_PATTERNS",
+]
 
 DEFAULT_SUBJECT_PATTERNS = (
     r"^(LFPW_image_(?:test|train)_\d+)_\d+$",  # 300W-LP LFPW: <image>_<view>
-    r"^((?:AFW|HELEN|IBUG)_.+?)_\d+_\d+$",   # 300W-LP AFW / HELEN / IBUG: <image>_<face>_<view>
+    r"^((?:AFW|HELEN|IBUG)_.+?)_\d+_\d+$",  # 300W-LP AFW / HELEN / IBUG: <image>_<face>_<view>
 )
 
 
@@ -94,7 +99,7 @@ def split_subjects(subjects: list[str], fractions: dict[str, float], seed: int) 
     out: dict[str, str] = {}
     i = 0
     for k in others:
-        for s in order[i:i + counts[k]]:
+        for s in order[i : i + counts[k]]:
             out[s] = k
         i += counts[k]
     for s in order[i:]:
@@ -137,15 +142,21 @@ def upstream_layout(input_dir: str | os.PathLike, manifest: dict[str, Any]) -> V
             raise PipelineInputError(
                 f"pack records the dataset layout from the '{need}' stage, but no '{need}' {MANIFEST} is "
                 f"upstream of input_dir={input_dir} (followed: {' <- '.join(map(str, found))}); keep the stage "
-                f"folders of one pipeline run together (python -m data_pipeline.run writes them side by side).")
+                f"folders of one pipeline run together (python -m data_pipeline.run writes them side by side)."
+            )
     (crop_dir, crop), (vox_dir, vox) = found["crop"], found["voxelize"]
     if int(vox["size"]) != int(crop["crop_size"]):
         raise PipelineInputError(
             f"the crop stage made {crop['crop_size']} px crops (crop.crop_size, {crop_dir}) but the voxelize "
             f"stage made {vox['size']} px volumes (voxelize.size, {vox_dir}): rerun voxelize, reap and pack "
-            f"with voxelize.size={crop['crop_size']}.")
-    return VolumeLayout(crop_size=crop["crop_size"], face_size=crop["face_size"],
-                        depth_bins=vox["depth_bins"], depth_factor=vox["depth_factor"])
+            f"with voxelize.size={crop['crop_size']}."
+        )
+    return VolumeLayout(
+        crop_size=crop["crop_size"],
+        face_size=crop["face_size"],
+        depth_bins=vox["depth_bins"],
+        depth_factor=vox["depth_factor"],
+    )
 
 
 class PackStage(Stage):
@@ -164,9 +175,15 @@ class PackStage(Stage):
     kind = "reduce"
     previous = "reap"
 
-    def __init__(self, fractions: dict[str, float] | None = None, seed: int = 0,
-                 subject_patterns: list[str] | tuple[str, ...] = DEFAULT_SUBJECT_PATTERNS,
-                 image_codec: str = ".jpg", jpeg_quality: int = 95, max_sample_bytes: int = 100_000) -> None:
+    def __init__(
+        self,
+        fractions: dict[str, float] | None = None,
+        seed: int = 0,
+        subject_patterns: list[str] | tuple[str, ...] = DEFAULT_SUBJECT_PATTERNS,
+        image_codec: str = ".jpg",
+        jpeg_quality: int = 95,
+        max_sample_bytes: int = 100_000,
+    ) -> None:
         self.fractions = {str(k): float(v) for k, v in (fractions or {"train": 0.8, "val": 0.1, "test": 0.1}).items()}
         self.seed = int(seed)
         self.subject_patterns = [str(p) for p in subject_patterns]
@@ -179,9 +196,14 @@ class PackStage(Stage):
         self.max_sample_bytes = int(max_sample_bytes)
 
     def params(self) -> dict[str, Any]:
-        return {"fractions": self.fractions, "seed": self.seed, "subject_patterns": self.subject_patterns,
-                "image_codec": self.image_codec, "jpeg_quality": self.jpeg_quality,
-                "max_sample_bytes": self.max_sample_bytes}
+        return {
+            "fractions": self.fractions,
+            "seed": self.seed,
+            "subject_patterns": self.subject_patterns,
+            "image_codec": self.image_codec,
+            "jpeg_quality": self.jpeg_quality,
+            "max_sample_bytes": self.max_sample_bytes,
+        }
 
     def reduce(self, upstream: dict[str, Any], input_dir: Path, out_dir: Path, progress: bool) -> dict[str, Any]:
         layout = upstream_layout(input_dir, upstream)
@@ -190,36 +212,66 @@ class PackStage(Stage):
             raise ValueError(f"{input_dir}: no samples to pack (all dropped: see {input_dir}/summary.json)")
         subjects = {s["id"]: subject_of(s["source_image"], self.subject_patterns) for s in samples}
         split_of_subject = split_subjects(list(subjects.values()), self.fractions, self.seed)
-        provenance = {"input_dir": os.path.relpath(input_dir, out_dir), "input_stage": upstream.get("stage"),
-                      "fingerprint": upstream["_fingerprint"]}
-        meta = {"source": "data_pipeline", "pipeline": provenance,
-                "subjects": {k: sum(v == k for v in split_of_subject.values()) for k in sorted(self.fractions)},
-                "dropped": upstream.get("summary", {}).get("dropped", {})}
-        with PackedWriter(out_dir, image_codec=self.image_codec, jpeg_quality=self.jpeg_quality,
-                          extra_meta=meta, overwrite=True, layout=layout) as w:
+        provenance = {
+            "input_dir": os.path.relpath(input_dir, out_dir),
+            "input_stage": upstream.get("stage"),
+            "fingerprint": upstream["_fingerprint"],
+        }
+        meta = {
+            "source": "data_pipeline",
+            "pipeline": provenance,
+            "subjects": {k: sum(v == k for v in split_of_subject.values()) for k in sorted(self.fractions)},
+            "dropped": upstream.get("summary", {}).get("dropped", {}),
+        }
+        with PackedWriter(
+            out_dir,
+            image_codec=self.image_codec,
+            jpeg_quality=self.jpeg_quality,
+            extra_meta=meta,
+            overwrite=True,
+            layout=layout,
+        ) as w:
             for s in tqdm(samples, desc="pack", unit="sample", disable=not progress):
                 files = s["files"]
                 crop = read_image_rgb(input_dir / files["crop"])
                 code = from_bytes((input_dir / files["volume"]).read_bytes())
                 mesh = load_npz(input_dir / files["mesh"])
                 subj = subjects[s["id"]]
-                w.add(crop, code, {
-                    "id": s["id"], "split": split_of_subject[subj], "subject": subj,
-                    "source_image": s["source_image"], "face_index": s.get("face_index", 0),
-                    "detector": s.get("detector"), "score": s.get("score"), "fit_source": s.get("fit_source"),
-                    "bfm_source": s.get("bfm_source"), "dense_model": s.get("dense_model"),
-                    "transform": s.get("transform"), "rotation": s.get("rotation"),
-                    "pad_fraction": s.get("pad_fraction"),
-                    "landmarks": np.round(mesh["landmarks"].astype(np.float64), 3).tolist(),
-                })
+                w.add(
+                    crop,
+                    code,
+                    {
+                        "id": s["id"],
+                        "split": split_of_subject[subj],
+                        "subject": subj,
+                        "source_image": s["source_image"],
+                        "face_index": s.get("face_index", 0),
+                        "detector": s.get("detector"),
+                        "score": s.get("score"),
+                        "fit_source": s.get("fit_source"),
+                        "bfm_source": s.get("bfm_source"),
+                        "dense_model": s.get("dense_model"),
+                        "transform": s.get("transform"),
+                        "rotation": s.get("rotation"),
+                        "pad_fraction": s.get("pad_fraction"),
+                        "landmarks": np.round(mesh["landmarks"].astype(np.float64), 3).tolist(),
+                    },
+                )
         reader = PackedReader(out_dir)
         sizes = reader.index[:, 1] + reader.index[:, 3]
         too_big = int((sizes > self.max_sample_bytes).sum())
-        summary = {"num_samples": len(reader), "splits": reader.meta["splits"], "subjects": meta["subjects"],
-                   "bytes_per_sample_mean": float(sizes.mean()), "bytes_per_sample_max": int(sizes.max()),
-                   "samples_over_limit": too_big}
-        msg = (f"pack: {len(reader)} samples {reader.meta['splits']} from {len(split_of_subject)} subjects; "
-               f"{sizes.mean() / 1000:.1f} KB per sample (max {sizes.max() / 1000:.1f} KB)")
+        summary = {
+            "num_samples": len(reader),
+            "splits": reader.meta["splits"],
+            "subjects": meta["subjects"],
+            "bytes_per_sample_mean": float(sizes.mean()),
+            "bytes_per_sample_max": int(sizes.max()),
+            "samples_over_limit": too_big,
+        }
+        msg = (
+            f"pack: {len(reader)} samples {reader.meta['splits']} from {len(split_of_subject)} subjects; "
+            f"{sizes.mean() / 1000:.1f} KB per sample (max {sizes.max() / 1000:.1f} KB)"
+        )
         print(msg)
         if too_big:
             print(f"pack: WARNING {too_big} samples exceed pack.max_sample_bytes={self.max_sample_bytes}")

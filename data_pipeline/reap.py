@@ -34,10 +34,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from vrn.atomic_write import atomic_write
-
 from data_pipeline.run import run_single_stage
 from data_pipeline.stage import TMP_DIR, Item, ItemContext, ItemFailure, Stage, dumps_json
+from vrn.atomic_write import atomic_write
 
 __all__ = ["ReapStage", "summarize"]
 
@@ -45,8 +44,7 @@ __all__ = ["ReapStage", "summarize"]
 def summarize(manifest: dict[str, Any]) -> dict[str, Any]:
     """``{"kept": n, "dropped": {reason: count}, "dropped_total": n}`` of a manifest."""
     c = Counter(f["reason"] for f in manifest["failures"])
-    return {"kept": len(manifest["samples"]), "dropped": dict(sorted(c.items())),
-            "dropped_total": int(sum(c.values()))}
+    return {"kept": len(manifest["samples"]), "dropped": dict(sorted(c.items())), "dropped_total": int(sum(c.values()))}
 
 
 class ReapStage(Stage):
@@ -56,8 +54,15 @@ class ReapStage(Stage):
     previous = "voxelize"
     parallel = False
 
-    def __init__(self, min_occupied_columns: int = 1000, max_clipped_front: float = 0.01,
-                 max_clipped_back: float = 0.5, max_outside_fraction: float = 0.2, max_pad_fraction: float = 0.5, min_score: float = 0.0) -> None:
+    def __init__(
+        self,
+        min_occupied_columns: int = 1000,
+        max_clipped_front: float = 0.01,
+        max_clipped_back: float = 0.5,
+        max_outside_fraction: float = 0.2,
+        max_pad_fraction: float = 0.5,
+        min_score: float = 0.0,
+    ) -> None:
         self.min_occupied_columns = int(min_occupied_columns)
         self.max_clipped_front = float(max_clipped_front)
         self.max_clipped_back = float(max_clipped_back)
@@ -66,31 +71,49 @@ class ReapStage(Stage):
         self.min_score = float(min_score)
 
     def params(self) -> dict[str, Any]:
-        return {"min_occupied_columns": self.min_occupied_columns, "max_clipped_front": self.max_clipped_front,
-                "max_clipped_back": self.max_clipped_back,
-                "max_outside_fraction": self.max_outside_fraction, "max_pad_fraction": self.max_pad_fraction,
-                "min_score": self.min_score}
+        return {
+            "min_occupied_columns": self.min_occupied_columns,
+            "max_clipped_front": self.max_clipped_front,
+            "max_clipped_back": self.max_clipped_back,
+            "max_outside_fraction": self.max_outside_fraction,
+            "max_pad_fraction": self.max_pad_fraction,
+            "min_score": self.min_score,
+        }
 
     def process(self, item: Item, ctx: ItemContext) -> list[dict[str, Any]]:
         s = item.data
         if s.get("score", 1.0) < self.min_score:
             raise ItemFailure("low_score", f"detector score {s['score']:.3f} < reap.min_score={self.min_score}")
         if s.get("pad_fraction", 0.0) > self.max_pad_fraction:
-            raise ItemFailure("outside_image", f"{100 * s['pad_fraction']:.0f}% of the crop is padding "
-                                               f"(> reap.max_pad_fraction={self.max_pad_fraction})")
+            raise ItemFailure(
+                "outside_image",
+                f"{100 * s['pad_fraction']:.0f}% of the crop is padding "
+                f"(> reap.max_pad_fraction={self.max_pad_fraction})",
+            )
         if s["occupied_columns"] < self.min_occupied_columns:
-            raise ItemFailure("empty_volume", f"{s['occupied_columns']} occupied columns "
-                                              f"(< reap.min_occupied_columns={self.min_occupied_columns})")
+            raise ItemFailure(
+                "empty_volume",
+                f"{s['occupied_columns']} occupied columns (< reap.min_occupied_columns={self.min_occupied_columns})",
+            )
         if s["clip_front"] > self.max_clipped_front:
-            raise ItemFailure("clipped_volume", f"{100 * s['clip_front']:.1f}% of the occupied columns reach the "
-                                                f"front of the volume (> reap.max_clipped_front="
-                                                f"{self.max_clipped_front})")
+            raise ItemFailure(
+                "clipped_volume",
+                f"{100 * s['clip_front']:.1f}% of the occupied columns reach the "
+                f"front of the volume (> reap.max_clipped_front="
+                f"{self.max_clipped_front})",
+            )
         if s["clip_back"] > self.max_clipped_back:
-            raise ItemFailure("clipped_volume", f"{100 * s['clip_back']:.1f}% of the occupied columns reach the "
-                                                f"back of the volume (> reap.max_clipped_back={self.max_clipped_back})")
+            raise ItemFailure(
+                "clipped_volume",
+                f"{100 * s['clip_back']:.1f}% of the occupied columns reach the "
+                f"back of the volume (> reap.max_clipped_back={self.max_clipped_back})",
+            )
         if s.get("outside_fraction", 0.0) > self.max_outside_fraction:
-            raise ItemFailure("outside_crop", f"{100 * s['outside_fraction']:.0f}% of the mesh lies outside the "
-                                              f"crop (> reap.max_outside_fraction={self.max_outside_fraction})")
+            raise ItemFailure(
+                "outside_crop",
+                f"{100 * s['outside_fraction']:.0f}% of the mesh lies outside the "
+                f"crop (> reap.max_outside_fraction={self.max_outside_fraction})",
+            )
         return [dict(s)]
 
     def finalize(self, manifest: dict[str, Any], out_dir: Path) -> dict[str, Any]:

@@ -69,9 +69,13 @@ def _runner_kwargs(cfg: DictConfig) -> dict[str, Any]:
     n_jobs = int(cfg.get("n_jobs", 1))
     if n_jobs < 1:
         raise ConfigError(f"n_jobs must be >= 1, got {n_jobs}")
-    return {"n_jobs": n_jobs, "progress": bool(cfg.get("progress", True)),
-            "overwrite": bool(cfg.get("overwrite", False)), "retry_failed": bool(cfg.get("retry_failed", False)),
-            "torch_threads": cfg.get("torch_threads")}
+    return {
+        "n_jobs": n_jobs,
+        "progress": bool(cfg.get("progress", True)),
+        "overwrite": bool(cfg.get("overwrite", False)),
+        "retry_failed": bool(cfg.get("retry_failed", False)),
+        "torch_threads": cfg.get("torch_threads"),
+    }
 
 
 def _stage_kwargs(cfg: DictConfig, stage: Stage) -> dict[str, Any]:
@@ -86,8 +90,11 @@ def run_single_stage(cfg: DictConfig, name: str, exit_on_error: bool = True) -> 
     try:
         prev = STAGES[STAGES.index(name) - 1] if name != "crop" else None
         what = "a folder of photos" if prev is None else f"the output_dir of the '{prev}' stage"
-        inp = _require(cfg, "input_dir", f"pass input_dir=<{what}>, e.g. python -m data_pipeline.{name} "
-                                         f"input_dir=... output_dir=...")
+        inp = _require(
+            cfg,
+            "input_dir",
+            f"pass input_dir=<{what}>, e.g. python -m data_pipeline.{name} input_dir=... output_dir=...",
+        )
         out = _require(cfg, "output_dir", f"pass output_dir=<folder for the {name} stage's outputs>")
         stage = build_stage(cfg, name)
         kw = _stage_kwargs(cfg, stage)
@@ -101,8 +108,11 @@ def run_single_stage(cfg: DictConfig, name: str, exit_on_error: bool = True) -> 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.stages`` in order; returns ``{stage: manifest or summary}``."""
-    inp = _require(cfg, "input_dir", "pass input_dir=<a folder of photos>, e.g. python -m data_pipeline.run "
-                                     "input_dir=photos/ output_dir=out/")
+    inp = _require(
+        cfg,
+        "input_dir",
+        "pass input_dir=<a folder of photos>, e.g. python -m data_pipeline.run input_dir=photos/ output_dir=out/",
+    )
     out = Path(_require(cfg, "output_dir", "pass output_dir=<folder for all stage outputs>"))
     names = list(cfg.get("stages", STAGES))
     for n in names:

@@ -41,10 +41,23 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from data_pipeline.stage import (
+    DONE_DIR,
+    LOCK_FILE,
+    MANIFEST,
+    STAGE_FILE,
+    TIMING_FILE,
+    TMP_DIR,
+    Item,
+    ItemContext,
+    ItemFailure,
+    PipelineInputError,
+    Stage,
+    StageConfigError,
+    dumps_json,
+    load_manifest,
+)
 from vrn.atomic_write import atomic_write
-
-from data_pipeline.stage import (DONE_DIR, LOCK_FILE, MANIFEST, STAGE_FILE, TIMING_FILE, TMP_DIR, Item, ItemContext,
-                                 ItemFailure, PipelineInputError, Stage, StageConfigError, dumps_json, load_manifest)
 
 log = logging.getLogger("data_pipeline")
 
@@ -122,8 +135,13 @@ def _do_item(stage: Stage, out_dir: Path, item: Item) -> ItemResult:
     except ItemFailure as e:
         rec = {"id": item.id, "ok": False, "reason": e.reason, "detail": e.detail, "samples": []}
     except Exception as e:  # recorded, the run goes on
-        rec = {"id": item.id, "ok": False, "reason": f"{stage.name}_error",
-               "detail": f"{type(e).__name__}: {e}", "samples": []}
+        rec = {
+            "id": item.id,
+            "ok": False,
+            "reason": f"{stage.name}_error",
+            "detail": f"{type(e).__name__}: {e}",
+            "samples": [],
+        }
     elapsed = time.perf_counter() - t0
     if "source_image" in item.data:
         rec["source_image"] = item.data["source_image"]
@@ -164,8 +182,9 @@ def _inline_executor(stage: Stage, out_dir: Path, threads: int | None) -> Iterat
 @contextlib.contextmanager
 def _pool_executor(stage: Stage, out_dir: Path, n_jobs: int, threads: int | None) -> Iterator[Submit]:
     """Parallel mode: ``n_jobs`` spawned worker processes, each set up once."""
-    with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(stage, str(out_dir), threads)) as ex:
+    with ProcessPoolExecutor(
+        n_jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(stage, str(out_dir), threads)
+    ) as ex:
         yield lambda item: ex.submit(_worker_item, item)
 
 
@@ -202,8 +221,15 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="item", disable=not enabled, dynamic_ncols=True, leave=True)
 
 
-def _process_items(stage: Stage, out_dir: Path, pending: list[Item], n_jobs: int, torch_threads: int | None,
-                   progress: bool, skipped: int) -> _Progress:
+def _process_items(
+    stage: Stage,
+    out_dir: Path,
+    pending: list[Item],
+    n_jobs: int,
+    torch_threads: int | None,
+    progress: bool,
+    skipped: int,
+) -> _Progress:
     """Run the pending items in this process or in a pool; returns their records."""
     done = _Progress()
     bar = _progress_bar(len(pending), stage.name, progress)
@@ -218,13 +244,17 @@ def _process_items(stage: Stage, out_dir: Path, pending: list[Item], n_jobs: int
 
     try:
         if pending:
-            executor = (_inline_executor(stage, out_dir, threads) if in_process
-                        else _pool_executor(stage, out_dir, n_jobs, threads))
+            executor = (
+                _inline_executor(stage, out_dir, threads)
+                if in_process
+                else _pool_executor(stage, out_dir, n_jobs, threads)
+            )
             with executor as submit:
                 _run_pending(submit, pending, 1 if in_process else 4 * n_jobs, on_result)
     except BrokenProcessPool as e:
-        raise RuntimeError(f"{stage.name}: a worker process died ({e}); finished items are kept, "
-                           f"rerun the same command to resume") from e
+        raise RuntimeError(
+            f"{stage.name}: a worker process died ({e}); finished items are kept, rerun the same command to resume"
+        ) from e
     finally:
         bar.close()
     return done
@@ -246,7 +276,8 @@ def _folder_lock(path: Path) -> Iterator[None]:
         except BlockingIOError:
             raise PipelineInputError(
                 f"another pipeline run is writing to {path.parent} (lock {path}); wait for it "
-                f"or choose another output_dir") from None
+                f"or choose another output_dir"
+            ) from None
         yield
     finally:
         f.close()
@@ -258,12 +289,16 @@ def _check_stage_file(stage: Stage, out_dir: Path, fingerprint: dict[str, Any]) 
     if p.is_file():
         old = json.loads(p.read_text())
         if old != json.loads(dumps_json(fingerprint)):
-            diff = sorted(k for k in set(old.get("params", {})) | set(fingerprint["params"])
-                          if old.get("params", {}).get(k) != fingerprint["params"].get(k))
+            diff = sorted(
+                k
+                for k in set(old.get("params", {})) | set(fingerprint["params"])
+                if old.get("params", {}).get(k) != fingerprint["params"].get(k)
+            )
             raise StageConfigError(
                 f"output_dir={out_dir} holds a '{old.get('stage')}' run (version {old.get('version')}) with "
                 f"different parameters ({', '.join(diff) or 'stage/version'}). Use a new output_dir, or pass "
-                f"overwrite=true to delete its contents and start over.")
+                f"overwrite=true to delete its contents and start over."
+            )
     else:
         atomic_write(p, dumps_json(fingerprint), out_dir / TMP_DIR, fsync=False)
 
@@ -324,13 +359,22 @@ def _split_done(items: list[Item], out_dir: Path, retry_failed: bool) -> tuple[d
     return records, pending
 
 
-def _build_manifest(stage: Stage, in_dir: Path, out_dir: Path, upstream: dict[str, Any] | None,
-                    records: list[dict[str, Any]]) -> dict[str, Any]:
+def _build_manifest(
+    stage: Stage, in_dir: Path, out_dir: Path, upstream: dict[str, Any] | None, records: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The stage's manifest from its done-records (sorted by id) and the upstream failures."""
     samples = [s for r in records if r["ok"] for s in r["samples"]]
-    own = [{"id": r["id"], "stage": stage.name, "reason": r["reason"], "detail": r["detail"],
-            **({"source_image": r["source_image"]} if "source_image" in r else {})}
-           for r in records if not r["ok"]]
+    own = [
+        {
+            "id": r["id"],
+            "stage": stage.name,
+            "reason": r["reason"],
+            "detail": r["detail"],
+            **({"source_image": r["source_image"]} if "source_image" in r else {}),
+        }
+        for r in records
+        if not r["ok"]
+    ]
     upstream_failures = list(upstream.get("failures", [])) if upstream else []
     failures = sorted(upstream_failures + own, key=lambda f: (f["id"], f["stage"]))
     return {
@@ -339,9 +383,13 @@ def _build_manifest(stage: Stage, in_dir: Path, out_dir: Path, upstream: dict[st
         "params": stage.params(),
         "input_dir": os.path.relpath(in_dir, out_dir).replace(os.sep, "/"),
         "upstream_stage": upstream.get("stage") if upstream else None,
-        "counts": {"items": len(records), "ok_items": sum(r["ok"] for r in records),
-                   "failed_items": sum(not r["ok"] for r in records), "samples": len(samples),
-                   "failures_total": len(failures)},
+        "counts": {
+            "items": len(records),
+            "ok_items": sum(r["ok"] for r in records),
+            "failed_items": sum(not r["ok"] for r in records),
+            "samples": len(samples),
+            "failures_total": len(failures),
+        },
         "samples": samples,
         "failures": failures,
     }
@@ -351,8 +399,11 @@ def _timing(stage: Stage, n_jobs: int, n_items: int, n_pending: int, done: _Prog
     """The ``timing.json`` record of this run."""
     item_s = done.item_s
     return {
-        "stage": stage.name, "n_jobs": n_jobs, "processed_items": n_pending,
-        "skipped_items": n_items - n_pending, "samples_processed": done.n_samples,
+        "stage": stage.name,
+        "n_jobs": n_jobs,
+        "processed_items": n_pending,
+        "skipped_items": n_items - n_pending,
+        "samples_processed": done.n_samples,
         "wall_s": round(wall, 3),
         "ms_per_item": round(1000 * sum(item_s) / len(item_s), 2) if item_s else None,
         "ms_per_sample": round(1000 * sum(item_s) / done.n_samples, 2) if done.n_samples else None,
@@ -362,11 +413,15 @@ def _timing(stage: Stage, n_jobs: int, n_items: int, n_pending: int, done: _Prog
 def _log_run(stage: Stage, manifest: dict[str, Any], timing: dict[str, Any], out_dir: Path) -> None:
     c = manifest["counts"]
     run_now, skipped = timing["processed_items"], timing["skipped_items"]
-    log.info(f"[{stage.name}] {c['items']} items: {c['ok_items']} ok, {c['failed_items']} failed "
-             f"({run_now} run now, {skipped} already done); {c['samples']} samples -> {out_dir}")
+    log.info(
+        f"[{stage.name}] {c['items']} items: {c['ok_items']} ok, {c['failed_items']} failed "
+        f"({run_now} run now, {skipped} already done); {c['samples']} samples -> {out_dir}"
+    )
     if timing["ms_per_sample"] is not None:
-        log.info(f"[{stage.name}] {timing['ms_per_sample']:.1f} ms per sample ({timing['ms_per_item']:.1f} ms "
-                 f"per item, n_jobs={timing['n_jobs']}, wall {timing['wall_s']:.1f} s)")
+        log.info(
+            f"[{stage.name}] {timing['ms_per_sample']:.1f} ms per sample ({timing['ms_per_item']:.1f} ms "
+            f"per item, n_jobs={timing['n_jobs']}, wall {timing['wall_s']:.1f} s)"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -374,9 +429,16 @@ def _log_run(stage: Stage, manifest: dict[str, Any], timing: dict[str, Any], out
 # --------------------------------------------------------------------------------------
 
 
-def run_stage(stage: Stage, input_dir: str | os.PathLike, output_dir: str | os.PathLike, n_jobs: int = 1,
-              progress: bool = True, overwrite: bool = False, retry_failed: bool = False,
-              torch_threads: int | None = None) -> dict[str, Any]:
+def run_stage(
+    stage: Stage,
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    n_jobs: int = 1,
+    progress: bool = True,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    torch_threads: int | None = None,
+) -> dict[str, Any]:
     """Run ``stage`` from ``input_dir`` into ``output_dir``; returns the manifest written
     (reduce stages: their summary).
 
@@ -406,14 +468,21 @@ def run_stage(stage: Stage, input_dir: str | os.PathLike, output_dir: str | os.P
         return _run_reduce(stage, in_dir, out_dir, progress, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _folder_lock(out_dir / LOCK_FILE):
-        manifest, timing = _run_map(stage, in_dir, out_dir, n_jobs, progress, overwrite, retry_failed,
-                                    torch_threads)
+        manifest, timing = _run_map(stage, in_dir, out_dir, n_jobs, progress, overwrite, retry_failed, torch_threads)
     _log_run(stage, manifest, timing, out_dir)
     return manifest
 
 
-def _run_map(stage: Stage, in_dir: Path, out_dir: Path, n_jobs: int, progress: bool, overwrite: bool,
-             retry_failed: bool, torch_threads: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run_map(
+    stage: Stage,
+    in_dir: Path,
+    out_dir: Path,
+    n_jobs: int,
+    progress: bool,
+    overwrite: bool,
+    retry_failed: bool,
+    torch_threads: int | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """A map stage, the folder lock held: skip the done items, run the rest, write the
     manifest and ``timing.json``; returns ``(manifest, timing)``."""
     _prepare_folder(out_dir, overwrite)
@@ -444,8 +513,12 @@ def _run_reduce(stage: Stage, in_dir: Path, out_dir: Path, progress: bool, overw
     """A reduce stage writes ``out_dir`` as a whole (atomically, by its own writer); it is
     done when ``out_dir/meta.json`` records the same input manifest hash and parameters."""
     upstream = load_manifest(in_dir, stage.previous)
-    fingerprint = {"stage": stage.name, "version": stage.version, "params": stage.params(),
-                   "input_manifest_sha256": _sha256(in_dir / MANIFEST)}
+    fingerprint = {
+        "stage": stage.name,
+        "version": stage.version,
+        "params": stage.params(),
+        "input_manifest_sha256": _sha256(in_dir / MANIFEST),
+    }
     lock = out_dir.parent / f".{out_dir.name}{LOCK_FILE}"
     with _folder_lock(lock):
         meta_p = out_dir / "meta.json"

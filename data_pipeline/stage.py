@@ -46,9 +46,24 @@ import numpy as np
 from vrn.atomic_write import atomic_write
 
 __all__ = [
-    "Item", "ItemContext", "ItemFailure", "Stage", "StageConfigError", "PipelineInputError",
-    "load_manifest", "dumps_json", "npz_bytes", "load_npz", "safe_id",
-    "MANIFEST", "STAGE_FILE", "TIMING_FILE", "DONE_DIR", "ITEMS_DIR", "TMP_DIR", "LOCK_FILE",
+    "Item",
+    "ItemContext",
+    "ItemFailure",
+    "Stage",
+    "StageConfigError",
+    "PipelineInputError",
+    "load_manifest",
+    "dumps_json",
+    "npz_bytes",
+    "load_npz",
+    "safe_id",
+    "MANIFEST",
+    "STAGE_FILE",
+    "TIMING_FILE",
+    "DONE_DIR",
+    "ITEMS_DIR",
+    "TMP_DIR",
+    "LOCK_FILE",
 ]
 
 MANIFEST = "manifest.json"
@@ -231,10 +246,14 @@ def load_manifest(folder: str | os.PathLike, expected_from: str | None = None) -
     """Read ``folder/manifest.json``; raise :class:`PipelineInputError` saying what to run."""
     p = Path(folder) / MANIFEST
     if not p.is_file():
-        hint = f"run the '{expected_from}' stage first (python -m data_pipeline.{expected_from}) or " \
-            if expected_from else ""
+        hint = (
+            f"run the '{expected_from}' stage first (python -m data_pipeline.{expected_from}) or "
+            if expected_from
+            else ""
+        )
         raise PipelineInputError(
-            f"input_dir={folder} has no {MANIFEST}: {hint}point input_dir at the output_dir of the previous stage.")
+            f"input_dir={folder} has no {MANIFEST}: {hint}point input_dir at the output_dir of the previous stage."
+        )
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:  # pragma: no cover - files are written atomically

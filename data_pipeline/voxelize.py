@@ -22,12 +22,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from data_pipeline.run import run_single_stage
+from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage, load_npz
 from vrn.conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
 from vrn.volume.codec import VolumeCode, to_bytes
 from vrn.volume.voxelize import voxelize_face
-
-from data_pipeline.run import run_single_stage
-from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage, load_npz
 
 __all__ = ["VoxelizeStage", "volume_stats"]
 
@@ -47,8 +46,12 @@ def volume_stats(code: VolumeCode) -> dict[str, Any]:
     n = int(occ.sum())
     back = int((first & (code.lo == 0)).sum())
     front = int((occ & (top_hi >= D)).sum())
-    return {"occupied_columns": n, "voxels": code.occupied_voxels(),
-            "clip_back": round(back / n, 6) if n else 0.0, "clip_front": round(front / n, 6) if n else 0.0}
+    return {
+        "occupied_columns": n,
+        "voxels": code.occupied_voxels(),
+        "clip_back": round(back / n, 6) if n else 0.0,
+        "clip_front": round(front / n, 6) if n else 0.0,
+    }
 
 
 class VoxelizeStage(Stage):
@@ -63,24 +66,40 @@ class VoxelizeStage(Stage):
     name = "voxelize"
     previous = "fit"
 
-    def __init__(self, depth_bins: int = DEPTH_BINS, depth_factor: float = DEPTH_FACTOR, size: int = CROP_SIZE,
-                 back_offset: float | None = None) -> None:
+    def __init__(
+        self,
+        depth_bins: int = DEPTH_BINS,
+        depth_factor: float = DEPTH_FACTOR,
+        size: int = CROP_SIZE,
+        back_offset: float | None = None,
+    ) -> None:
         self.depth_bins = int(depth_bins)
         self.depth_factor = float(depth_factor)
         self.size = int(size)
         self.back_offset = None if back_offset is None else float(back_offset)
 
     def params(self) -> dict[str, Any]:
-        return {"depth_bins": self.depth_bins, "depth_factor": self.depth_factor, "size": self.size,
-                "back_offset": self.back_offset}
+        return {
+            "depth_bins": self.depth_bins,
+            "depth_factor": self.depth_factor,
+            "size": self.size,
+            "back_offset": self.back_offset,
+        }
 
     def process(self, item: Item, ctx: ItemContext) -> list[dict[str, Any]]:
         s = dict(item.data)
         m = load_npz(ctx.path(s["files"]["mesh"]))
         verts, tris, R = m["verts"].astype(np.float32), m["tris"].astype(np.int32), m["R"].astype(np.float64)
         try:
-            code = voxelize_face(verts, tris, R, depth_bins=self.depth_bins, depth_factor=self.depth_factor,
-                                 size=self.size, back_offset=self.back_offset)
+            code = voxelize_face(
+                verts,
+                tris,
+                R,
+                depth_bins=self.depth_bins,
+                depth_factor=self.depth_factor,
+                size=self.size,
+                back_offset=self.back_offset,
+            )
         except Exception as e:
             raise ItemFailure("voxelize_failed", f"{type(e).__name__}: {e}") from e
         stats = volume_stats(code)

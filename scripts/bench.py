@@ -28,12 +28,14 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=20)
     a = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
 
     from vrn.data.packed import PackedReader
-    from vrn.face_models.sfm import load_sfm
     from vrn.data.synthetic import SyntheticFaceConfig, generate_packed, render_sample
+    from vrn.face_models.sfm import load_sfm
     from vrn.volume.voxelize import voxelize_face
 
     # Voxelisation of the synthetic SFM faces (3448 vertices) at random poses.
@@ -56,9 +58,11 @@ def main() -> None:
         generate_packed(root, cfg, {"train": a.samples, "val": 0, "test": 0}, seed=0, progress=False)
         reader = PackedReader(root)
         idx = reader.index
-        print(f"packed bytes per sample: {reader.bytes_per_sample() / 1024:.1f} KiB "
-              f"(image {idx[:, 1].mean() / 1024:.1f} KiB PNG + target {idx[:, 3].mean() / 1024:.1f} KiB) "
-              f"vs 7,372,800 B uint8 volume")
+        print(
+            f"packed bytes per sample: {reader.bytes_per_sample() / 1024:.1f} KiB "
+            f"(image {idx[:, 1].mean() / 1024:.1f} KiB PNG + target {idx[:, 3].mean() / 1024:.1f} KiB) "
+            f"vs 7,372,800 B uint8 volume"
+        )
         ms, _ = median_ms(lambda: reader[0], 20)
         print(f"read + decode one packed sample: {ms:.2f} ms")
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-
 from vrn.bench_timing import median_ms
+
 
 def main() -> None:
     here = Path(__file__).resolve().parents[1]
@@ -45,12 +45,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from vrn.geometry.crop import crop_face
-    from vrn.detectors import get_detector
     from vrn import render
     from vrn.data.synthetic import SyntheticFaceConfig, render_sample
-    from vrn.inference import Reconstructor, sample_vertex_colors, volume_to_image_mesh
+    from vrn.detectors import get_detector
+    from vrn.geometry.crop import crop_face
     from vrn.image_io import read_image_rgb
+    from vrn.inference import Reconstructor, sample_vertex_colors, volume_to_image_mesh
     from vrn.models import create_model
     from vrn.volume.codec import decode
     from vrn.volume.mesh import export_mesh
@@ -74,21 +74,34 @@ def main() -> None:
     t_mc, (verts, faces) = median_ms(lambda: volume_to_image_mesh(prob, T), args.runs * 2)
     t_col, colors = median_ms(lambda: sample_vertex_colors(image, verts), args.runs * 2)
     tmp = Path(tempfile.mkdtemp(prefix="vrn_bench_"))
-    t_exp, _ = median_ms(lambda: [export_mesh(tmp / f"face.{e}", verts, faces, colors) for e in ("obj", "ply")],
-                      args.runs)
+    t_exp, _ = median_ms(
+        lambda: [export_mesh(tmp / f"face.{e}", verts, faces, colors) for e in ("obj", "ply")], args.runs
+    )
     H, W = image.shape[:2]
-    t_ov, _ = median_ms(lambda: render.save_png(tmp / "o.png", render.render_overlay(image, [(verts, faces)])), args.runs)
+    t_ov, _ = median_ms(
+        lambda: render.save_png(tmp / "o.png", render.render_overlay(image, [(verts, faces)])), args.runs
+    )
     t_dp, _ = median_ms(lambda: render.save_png(tmp / "d.png", render.render_depth(verts, faces, H, W)[0]), args.runs)
     t_tt, _ = median_ms(lambda: render.save_gif(tmp / "t.gif", render.render_turntable(verts, faces, colors)), 2)
 
     total = t_det + t_crop + t_net + t_mc + t_col + t_exp
-    rows = [("detect (" + args.detector + ")", t_det), ("crop", t_crop), (f"network ({args.model}, fp32)", t_net),
-            ("marching cubes + to image px", t_mc), ("vertex colours", t_col), ("export .obj + .ply", t_exp),
-            ("**total per face**", total)]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
-    print(f"image: {Path(args.image).name} {W}x{H}, {len(dets)} face(s); mesh {len(verts)} verts / {len(faces)} tris; "
-          f"median of {args.runs} runs (warm)\n")
+    rows = [
+        ("detect (" + args.detector + ")", t_det),
+        ("crop", t_crop),
+        (f"network ({args.model}, fp32)", t_net),
+        ("marching cubes + to image px", t_mc),
+        ("vertex colours", t_col),
+        ("export .obj + .ply", t_exp),
+        ("**total per face**", total),
+    ]
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"image: {Path(args.image).name} {W}x{H}, {len(dets)} face(s); mesh {len(verts)} verts / {len(faces)} tris; "
+        f"median of {args.runs} runs (warm)\n"
+    )
     print("| stage | ms |\n|---|---:|")
     for name, t in rows:
         print(f"| {name} | {t:.0f} |")

@@ -46,9 +46,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from vrn.geometry.transforms import euler_to_matrix
+    from vrn.volume import voxelize as vox_mod
     from vrn.volume.codec import decode, decode_torch, to_bytes
     from vrn.volume.mesh import volume_to_mesh
-    from vrn.volume import voxelize as vox_mod
     from vrn.volume.voxelize import voxelize_face
 
     cpu = platform.processor() or platform.machine()
@@ -57,14 +57,18 @@ def main() -> None:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"machine: {platform.platform()} | {cpu} | "
-          f"cpu_count={os.cpu_count()} | python {platform.python_version()} | numpy {np.__version__} | "
-          f"torch {torch.__version__} (1 thread)")
+    print(
+        f"machine: {platform.platform()} | {cpu} | "
+        f"cpu_count={os.cpu_count()} | python {platform.python_version()} | numpy {np.__version__} | "
+        f"torch {torch.__version__} (1 thread)"
+    )
     v0, tris = bfm_mean_face()
     print(f"mesh: BFM mean, {len(v0)} vertices, {len(tris)} triangles, ~{np.ptp(v0[:, 0]):.0f} px wide")
     print("voxelize: median; 'cold' = without the boundary-edge cache (a new topology every call)")
-    print(f"{'pose (yaw,pitch,roll)':>22} | {'voxelize ms':>11} | {'cold ms':>7} | {'bytes':>6} | {'x smaller':>9} | "
-          f"{'extra runs':>10} | {'decode ms':>9} | {'decode_torch ms':>15} | {'marching cubes ms':>17}")
+    print(
+        f"{'pose (yaw,pitch,roll)':>22} | {'voxelize ms':>11} | {'cold ms':>7} | {'bytes':>6} | {'x smaller':>9} | "
+        f"{'extra runs':>10} | {'decode ms':>9} | {'decode_torch ms':>15} | {'marching cubes ms':>17}"
+    )
     for ypr in [(0, 0, 0), (30, 10, 5), (-60, -20, 10), (90, 0, 0)]:
         R = euler_to_matrix(*ypr)
         p = v0 @ R.T
@@ -84,8 +88,10 @@ def main() -> None:
         ex = [torch.from_numpy(code.extra.astype(np.int64))]
         t_dt, _ = median_ms(lambda: decode_torch(lo, hi, ex, code.depth_bins), max(3, args.runs // 3))
         t_mc, _ = median_ms(lambda: volume_to_mesh(vol), args.mc_runs)
-        print(f"{str(ypr):>22} | {t_vox:11.2f} | {t_cold:7.2f} | {len(blob):6d} | {vol.size / len(blob):9.0f} | "
-              f"{len(code.extra):10d} | {t_dec:9.2f} | {t_dt:15.2f} | {t_mc:17.1f}")
+        print(
+            f"{str(ypr):>22} | {t_vox:11.2f} | {t_cold:7.2f} | {len(blob):6d} | {vol.size / len(blob):9.0f} | "
+            f"{len(code.extra):10d} | {t_dec:9.2f} | {t_dt:15.2f} | {t_mc:17.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ def surface_points(verts: np.ndarray, tris: np.ndarray, spacing: float = 0.5) ->
     return np.unique(np.round(pts, 4), axis=0)
 
 
-def z_shift_distances(gt: np.ndarray, tree: cKDTree, surf: np.ndarray, iterations: int = 30) -> tuple[np.ndarray, float]:
+def z_shift_distances(
+    gt: np.ndarray, tree: cKDTree, surf: np.ndarray, iterations: int = 30
+) -> tuple[np.ndarray, float]:
     """Nearest-surface distances of ``gt`` (K, 3) after the z shift that minimises them
     (ICP restricted to a z translation, started from the shift that matches the front-most
     points: the nose tip)."""
@@ -93,8 +95,12 @@ def evaluate_target(gt: np.ndarray, verts: np.ndarray, tris: np.ndarray, lms: np
     tree = cKDTree(surf)
     d_z, dz = z_shift_distances(gt, tree, surf)
     res = icp(gt, surf, init_t=np.array([0.0, 0.0, dz]), tree=tree)
-    return {"surf_z": float(d_z.mean() / iod), "surf_rigid": float(res.distances.mean() / iod),
-            "surf_z_51": float(d_z[17:].mean() / iod), "lmk": landmark_nme(lms, gt, iod)}
+    return {
+        "surf_z": float(d_z.mean() / iod),
+        "surf_rigid": float(res.distances.mean() / iod),
+        "surf_z_51": float(d_z[17:].mean() / iod),
+        "lmk": landmark_nme(lms, gt, iod),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,25 +136,36 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
     wall = time.perf_counter() - t0
 
-    metrics = [("surf_z", "GT 3D landmarks -> target surface, z shift only"),
-               ("surf_rigid", "GT 3D landmarks -> target surface, rigid ICP"),
-               ("surf_z_51", "as the first, 51 inner landmarks (no jaw contour)"),
-               ("lmk", "target's own landmark points vs GT (z shift); SFM: 66 defined, stand-in: 68")]
+    metrics = [
+        ("surf_z", "GT 3D landmarks -> target surface, z shift only"),
+        ("surf_rigid", "GT 3D landmarks -> target surface, rigid ICP"),
+        ("surf_z_51", "as the first, 51 inner landmarks (no jaw contour)"),
+        ("lmk", "target's own landmark points vs GT (z shift); SFM: 66 defined, stand-in: 68"),
+    ]
     counts = {b: sum(r["bucket"] == b for r in rows) for b, _, _ in BUCKETS}
     n_by_bucket = ", ".join(f"{b}: {n}" for b, n in counts.items())
-    head = (f"AFLW2000-3D, first {len(rows)} faces of {a.data} ({n_by_bucket}); "
-            f"NME in % of the 3D outer interocular distance; {wall:.0f} s wall")
+    head = (
+        f"AFLW2000-3D, first {len(rows)} faces of {a.data} ({n_by_bucket}); "
+        f"NME in % of the 3D outer interocular distance; {wall:.0f} s wall"
+    )
     out = [head, ""]
     for key, title in metrics:
-        out += [f"**{key}**: {title}", "",
-                "| target | " + " | ".join(f"{b} mean" for b, _, _ in BUCKETS) + " | all mean | all median | "
-                "balanced |" + (" SFM residual (crop px) |" if key == "lmk" else ""),
-                "|---|" + "---:|" * (len(BUCKETS) + 3) + ("---:|" if key == "lmk" else "")]
+        out += [
+            f"**{key}**: {title}",
+            "",
+            "| target | " + " | ".join(f"{b} mean" for b, _, _ in BUCKETS) + " | all mean | all median | "
+            "balanced |" + (" SFM residual (crop px) |" if key == "lmk" else ""),
+            "|---|" + "---:|" * (len(BUCKETS) + 3) + ("---:|" if key == "lmk" else ""),
+        ]
         for mth in methods:
             vals = np.array([r[mth][key] for r in rows])
             per = [np.nanmean(vals[[r["bucket"] == b for r in rows]]) if counts[b] else np.nan for b, _, _ in BUCKETS]
             cells = [f"{100 * v:.2f}" if np.isfinite(v) else "-" for v in per]
-            cells += [f"{100 * np.nanmean(vals):.2f}", f"{100 * np.nanmedian(vals):.2f}", f"{100 * np.nanmean(per):.2f}"]
+            cells += [
+                f"{100 * np.nanmean(vals):.2f}",
+                f"{100 * np.nanmedian(vals):.2f}",
+                f"{100 * np.nanmean(per):.2f}",
+            ]
             if key == "lmk":
                 cells.append(f"{np.mean([r[mth]['residual'] for r in rows]):.2f}" if mth != "standin" else "-")
             out.append(f"| {mth} | " + " | ".join(cells) + " |")

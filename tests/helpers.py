@@ -1,21 +1,32 @@
-"""Compose the real Hydra configs in tests (lightning-hydra-template style)."""
+"""Shared test helpers: compose the real Hydra configs (lightning-hydra-template style), a tiny
+training config, and the target-surface-at-landmarks check of the pipeline tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from data_pipeline.stage import load_npz
+from vrn.geometry.raster import rasterize
+from vrn.volume.codec import from_bytes
+from vrn.volume.surface import front_depth_of_code
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+#: evaluation's own config folder (`python -m vrn.evaluate`)
+EVAL_CONF_DIR = CONF_DIR / "eval_data"
 
 
-def compose_config(name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """Compose ``conf/<name>.yaml`` with overrides; hydra: interpolations resolvable."""
+def compose_config(
+    name: str, overrides: list[str], output_dir: Path | None = None, config_dir: Path = CONF_DIR
+) -> DictConfig:
+    """Compose ``<config_dir>/<name>.yaml`` with overrides; hydra: interpolations resolvable."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
         cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
         HydraConfig().set_config(cfg)
     if output_dir is not None:
@@ -23,3 +34,49 @@ def compose_config(name: str, overrides: list[str], output_dir: Path | None = No
             cfg.paths.output_dir = str(output_dir)
             cfg.paths.log_dir = str(output_dir)
     return cfg
+
+
+def tiny_train_overrides(packed_root: Path, logger: str) -> list[str]:
+    """Overrides of a seconds-long CPU training run of ``vrn_tiny`` on a packed folder."""
+    return [
+        "data=folder",
+        f"data.root={packed_root}",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "model=vrn_tiny",
+        f"logger={logger}",
+    ]
+
+
+def target_surface_at_landmarks(
+    stage_dir: Path, samples: list[dict], min_visible: int
+) -> tuple[list[float], np.ndarray]:
+    """Front depth of each voxelised target at its fitted landmarks' pixels vs the landmarks'
+    own depth bins ``d = 2 z``, over the landmarks the mesh itself shows (its z-buffer at that
+    pixel within 1 px of the landmark: the far-side jaw in profile is hidden by the cheek).
+
+    Returns:
+        per sample the fraction of visible landmarks within 2 depth bins, and all their gaps (bins).
+    """
+    fracs, gaps = [], []
+    for s in samples:
+        mesh = load_npz(stage_dir / s["files"]["mesh"])
+        code = from_bytes((stage_dir / s["files"]["volume"]).read_bytes())
+        fd = front_depth_of_code(code) + 0.5  # centre of the front voxel
+        lm = mesh["landmarks"].astype(np.float64)
+        size = code.shape[1]
+        r = rasterize(mesh["verts"], mesh["tris"], size, size, keep="front")
+        c = np.clip(np.round(lm[:, :2]).astype(int), 0, size - 1)
+        d = np.abs(fd[c[:, 1], c[:, 0]] - 2 * lm[:, 2])
+        visible = np.abs(r.depth[c[:, 1], c[:, 0]] - lm[:, 2]) < 1.0
+        assert visible.sum() >= min_visible, s["id"]
+        fracs.append(float(np.mean(d[visible] <= 2.0)))
+        gaps.append(d[visible])
+    return fracs, np.concatenate(gaps)
+
+
+def compose_pipeline(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``conf/pipeline/<config_name>.yaml`` as ``python -m data_pipeline.run`` does."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR / "pipeline")):
+        return compose(config_name=config_name, overrides=overrides)

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from vrn.geometry.transforms import euler_to_matrix
+from vrn.volume.codec import CodecError, VolumeCode, decode, decode_torch, encode, from_bytes, to_bytes
 from vrn.volume.surface import front_depth_of_code
-from vrn.volume.codec import (CodecError, VolumeCode, decode, decode_torch, encode, from_bytes,
-                              to_bytes)
 from vrn.volume.voxelize import voxelize_face
 
 
@@ -22,10 +21,10 @@ def random_volume(rng: np.random.Generator, D: int = 200, H: int = 24, W: int = 
             for _ in range(nruns[r, c]):
                 a, b = np.sort(rng.integers(0, D + 1, 2))
                 vol[a:b, r, c] = True
-    vol[:, 0, 0] = True          # full column
-    vol[0, 1, 0] = True          # bottom voxel only
-    vol[D - 1, 2, 0] = True      # top voxel only
-    vol[::2, 3, 0] = True        # D/2 runs of one voxel
+    vol[:, 0, 0] = True  # full column
+    vol[0, 1, 0] = True  # bottom voxel only
+    vol[D - 1, 2, 0] = True  # top voxel only
+    vol[::2, 3, 0] = True  # D/2 runs of one voxel
     return vol
 
 

@@ -17,8 +17,9 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-GROUP_OVERRIDES = [f"{g}={o}" for g in ("data", "model", "trainer", "callbacks", "logger", "debug", "experiment")
-                   for o in _options(g)]
+GROUP_OVERRIDES = [
+    f"{g}={o}" for g in ("data", "model", "trainer", "callbacks", "logger", "debug", "experiment") for o in _options(g)
+]
 
 
 @pytest.mark.parametrize("override", GROUP_OVERRIDES)
@@ -82,8 +83,9 @@ def test_gpus_alias_builds_a_cpu_trainer(tmp_path):
 
 def test_logger_none_builds_a_trainer_without_lr_monitor(tmp_path):
     """`logger=none` with the default callbacks: LearningRateMonitor (needs a logger) is dropped."""
-    cfg = compose_config("train", ["logger=none", "trainer.accelerator=cpu", "trainer.max_epochs=1"],
-                         output_dir=tmp_path)
+    cfg = compose_config(
+        "train", ["logger=none", "trainer.accelerator=cpu", "trainer.max_epochs=1"], output_dir=tmp_path
+    )
     callbacks = build_callbacks(cfg.get("callbacks"))
     assert any(type(cb).__name__ == "LearningRateMonitor" for cb in callbacks)  # the default list has one
     loggers = build_loggers(cfg.get("logger"))

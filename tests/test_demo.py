@@ -19,7 +19,7 @@ import pytest
 import torch
 import trimesh
 
-from tests.helpers import compose_config
+from tests.helpers import compose_config, tiny_train_overrides
 from vrn.geometry.transforms import CropTransform
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
@@ -30,11 +30,20 @@ def trained_ckpt(synthetic_packed: Path, tmp_path_factory) -> Path:
     from vrn.train import train
 
     out = tmp_path_factory.mktemp("tiny_run")
-    cfg = compose_config("train", [
-        "data=folder", f"data.root={synthetic_packed}", "data.num_workers=0", "data.batch_size=2",
-        "model=vrn_tiny", "logger=csv", "callbacks=default", "~callbacks.volume_preview", "trainer.accelerator=cpu",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false",
-    ], output_dir=out)
+    cfg = compose_config(
+        "train",
+        [
+            *tiny_train_overrides(synthetic_packed, "csv"),
+            "callbacks=default",
+            "~callbacks.volume_preview",
+            "trainer.accelerator=cpu",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "test=false",
+        ],
+        output_dir=out,
+    )
     train(cfg)
     ckpt = out / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
@@ -47,7 +56,7 @@ def _biased(src: Path, dst: Path, slab: tuple[int, int] | None) -> Path:
     sd["net.head.1.weight"].zero_()
     sd["net.head.1.bias"].fill_(-8.0)
     if slab is not None:
-        sd["net.head.1.bias"][slab[0]:slab[1]] = 8.0
+        sd["net.head.1.bias"][slab[0] : slab[1]] = 8.0
     torch.save(state, dst)
     return dst
 
@@ -74,8 +83,19 @@ def photos(tmp_path_factory) -> Path:
 
 
 def _demo_cfg(input_dir: Path, ckpt: Path, out: Path, *extra: str):
-    return compose_config("demo", [f"input={input_dir}", f"ckpt={ckpt}", f"output_dir={out}", "detector=tddfa",
-                                   "turntable_frames=4", "turntable_size=96", *extra], output_dir=out)
+    return compose_config(
+        "demo",
+        [
+            f"input={input_dir}",
+            f"ckpt={ckpt}",
+            f"output_dir={out}",
+            "detector=tddfa",
+            "turntable_frames=4",
+            "turntable_size=96",
+            *extra,
+        ],
+        output_dir=out,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +128,14 @@ def test_demo_files_exist_and_parse(demo_run) -> None:
     (rep,) = [r for r in reports if r.path == "trump_hillary.jpg"]
     for k, face in enumerate(rep.faces):
         base = out / f"trump_hillary_face{k}"
-        names = {"obj": ".obj", "ply": ".ply", "glb": ".glb", "depth": "_depth.png", "overlay": "_overlay.png",
-                 "turntable": "_turntable.gif"}
+        names = {
+            "obj": ".obj",
+            "ply": ".ply",
+            "glb": ".glb",
+            "depth": "_depth.png",
+            "overlay": "_overlay.png",
+            "turntable": "_turntable.gif",
+        }
         for key, suffix in names.items():
             p = Path(f"{base}{suffix}")
             assert p.is_file() and face.files[key] == str(p), key
@@ -157,15 +183,18 @@ def test_demo_no_surface(photos: Path, empty_ckpt: Path, tmp_path: Path, capsys)
     single = tmp_path / "in"
     single.mkdir()
     shutil.copy(photos / "trump_hillary.jpg", single)
-    reports = run_demo(_demo_cfg(single / "trump_hillary.jpg", empty_ckpt, tmp_path / "out", "num_workers=0",
-                                 "save_volume=true"))
+    reports = run_demo(
+        _demo_cfg(single / "trump_hillary.jpg", empty_ckpt, tmp_path / "out", "num_workers=0", "save_volume=true")
+    )
     (rep,) = reports
     assert rep.status == "ok" and len(rep.faces) == 2
     assert all(not f.has_surface for f in rep.faces)
     line = capsys.readouterr().out
     assert "no surface (empty volume), nothing written" in line
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix not in (".json", ".log")) == [
-        "trump_hillary_face0.vrnc", "trump_hillary_face1.vrnc"]
+        "trump_hillary_face0.vrnc",
+        "trump_hillary_face1.vrnc",
+    ]
 
 
 def test_reconstructor_api_on_a_photo(slab_ckpt: Path) -> None:
@@ -189,8 +218,17 @@ def test_demo_logs_meshes_to_wandb(photos: Path, slab_ckpt: Path, tmp_path: Path
 
     run = wandb.init(mode="offline", dir=str(tmp_path), project="vrn-test")
     try:
-        run_demo(_demo_cfg(photos / "trump_hillary.jpg", slab_ckpt, tmp_path / "out", "num_workers=0",
-                           "formats=[ply]", "turntable=false", "depth=false"))
+        run_demo(
+            _demo_cfg(
+                photos / "trump_hillary.jpg",
+                slab_ckpt,
+                tmp_path / "out",
+                "num_workers=0",
+                "formats=[ply]",
+                "turntable=false",
+                "depth=false",
+            )
+        )
         run_dir = Path(run.dir)
     finally:
         wandb.finish()
@@ -203,8 +241,9 @@ def test_demo_logs_meshes_to_wandb(photos: Path, slab_ckpt: Path, tmp_path: Path
 def test_demo_whole_image_folder(slab_ckpt: Path, tmp_path: Path) -> None:
     from vrn.demo import run_demo
 
-    reports = run_demo(_demo_cfg(IMAGES, slab_ckpt, tmp_path / "out", "num_workers=2", "batch_size=4",
-                                 "turntable=false"))
+    reports = run_demo(
+        _demo_cfg(IMAGES, slab_ckpt, tmp_path / "out", "num_workers=2", "batch_size=4", "turntable=false")
+    )
     by = {r.path: r for r in reports}
     assert len(reports) == len(list(IMAGES.glob("*.jpg")))
     assert by["grass.jpg"].status == "no_face" and len(by["trump_hillary.jpg"].faces) == 2
@@ -214,16 +253,27 @@ def test_demo_whole_image_folder(slab_ckpt: Path, tmp_path: Path) -> None:
             assert r.status == "ok" and all(Path(f.files["ply"]).is_file() for f in r.faces), r.line()
 
 
-def test_demo_wandb_true_starts_and_finishes_its_own_run(photos: Path, slab_ckpt: Path, tmp_path: Path,
-                                                         monkeypatch) -> None:
+def test_demo_wandb_true_starts_and_finishes_its_own_run(
+    photos: Path, slab_ckpt: Path, tmp_path: Path, monkeypatch
+) -> None:
     import wandb
 
     from vrn.demo import run_demo
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "out"
-    run_demo(_demo_cfg(photos / "trump_hillary.jpg", slab_ckpt, out, "num_workers=0", "formats=[ply]",
-                       "turntable=false", "depth=false", "wandb=true"))
+    run_demo(
+        _demo_cfg(
+            photos / "trump_hillary.jpg",
+            slab_ckpt,
+            out,
+            "num_workers=0",
+            "formats=[ply]",
+            "turntable=false",
+            "depth=false",
+            "wandb=true",
+        )
+    )
     assert wandb.run is None  # the demo finished the run it started
     (run_dir,) = list((out / "wandb").glob("offline-run-*"))
     assert len(list(run_dir.rglob("media/object3D/**/*.glb"))) == 2

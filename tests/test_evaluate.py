@@ -11,14 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import DictConfig
 
+from tests.helpers import EVAL_CONF_DIR, compose_config
 from vrn.conventions import DEFAULT_LAYOUT
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
-
-from tests.helpers import CONF_DIR, compose_config
 from vrn.nme import (
     icp,
     interocular_distance,
@@ -34,21 +30,11 @@ from vrn.nme import (
 )
 
 AFLW = Path(__file__).resolve().parents[2] / "shared" / "data" / "aflw2000_3d_sample"
-EVAL_CONF_DIR = CONF_DIR / "eval_data"
 
 
 def compose_eval(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """Compose ``conf/eval_data/evaluate.yaml`` (evaluation's own config folder) as
-    ``python -m vrn.evaluate`` does; hydra: interpolations resolvable."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(EVAL_CONF_DIR)):
-        cfg = compose(config_name="evaluate", overrides=overrides, return_hydra_config=True)
-        HydraConfig().set_config(cfg)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            cfg.paths.log_dir = str(output_dir)
-    return cfg
+    """Compose ``conf/eval_data/evaluate.yaml`` as ``python -m vrn.evaluate`` does."""
+    return compose_config("evaluate", overrides, output_dir, config_dir=EVAL_CONF_DIR)
 
 
 # --------------------------------------------------------------------------------------
@@ -58,7 +44,7 @@ def compose_eval(overrides: list[str], output_dir: Path | None = None) -> DictCo
 
 def cap(step: float = 4.0, radius: float = 60.0, half: float = 40.0) -> np.ndarray:
     """A sparse grid on a sphere cap (a face-sized, curved surface): (N, 3)."""
-    g = np.mgrid[-half:half + 1:step, -half:half + 1:step].reshape(2, -1).T
+    g = np.mgrid[-half : half + 1 : step, -half : half + 1 : step].reshape(2, -1).T
     return np.c_[g, np.sqrt(radius**2 - (g**2).sum(1))]
 
 
@@ -158,14 +144,20 @@ def test_surface_depth_at_plane_and_fallback() -> None:
     xs, ys = np.meshgrid(np.linspace(10, 50, 9), np.linspace(20, 40, 5))
     v = np.c_[xs.ravel(), ys.ravel(), 0.5 * xs.ravel() + 0.25 * ys.ravel() + 3]
     i = np.arange(9 * 5).reshape(5, 9)
-    f = np.concatenate([np.c_[i[:-1, :-1].ravel(), i[:-1, 1:].ravel(), i[1:, :-1].ravel()],
-                        np.c_[i[1:, :-1].ravel(), i[:-1, 1:].ravel(), i[1:, 1:].ravel()]])
+    f = np.concatenate(
+        [
+            np.c_[i[:-1, :-1].ravel(), i[:-1, 1:].ravel(), i[1:, :-1].ravel()],
+            np.c_[i[1:, :-1].ravel(), i[:-1, 1:].ravel(), i[1:, 1:].ravel()],
+        ]
+    )
     q = np.array([[20.3, 30.7], [33.0, 25.5], [70.0, 30.0], [np.nan, 1.0]])
     z = surface_depth_at(v, f, q)
     np.testing.assert_allclose(z[:2], 0.5 * q[:2, 0] + 0.25 * q[:2, 1] + 3, atol=1e-4)
     # outside: the nearest covered pixel centre, x = 49 or 50 (the fill rule owns one of them)
-    assert z[2] in (pytest.approx(0.5 * 49 + 0.25 * 30 + 3, abs=1e-4),
-                    pytest.approx(0.5 * 50 + 0.25 * 30 + 3, abs=1e-4))
+    assert z[2] in (
+        pytest.approx(0.5 * 49 + 0.25 * 30 + 3, abs=1e-4),
+        pytest.approx(0.5 * 50 + 0.25 * 30 + 3, abs=1e-4),
+    )
     assert math.isnan(z[3])
 
 
@@ -182,7 +174,16 @@ def test_front_surface_points_of_a_box() -> None:
 
 def test_yaw_buckets_and_summary() -> None:
     assert [yaw_bucket(y) for y in (0, -29.9, 30, 30.01, 59, -60, 60.5, 90, 97)] == [
-        "[0, 30]", "[0, 30]", "[0, 30]", "(30, 60]", "(30, 60]", "(30, 60]", "(60, 90]", "(60, 90]", "(60, 90]"]
+        "[0, 30]",
+        "[0, 30]",
+        "[0, 30]",
+        "(30, 60]",
+        "(30, 60]",
+        "(30, 60]",
+        "(60, 90]",
+        "(60, 90]",
+        "(60, 90]",
+    ]
     from vrn.geometry.transforms import euler_to_matrix
 
     assert yaw_from_rotation(euler_to_matrix(37.0, 10.0, -5.0)) == pytest.approx(37.0)
@@ -252,8 +253,16 @@ def _check_results(out: Path, n: int, metrics: list[str]) -> dict:
 def test_evaluate_synthetic_test_split(slab_ckpt: Path, tmp_path: Path) -> None:
     from vrn.evaluate import evaluate
 
-    cfg = compose_eval([f"ckpt={slab_ckpt}", "data=synthetic", f"paths.data_dir={tmp_path}",
-                        "data.datamodule.num_test=3", "batch_size=2"], output_dir=tmp_path / "run")
+    cfg = compose_eval(
+        [
+            f"ckpt={slab_ckpt}",
+            "data=synthetic",
+            f"paths.data_dir={tmp_path}",
+            "data.datamodule.num_test=3",
+            "batch_size=2",
+        ],
+        output_dir=tmp_path / "run",
+    )
     evaluate(cfg)
     res = _check_results(tmp_path / "run", 3, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "iou"])
     # only the test split was rendered (no training cache there)
@@ -264,8 +273,9 @@ def test_evaluate_synthetic_test_split(slab_ckpt: Path, tmp_path: Path) -> None:
 def test_evaluate_packed_folder(slab_ckpt: Path, synthetic_packed: Path, tmp_path: Path) -> None:
     from vrn.evaluate import evaluate
 
-    cfg = compose_eval([f"ckpt={slab_ckpt}", "data=folder", f"data.root={synthetic_packed}", "max_samples=2"],
-                       output_dir=tmp_path)
+    cfg = compose_eval(
+        [f"ckpt={slab_ckpt}", "data=folder", f"data.root={synthetic_packed}", "max_samples=2"], output_dir=tmp_path
+    )
     assert cfg.data_name == "folder"
     res = evaluate(cfg)
     _check_results(tmp_path, 2, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "iou"])
@@ -308,8 +318,11 @@ def test_evaluate_aflw2000_3d(slab_ckpt: Path, tmp_path: Path) -> None:
 def test_evaluate_aflw2000_3d_with_detector(slab_ckpt: Path, tmp_path: Path) -> None:
     from vrn.evaluate import evaluate
 
-    res = evaluate(compose_eval([f"ckpt={slab_ckpt}", "data=aflw2000_3d", f"data.root={AFLW}", "data.crop=detector"],
-                                output_dir=tmp_path))
+    res = evaluate(
+        compose_eval(
+            [f"ckpt={slab_ckpt}", "data=aflw2000_3d", f"data.root={AFLW}", "data.crop=detector"], output_dir=tmp_path
+        )
+    )
     assert all(r["info_crop"] == "detector" for r in res["samples"])
     # the 2D NME is the detector's (3DDFA_V2 mb05 + FaceBoxes: 3.26 % upstream on these 6)
     assert 0.02 < res["summary"]["all"]["nme_lmk_2d"] < 0.045

@@ -34,9 +34,14 @@ def test_tddfa_port_imports_nothing_from_the_project():
         tree = ast.parse(f.read_text(), filename=str(f))
         bad += [f"{f.name}: {m}" for m in _imported_modules(tree) if m.split(".")[0] in FORBIDDEN]
         # no sys.path patching either
-        bad += [f"{f.name}: sys.path" for n in ast.walk(tree)
-                if isinstance(n, ast.Attribute) and n.attr == "path"
-                and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+        bad += [
+            f"{f.name}: sys.path"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute)
+            and n.attr == "path"
+            and isinstance(n.value, ast.Name)
+            and n.value.id == "sys"
+        ]
     assert not bad, bad
 
 

@@ -16,8 +16,8 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_BINS
-from vrn.detectors.base import Detection
 from vrn.data.synthetic import SyntheticFaceConfig, render_sample
+from vrn.detectors.base import Detection
 from vrn.geometry.transforms import CropTransform
 from vrn.inference import (
     PreparedImage,
@@ -47,8 +47,9 @@ def _paste(crop: np.ndarray, T: CropTransform, hw: tuple[int, int], rng: np.rand
     """A photo of size hw whose pixels inside the crop's footprint come from ``crop`` via T."""
     H, W = hw
     bg = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
-    return cv2.warpAffine(crop, T.matrix, (W, H), dst=bg, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_TRANSPARENT)
+    return cv2.warpAffine(
+        crop, T.matrix, (W, H), dst=bg, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_TRANSPARENT
+    )
 
 
 def _crop_to_photo(p: np.ndarray, centre: tuple[float, float], scale: float, angle_deg: float) -> np.ndarray:
@@ -77,8 +78,8 @@ def _voxel_boundary_points(vol: np.ndarray, depth_factor: float = 2.0) -> np.nda
 
 CASES = [
     # seed, crop px per photo px, rotation (deg), photo (H, W), face centre in the photo (x, y)
-    (0, 0.5, 0.0, (480, 640), (300.0, 220.0)),   # face magnified 2x in the photo
-    (1, 1.6, 0.0, (300, 420), (150.3, 140.7)),   # face smaller than the crop
+    (0, 0.5, 0.0, (480, 640), (300.0, 220.0)),  # face magnified 2x in the photo
+    (1, 1.6, 0.0, (300, 420), (150.3, 140.7)),  # face smaller than the crop
     (2, 0.8, 12.0, (420, 520), (260.0, 200.0)),  # rotated crop
 ]
 
@@ -96,8 +97,11 @@ def test_gt_volume_mesh_lands_on_the_true_surface_in_the_photo(faces, seed, scal
     rng = np.random.default_rng(seed)
     photo = _paste(crop, T, hw, rng)
     rec = Reconstructor(GroundTruthNet(vol), detector=None)
-    det = Detection(box=np.r_[T.apply_inverse(np.array([[0.0, 0.0], [191.0, 191.0]])).ravel()], score=1.0,
-                    landmarks=np.zeros((68, 2)))
+    det = Detection(
+        box=np.r_[T.apply_inverse(np.array([[0.0, 0.0], [191.0, 191.0]])).ravel()],
+        score=1.0,
+        landmarks=np.zeros((68, 2)),
+    )
     prep = PreparedImage(photo, [det], crop[None], [T])
     (face,) = rec.reconstruct_prepared(prep, keep="code")
     assert face.has_surface and face.verts.dtype == np.float32 and face.faces.dtype == np.int32
@@ -145,8 +149,9 @@ def test_z_is_scaled_back_to_photo_px() -> None:
     verts, faces = volume_to_image_mesh(vol.astype(np.float32), T)
     np.testing.assert_allclose([verts[:, 2].min(), verts[:, 2].max()], [45.0 / 0.25, 55.0 / 0.25], atol=1e-3)
     # x: columns 50..139 -> crop x in [49.5, 139.5] -> photo (x - 95.5) / 0.25 + 400
-    np.testing.assert_allclose([verts[:, 0].min(), verts[:, 0].max()],
-                               [(49.5 - 95.5) / 0.25 + 400, (139.5 - 95.5) / 0.25 + 400], atol=1e-3)
+    np.testing.assert_allclose(
+        [verts[:, 0].min(), verts[:, 0].max()], [(49.5 - 95.5) / 0.25 + 400, (139.5 - 95.5) / 0.25 + 400], atol=1e-3
+    )
 
 
 def test_empty_volume_gives_no_surface() -> None:
@@ -154,8 +159,9 @@ def test_empty_volume_gives_no_surface() -> None:
     rec = Reconstructor(GroundTruthNet(vol), detector=None)
     T = CropTransform.from_center_scale((100.0, 100.0), 1.0)
     det = Detection(box=np.array([0, 0, 191, 191.0]), score=0.9, landmarks=np.zeros((68, 2)))
-    (face,) = rec.reconstruct_prepared(PreparedImage(np.zeros((200, 200, 3), np.uint8), [det],
-                                                     np.zeros((1, 192, 192, 3), np.uint8), [T]))
+    (face,) = rec.reconstruct_prepared(
+        PreparedImage(np.zeros((200, 200, 3), np.uint8), [det], np.zeros((1, 192, 192, 3), np.uint8), [T])
+    )
     assert not face.has_surface and face.verts.shape == (0, 3) and face.colors.shape == (0, 3)
     assert face.code is not None and face.code.occupied_voxels() == 0
     with pytest.raises(ValueError, match="no surface"):

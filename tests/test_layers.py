@@ -26,8 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["vrn.conventions", "vrn.image_io", "vrn.atomic_write", "vrn.assets", "vrn.bench_timing"]),
-    ("domain", ["vrn.geometry", "vrn.volume", "vrn.models", "vrn.detectors", "vrn.face_models", "vrn.losses",
-                "vrn.metrics", "vrn.nme", "vrn.render", "vrn.wandb_logging"]),
+    (
+        "domain",
+        [
+            "vrn.geometry",
+            "vrn.volume",
+            "vrn.models",
+            "vrn.detectors",
+            "vrn.face_models",
+            "vrn.losses",
+            "vrn.metrics",
+            "vrn.nme",
+            "vrn.render",
+            "vrn.wandb_logging",
+        ],
+    ),
     ("data", ["vrn.data"]),
     ("run", ["vrn.lit_module", "vrn.builders", "vrn.callbacks", "vrn.train", "vrn.checkpoint", "vrn.inference"]),
     ("apps", ["vrn.demo", "vrn.demo_writer", "vrn.evaluate", "vrn.eval_datasets", "vrn.aflw_benchmark", "vrn"]),
@@ -35,11 +48,26 @@ LAYERS: list[tuple[str, list[str]]] = [
 ]
 
 #: third-party packages that may be imported inside functions (optional extras, or slow to import)
-LAZY_OK = {"wandb", "face_alignment", "dlib", "face_recognition_models", "trimesh", "skimage", "eos",
-           "onnxruntime", "onnx", "torchfile", "submitit", "optuna", "fcntl"}
+LAZY_OK = {
+    "wandb",
+    "face_alignment",
+    "dlib",
+    "face_recognition_models",
+    "trimesh",
+    "skimage",
+    "eos",
+    "onnxruntime",
+    "onnx",
+    "torchfile",
+    "submitit",
+    "optuna",
+    "fcntl",
+}
 #: modules allowed a lazy internal import, with the reason
-LAZY_EXEMPT = {"vrn": "the package root re-exports Reconstructor on first use, so `import vrn.conventions` "
-                      "in a pipeline worker does not load torch, the models and the detectors"}
+LAZY_EXEMPT = {
+    "vrn": "the package root re-exports Reconstructor on first use, so `import vrn.conventions` "
+    "in a pipeline worker does not load torch, the models and the detectors"
+}
 
 
 def _module_name(path: Path) -> str:
@@ -94,8 +122,11 @@ def _layer_of(module: str) -> int | None:
 
 
 def test_every_module_has_a_layer() -> None:
-    missing = [_module_name(p) for p in _sources()
-               if _module_name(p).split(".")[0] in ("vrn", "data_pipeline") and _layer_of(_module_name(p)) is None]
+    missing = [
+        _module_name(p)
+        for p in _sources()
+        if _module_name(p).split(".")[0] in ("vrn", "data_pipeline") and _layer_of(_module_name(p)) is None
+    ]
     assert not missing, f"modules with no layer (add them to LAYERS and docs/architecture.md): {missing}"
 
 
@@ -123,10 +154,15 @@ def test_imports_point_down(path: Path) -> None:
 def test_imports_at_module_top(path: Path) -> None:
     if _module_name(path) in LAZY_EXEMPT:
         return
-    lazy = [f"line {line}: {name}" for name, top, line in _imports(path)
-            if not top and name.split(".")[0] not in LAZY_OK and name != "__future__"]
-    assert not lazy, (f"{_module_name(path)} imports inside functions (move them to the top, or add the package to "
-                      f"LAZY_OK if it is an optional or heavy third-party one):\n" + "\n".join(lazy))
+    lazy = [
+        f"line {line}: {name}"
+        for name, top, line in _imports(path)
+        if not top and name.split(".")[0] not in LAZY_OK and name != "__future__"
+    ]
+    assert not lazy, (
+        f"{_module_name(path)} imports inside functions (move them to the top, or add the package to "
+        f"LAZY_OK if it is an optional or heavy third-party one):\n" + "\n".join(lazy)
+    )
 
 
 def test_rule_catches_a_violation(tmp_path: Path) -> None:
@@ -134,7 +170,9 @@ def test_rule_catches_a_violation(tmp_path: Path) -> None:
     assert _layer_of("vrn.geometry.crop") == 1 and _layer_of("vrn.demo") == 4 and _layer_of("data_pipeline.fit") == 5
     assert _layer_of("vrn.data.packed") == 2 and _layer_of("vrn") == 4
     src = ROOT / "vrn" / "geometry" / "_probe_for_test.py"
-    src.write_text("import numpy\nfrom vrn.inference import Reconstructor\n\ndef f():\n    from vrn.volume import codec\n")
+    src.write_text(
+        "import numpy\nfrom vrn.inference import Reconstructor\n\ndef f():\n    from vrn.volume import codec\n"
+    )
     try:
         with pytest.raises(AssertionError, match="higher layer"):
             test_imports_point_down(src)

@@ -64,8 +64,14 @@ def test_dataset_meets_model_with_another_layout(tmp_path: Path) -> None:
     dm = PackedDataModule(str(root), batch_size=1)
     model = VRNLitModule({"name": "vrn_tiny"}, functools.partial(torch.optim.Adam))
     assert model.layout == DEFAULT_LAYOUT
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(LayoutMismatchError, match="face_size") as e:
         trainer.fit(model, datamodule=dm)
     assert str(root) in str(e.value) and "vrn_tiny" in str(e.value)
@@ -73,8 +79,11 @@ def test_dataset_meets_model_with_another_layout(tmp_path: Path) -> None:
 
 def test_network_depth_bins_must_match_the_layout() -> None:
     with pytest.raises(LayoutMismatchError, match="depth bins"):
-        VRNLitModule({"name": "vrn_tiny"}, functools.partial(torch.optim.Adam),
-                     layout=VolumeLayout(depth_bins=DEFAULT_LAYOUT.depth_bins // 2))
+        VRNLitModule(
+            {"name": "vrn_tiny"},
+            functools.partial(torch.optim.Adam),
+            layout=VolumeLayout(depth_bins=DEFAULT_LAYOUT.depth_bins // 2),
+        )
 
 
 class _BoxDetector:

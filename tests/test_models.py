@@ -54,16 +54,22 @@ def test_vrn_hourglass_deepest_resolution_is_half():
     """The released nesting pools once per level relative to the full-resolution branch."""
     hg = VRNHourglass(depth=4, features=8, n_modules=1)
     seen = []
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
-             for m in hg.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+        for m in hg.modules()
+        if isinstance(m, torch.nn.MaxPool2d)
+    ]
     hg(torch.rand(1, 8, 48, 48))
     for h in hooks:
         h.remove()
     assert min(seen) == 24
     std = StandardHourglass(depth=4, features=8, n_modules=1)
     seen.clear()
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
-             for m in std.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+        for m in std.modules()
+        if isinstance(m, torch.nn.MaxPool2d)
+    ]
     std(torch.rand(1, 8, 48, 48))
     assert min(seen) == 3
 

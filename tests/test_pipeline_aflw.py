@@ -11,19 +11,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from data_pipeline.run import build_stage, run_pipeline
 from data_pipeline.stage import PipelineInputError, load_npz
+from tests.helpers import compose_pipeline, target_surface_at_landmarks
 from vrn.data.packed import PackedReader
 from vrn.detectors.base import get_detector
 from vrn.geometry.crop import crop_face, outside_mask, warp_crop
-from vrn.geometry.raster import rasterize
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
-from vrn.volume.codec import from_bytes
-from vrn.volume.surface import front_depth_of_code
 
 ROOT = Path(__file__).resolve().parents[1]
 # frontal, ~30 deg yaw and two ~90 deg profiles (both sides), with textured backgrounds
@@ -31,10 +27,7 @@ IMAGES = ["image04378", "image04379", "image04389", "image18095", "image47504", 
 
 
 def _cfg(inp: Path, out: Path, *extra: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
-        return compose(config_name="aflw", overrides=[f"input_dir={inp}", f"output_dir={out}", "progress=false",
-                                                      "n_jobs=1", *extra])
+    return compose_pipeline("aflw", [f"input_dir={inp}", f"output_dir={out}", "progress=false", "n_jobs=1", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +98,8 @@ def test_fit_landmarks_are_the_ports(aflw):
 def test_target_front_surface_at_the_landmarks(aflw):
     """As tests/test_pipeline_e2e.py: front_depth at each landmark's pixel vs its depth d = 2 z,
     landmarks hidden by the mesh itself (far-side jaw in profile) excluded by the mesh's z-buffer."""
-    fracs, all_d = [], []
-    for s in _samples(aflw, "voxelize"):
-        mesh = load_npz(aflw / "voxelize" / s["files"]["mesh"])
-        code = from_bytes((aflw / "voxelize" / s["files"]["volume"]).read_bytes())
-        fd = front_depth_of_code(code) + 0.5  # centre of the front voxel
-        lm = mesh["landmarks"].astype(np.float64)
-        r = rasterize(mesh["verts"], mesh["tris"], 192, 192, keep="front")
-        c = np.clip(np.round(lm[:, :2]).astype(int), 0, 191)
-        d = np.abs(fd[c[:, 1], c[:, 0]] - 2 * lm[:, 2])
-        visible = np.abs(r.depth[c[:, 1], c[:, 0]] - lm[:, 2]) < 1.0
-        assert visible.sum() >= 20, s["id"]  # a 90 deg profile hides about half of the 68
-        fracs.append(np.mean(d[visible] <= 2.0))
-        all_d.append(d[visible])
-    all_d = np.concatenate(all_d)
+    # a 90 deg profile hides about half of the 68
+    fracs, all_d = target_surface_at_landmarks(aflw / "voxelize", _samples(aflw, "voxelize"), min_visible=20)
     print("visible landmarks within 2 bins:", np.round(fracs, 3), "median", np.median(all_d))
     assert min(fracs) >= 0.9, fracs
     assert np.median(all_d) <= 1.0 and np.mean(all_d <= 2.0) >= 0.95
@@ -149,8 +130,9 @@ def test_border_modes():
     assert t.scale < 0.75
     pad = 400
     big = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
-    ref = warp_crop(big, CropTransform.from_box(np.array([100.0 + pad, 120.0 + pad, 240.0 + pad, 290.0 + pad]),
-                                                90.0, (192, 192)))
+    ref = warp_crop(
+        big, CropTransform.from_box(np.array([100.0 + pad, 120.0 + pad, 240.0 + pad, 290.0 + pad]), 90.0, (192, 192))
+    )
     c1, _ = crop_face(img, lm, border="reflect")
     assert np.abs(c1.astype(int) - ref.astype(int)).mean() < 2.0
     c2, _ = crop_face(img, lm, border="blur_reflect")

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from data_pipeline.run import STAGES, build_stage
+from tests.helpers import compose_pipeline
 from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE
 from vrn.detectors import Detection, available_detectors, get_detector
 from vrn.geometry.crop import crop_face, crop_transform_for_landmarks, padding_fraction, warp_crop
@@ -56,8 +55,13 @@ def _ramp_image(H: int, W: int, xa: float, xb: float, ya: float, yb: float) -> n
     return img
 
 
-@pytest.mark.parametrize("box", [(250, 250, 274, 270),      # small face: upscaled crop
-                                 (300, 300, 600, 700)])     # large face: area-averaged path
+@pytest.mark.parametrize(
+    "box",
+    [
+        (250, 250, 274, 270),  # small face: upscaled crop
+        (300, 300, 600, 700),
+    ],
+)  # large face: area-averaged path
 def test_crop_pixels_sample_the_photo_at_the_transform(box):
     H, W = 1000, 1000
     x0, y0, x1, y1 = box
@@ -126,16 +130,14 @@ def test_dlib_backend_says_how_to_install():
 
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_config_errors_name_the_key(tmp_path):
     r = _run(["data_pipeline.crop", f"output_dir={tmp_path / 'o'}"], tmp_path)
     assert r.returncode == 2
     assert "input_dir is required" in r.stderr and "input_dir=" in r.stderr
-    r = _run(["data_pipeline.crop", f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}", "detector=nope"],
-             tmp_path)
+    r = _run(["data_pipeline.crop", f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}", "detector=nope"], tmp_path)
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "detector/nope" in out and "tddfa" in out and "fan" in out  # Hydra lists the options
@@ -145,9 +147,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.parametrize("name", ["crop", "fit", "voxelize", "reap", "pack", "run", "300w_lp", "aflw"])
 def test_pipeline_configs_compose_and_build(name, tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
-        cfg = compose(config_name=name, overrides=[f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}"])
+    cfg = compose_pipeline(config_name=name, overrides=[f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}"])
     for st in STAGES:
         if st in cfg:
             stage = build_stage(cfg, st)
@@ -159,9 +159,8 @@ def test_pipeline_configs_compose_and_build(name, tmp_path):
 
 @pytest.mark.parametrize("det", ["tddfa", "tddfa_roi", "fan", "mat"])
 def test_detector_configs_build_lazily(det, tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
-        cfg = compose(config_name="crop", overrides=[f"detector={det}", f"input_dir={tmp_path}",
-                                                     f"output_dir={tmp_path / 'o'}"])
+    cfg = compose_pipeline(
+        config_name="crop", overrides=[f"detector={det}", f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}"]
+    )
     stage = build_stage(cfg, "crop")
     assert stage.detector.name == det and stage.params()["detector"]["name"] == det

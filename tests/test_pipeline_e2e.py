@@ -8,23 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from data_pipeline.pack import split_subjects, subject_of, upstream_layout
 from data_pipeline.run import run_pipeline
 from data_pipeline.stage import PipelineInputError, load_npz
-from tests.helpers import compose_config
+from tests.helpers import compose_config, compose_pipeline, target_surface_at_landmarks
 from vrn.conventions import VolumeLayout
 from vrn.data.packed import PackedReader
 from vrn.face_models.bfm import load_bfm
 from vrn.geometry.crop import warp_crop
-from vrn.geometry.raster import rasterize
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
 from vrn.train import train
 from vrn.volume.codec import from_bytes
-from vrn.volume.surface import front_depth_of_code
 from vrn.volume.voxelize import solid_depth_shift
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +30,16 @@ _F = np.diag([1.0, -1.0, 1.0])
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, shared_dir) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "out"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
-        cfg = compose(config_name="run", overrides=[f"input_dir={shared_dir / 'data' / 'images'}",
-                                                     f"output_dir={out}", "detector=tddfa", "fitter=tddfa",
-                                                     "progress=false"])
+    cfg = compose_pipeline(
+        config_name="run",
+        overrides=[
+            f"input_dir={shared_dir / 'data' / 'images'}",
+            f"output_dir={out}",
+            "detector=tddfa",
+            "fitter=tddfa",
+            "progress=false",
+        ],
+    )
     run_pipeline(cfg)
     return out
 
@@ -118,20 +119,7 @@ def test_target_front_surface_at_the_landmarks(e2e):
     profile) have another surface in front of them, so they are excluded by the mesh's
     own z-buffer (visible: the rendered surface at that pixel is within 1 px of the landmark).
     """
-    fracs, all_d = [], []
-    for s in _samples(e2e, "voxelize"):
-        mesh = load_npz(e2e / "voxelize" / s["files"]["mesh"])
-        code = from_bytes((e2e / "voxelize" / s["files"]["volume"]).read_bytes())
-        fd = front_depth_of_code(code) + 0.5  # centre of the front voxel
-        lm = mesh["landmarks"].astype(np.float64)
-        r = rasterize(mesh["verts"], mesh["tris"], 192, 192, keep="front")
-        c = np.clip(np.round(lm[:, :2]).astype(int), 0, 191)
-        d = np.abs(fd[c[:, 1], c[:, 0]] - 2 * lm[:, 2])
-        visible = np.abs(r.depth[c[:, 1], c[:, 0]] - lm[:, 2]) < 1.0
-        assert visible.sum() >= 35, s["id"]
-        fracs.append(np.mean(d[visible] <= 2.0))
-        all_d.append(d[visible])
-    all_d = np.concatenate(all_d)
+    fracs, all_d = target_surface_at_landmarks(e2e / "voxelize", _samples(e2e, "voxelize"), min_visible=35)
     assert min(fracs) >= 0.9, fracs
     assert np.median(all_d) <= 1.0 and np.mean(all_d <= 2.0) >= 0.95
 
@@ -167,10 +155,17 @@ def test_packed_layout_is_the_one_the_stages_used(tmp_path, shared_dir):
     inp.mkdir()
     (inp / "emma.jpg").symlink_to(shared_dir / "data" / "images" / "emma.jpg")
     out = tmp_path / "out"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
-        cfg = compose(config_name="run", overrides=[f"input_dir={inp}", f"output_dir={out}", "detector=tddfa",
-                                                     "fitter=tddfa", "crop.face_size=100", "progress=false"])
+    cfg = compose_pipeline(
+        config_name="run",
+        overrides=[
+            f"input_dir={inp}",
+            f"output_dir={out}",
+            "detector=tddfa",
+            "fitter=tddfa",
+            "crop.face_size=100",
+            "progress=false",
+        ],
+    )
     run_pipeline(cfg)
     s = _samples(out, "crop")[0]
     box = np.ptp(np.asarray(json.loads((out / "crop" / s["files"]["crop_record"]).read_text())["landmarks_crop"]), 0)
@@ -181,8 +176,14 @@ def test_packed_layout_is_the_one_the_stages_used(tmp_path, shared_dir):
 
 
 def _fake_manifest(root: Path, stage: str, params: dict, upstream: str | None) -> dict:
-    man = {"stage": stage, "params": params, "input_dir": f"../{upstream or 'photos'}", "upstream_stage": upstream,
-           "samples": [], "failures": []}
+    man = {
+        "stage": stage,
+        "params": params,
+        "input_dir": f"../{upstream or 'photos'}",
+        "upstream_stage": upstream,
+        "samples": [],
+        "failures": [],
+    }
     (root / stage).mkdir(exist_ok=True)
     (root / stage / "manifest.json").write_text(json.dumps(man))
     return man
@@ -217,11 +218,24 @@ def test_subject_rule_and_split_are_deterministic():
 
 
 def test_packed_dataset_trains(e2e, tmp_path):
-    cfg = compose_config("train", ["data=folder", f"data.root={e2e / 'packed'}", "model=vrn_tiny", "logger=none",
-                                   "trainer.max_steps=3", "trainer.max_epochs=1", "callbacks=none",
-                                   "data.num_workers=0", "data.batch_size=2", "trainer.accelerator=cpu",
-                                   "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"],
-                         output_dir=tmp_path)
+    cfg = compose_config(
+        "train",
+        [
+            "data=folder",
+            f"data.root={e2e / 'packed'}",
+            "model=vrn_tiny",
+            "logger=none",
+            "trainer.max_steps=3",
+            "trainer.max_epochs=1",
+            "callbacks=none",
+            "data.num_workers=0",
+            "data.batch_size=2",
+            "trainer.accelerator=cpu",
+            "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1",
+        ],
+        output_dir=tmp_path,
+    )
     metrics = train(cfg)
     assert np.isfinite(metrics["train/loss"])
     assert 0.0 <= metrics["test/iou"] <= 1.0  # the test split ran on the packed test subjects

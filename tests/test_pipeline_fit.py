@@ -32,8 +32,9 @@ def compose_pipeline(name: str, overrides: list[str]):
 
 
 def _mats(shared_dir: Path) -> list[Path]:
-    return sorted((shared_dir / "data" / "aflw2000_3d_sample").glob("*.mat")) + \
-        sorted((shared_dir / "data" / "300w_lp_sample").glob("*.mat"))
+    return sorted((shared_dir / "data" / "aflw2000_3d_sample").glob("*.mat")) + sorted(
+        (shared_dir / "data" / "300w_lp_sample").glob("*.mat")
+    )
 
 
 def test_mat_fit_reproduces_the_mat_landmarks(shared_dir):
@@ -114,8 +115,7 @@ def lp_run(tmp_path_factory, shared_dir):
         os.symlink(p, inp / "AFLW2000" / p.name)
     for p in (shared_dir / "data" / "300w_lp_sample").glob("*"):
         os.symlink(p, inp / "IBUG" / p.name)
-    cfg = compose_pipeline("300w_lp", [f"input_dir={inp}", f"output_dir={root / 'out'}", "n_jobs=1",
-                                       "progress=false"])
+    cfg = compose_pipeline("300w_lp", [f"input_dir={inp}", f"output_dir={root / 'out'}", "n_jobs=1", "progress=false"])
     assert cfg.detector._target_.endswith("MatLandmarks") and cfg.fitter._target_.endswith("MatFitter")
     run_pipeline(cfg)
     return inp, root / "out"
@@ -170,14 +170,23 @@ def test_user_supplied_face3d_bfm_mat_is_reduced_to_the_no_neck_mesh(tmp_path, s
     shape_pc[kp_rows] = off.w_shp_base
     exp_pc[kp_rows] = off.w_exp_base
     p = tmp_path / "BFM.mat"
-    sio.savemat(str(p), {"model": {"shapeMU": mu_s, "expMU": mu_e, "shapePC": shape_pc, "expPC": exp_pc,
-                                   "kpt_ind": (kp_rows[0::3] // 3 + 1).reshape(1, -1).astype(np.float64)}},
-                do_compression=True)
+    sio.savemat(
+        str(p),
+        {
+            "model": {
+                "shapeMU": mu_s,
+                "expMU": mu_e,
+                "shapePC": shape_pc,
+                "expPC": exp_pc,
+                "kpt_ind": (kp_rows[0::3] // 3 + 1).reshape(1, -1).astype(np.float64),
+            }
+        },
+        do_compression=True,
+    )
     bfm = load_dense_bfm(p)
     assert bfm.source == "bfm_full_mat" and bfm.n_vertices == 38365
     np.testing.assert_array_equal(bfm.landmark_vertices, off.landmark_vertices)
     rng = np.random.default_rng(0)
     a_s, a_e = rng.normal(size=40) * 1e5, rng.normal(size=10)
-    np.testing.assert_allclose(bfm.shape(a_s, a_e, dense=False), off.shape(a_s, a_e, dense=False), rtol=1e-4,
-                               atol=1.0)
+    np.testing.assert_allclose(bfm.shape(a_s, a_e, dense=False), off.shape(a_s, a_e, dense=False), rtol=1e-4, atol=1.0)
     np.testing.assert_allclose(bfm.u, off.u, rtol=1e-5, atol=1e-2)  # v1 mean + expression mean = v2 mean

@@ -135,9 +135,11 @@ def test_npz_bytes_are_deterministic(tmp_path):
     assert d["v"].shape == (2, 3) and str(d["s"]) == "bfm"
 
 
-_TOY_CMD = ("import sys; from pathlib import Path; from tests.test_pipeline_stage import ToyStage; "
-            "from data_pipeline.runner import run_stage; "
-            "run_stage(ToyStage(sleep=0.01), Path(sys.argv[1]), Path(sys.argv[2]), n_jobs=2, progress=False)")
+_TOY_CMD = (
+    "import sys; from pathlib import Path; from tests.test_pipeline_stage import ToyStage; "
+    "from data_pipeline.runner import run_stage; "
+    "run_stage(ToyStage(sleep=0.01), Path(sys.argv[1]), Path(sys.argv[2]), n_jobs=2, progress=False)"
+)
 
 
 def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path):
@@ -148,10 +150,14 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path):
     out = tmp_path / "b" / "out"
     rng = np.random.default_rng(0)
     kills = 0
-    for attempt in range(6):
+    for _attempt in range(6):
         before = _count(out / "done")
-        p = subprocess.Popen([sys.executable, "-c", _TOY_CMD, str(inp), str(out)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [sys.executable, "-c", _TOY_CMD, str(inp), str(out)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         # once workers are busy, kill after a random few ms (often inside a write)
         while p.poll() is None and _count(out / "done") <= before:
             time.sleep(0.005)
@@ -172,16 +178,29 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path):
 
 def _real_subset(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    for n in ("AFLW_image00046.jpg", "AFLW_image00095.jpg", "AFLW_image00656.jpg", "aflw-test.jpg",
-              "grass.jpg"):
+    for n in ("AFLW_image00046.jpg", "AFLW_image00095.jpg", "AFLW_image00656.jpg", "aflw-test.jpg", "grass.jpg"):
         os.symlink(SHARED_IMAGES / n, folder / n)
     return folder
 
 
 def _pipeline(inp: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "data_pipeline.run", f"input_dir={inp}", f"output_dir={out}",
-                             "stages=[crop,fit,voxelize]", "detector=tddfa", "torch_threads=1", "progress=false"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline.run",
+            f"input_dir={inp}",
+            f"output_dir={out}",
+            "stages=[crop,fit,voxelize]",
+            "detector=tddfa",
+            "torch_threads=1",
+            "progress=false",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _count(folder: Path) -> int:

@@ -58,13 +58,21 @@ def test_single_triangle_matches_reference() -> None:
 
 def test_front_back_choice_with_overlap() -> None:
     H = W = 32
-    verts = np.array([[2, 2, 10], [28, 2, 10], [2, 28, 10],     # plane z = 10 (tri 0)
-                      [4, 4, 20], [30, 4, 30], [4, 30, 5]],      # sloped, crosses z = 10 (tri 1)
-                     np.float32)
+    verts = np.array(
+        [
+            [2, 2, 10],
+            [28, 2, 10],
+            [2, 28, 10],  # plane z = 10 (tri 0)
+            [4, 4, 20],
+            [30, 4, 30],
+            [4, 30, 5],
+        ],  # sloped, crosses z = 10 (tri 1)
+        np.float32,
+    )
     tris = np.array([[0, 1, 2], [3, 5, 4]], np.int32)
     front = rasterize(verts, tris, H, W, keep="front")
     back = rasterize(verts, tris, H, W, keep="back")
-    both = (np.diff(depth_crossings(verts, tris, H, W)[0]).reshape(H, W) == 2)
+    both = np.diff(depth_crossings(verts, tris, H, W)[0]).reshape(H, W) == 2
     assert both.sum() > 100
     d0 = np.full((H, W), 10.0)
     # plane of tri 1 through its vertices: z = 20 + (x-4)*10/26 + (y-4)*(-15/26)
@@ -139,7 +147,7 @@ def test_crossings_sorted_front_to_back() -> None:
     off, z, facing = depth_crossings(v, t, 20, 20)
     assert off[0] == 0 and off[-1] == len(z) == len(facing)
     for k in np.nonzero(np.diff(off) > 1)[0]:
-        zz = z[off[k]:off[k + 1]]
+        zz = z[off[k] : off[k + 1]]
         assert np.all(np.diff(zz) <= 0)
     assert set(np.unique(facing)) <= {-1, 1}
     # the z-buffer's front depth is the first crossing
@@ -163,7 +171,9 @@ def test_bad_input_raises() -> None:
     with pytest.raises(ValueError):
         depth_crossings(np.array([[0, 0, np.nan], [1, 0, 0], [0, 1, 0]], np.float32), np.array([[0, 1, 2]]), 4, 4)
     with pytest.raises(ValueError):
-        depth_crossings(np.array([[0, 0, 0], [MAX_ABS_COORD, 0, 0], [0, 1, 0]], np.float32), np.array([[0, 1, 2]]), 4, 4)
+        depth_crossings(
+            np.array([[0, 0, 0], [MAX_ABS_COORD, 0, 0], [0, 1, 0]], np.float32), np.array([[0, 1, 2]]), 4, 4
+        )
     with pytest.raises(ValueError):
         rasterize(v, np.array([[0, 1, 2]]), 4, 4, keep="middle")  # type: ignore[arg-type]
 
@@ -180,6 +190,7 @@ def test_boundary_edges_directed() -> None:
 
 # ---- transforms (vrn.geometry.transforms) ----------------------------------------------
 
+
 def test_euler_to_matrix_axes_and_signs() -> None:
     from vrn.geometry.transforms import euler_to_matrix
 
@@ -187,12 +198,13 @@ def test_euler_to_matrix_axes_and_signs() -> None:
     np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
     assert np.linalg.det(R) == pytest.approx(1.0)
     nose = np.array([0.0, 0.0, 1.0])
-    assert (euler_to_matrix(30, 0, 0) @ nose)[0] > 0      # +yaw: face turns to image right
-    assert (euler_to_matrix(0, 30, 0) @ nose)[1] < 0      # +pitch: face turns up (-y)
+    assert (euler_to_matrix(30, 0, 0) @ nose)[0] > 0  # +yaw: face turns to image right
+    assert (euler_to_matrix(0, 30, 0) @ nose)[1] < 0  # +pitch: face turns up (-y)
     assert (euler_to_matrix(0, 0, 30) @ np.array([1.0, 0, 0]))[1] > 0  # +roll: x toward +y
     # order: Rz(roll) Ry(yaw) Rx(pitch)
-    np.testing.assert_allclose(R, euler_to_matrix(0, 0, 10) @ euler_to_matrix(30, 0, 0) @ euler_to_matrix(0, -20, 0),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        R, euler_to_matrix(0, 0, 10) @ euler_to_matrix(30, 0, 0) @ euler_to_matrix(0, -20, 0), atol=1e-12
+    )
 
 
 def test_crop_transform_round_trip_and_json() -> None:

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from data_pipeline.fit import SFMFitter
 from data_pipeline.run import run_pipeline
+from tests.helpers import compose_pipeline
 from vrn.face_models.mat_fit import load_mat_fit
-from vrn.face_models.sfm import load_sfm
-from vrn.face_models.sfm import load_sfm_contours
+from vrn.face_models.sfm import load_sfm, load_sfm_contours
 from vrn.face_models.sfm_fit import (
     fit_sfm_to_landmarks,
     sfm_landmark_vertices,
@@ -124,9 +122,7 @@ def test_sfm_fitter_on_a_real_aflw2000_face(shared_dir):
 
 
 def test_fitter_config_and_pickling():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
-        cfg = compose(config_name="fit", overrides=["fitter=sfm"])
+    cfg = compose_pipeline(config_name="fit", overrides=["fitter=sfm"])
     f = instantiate(cfg.fitter)
     assert isinstance(f, SFMFitter) and f.params()["name"] == "sfm" and "smooth_standin" not in f.params()
     assert f.params()["lambda_shape"] == 30.0
@@ -140,11 +136,18 @@ def test_pipeline_with_fitter_sfm(tmp_path, shared_dir):
     inp.mkdir()
     for p in (shared_dir / "data" / "aflw2000_3d_sample").glob("image00050*"):
         os.symlink(p, inp / p.name)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "pipeline")):
-        cfg = compose(config_name="run", overrides=[f"input_dir={inp}", f"output_dir={tmp_path / 'out'}", "n_jobs=1",
-                                                    "progress=false", "detector=mat", "fitter=sfm",
-                                                    "stages=[crop,fit,voxelize]"])
+    cfg = compose_pipeline(
+        config_name="run",
+        overrides=[
+            f"input_dir={inp}",
+            f"output_dir={tmp_path / 'out'}",
+            "n_jobs=1",
+            "progress=false",
+            "detector=mat",
+            "fitter=sfm",
+            "stages=[crop,fit,voxelize]",
+        ],
+    )
     run_pipeline(cfg)
     man = json.loads((tmp_path / "out" / "voxelize" / "manifest.json").read_text())
     assert len(man["samples"]) == 1, man["failures"]

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import scipy.io as sio
+
 from tddfa_v2 import (
     TDDFA,
     FaceBoxesDetector,
@@ -26,7 +27,6 @@ from tddfa_v2 import (
     roi_box_from_landmarks,
     similar_transform,
 )
-
 from vrn.assets import AssetNotFoundError, available, resolve
 from vrn.face_models.bfm import load_bfm
 from vrn.face_models.tddfa_models import load_faceboxes, load_tddfa
@@ -80,8 +80,13 @@ def detector() -> FaceBoxesDetector:
 
 @pytest.fixture(scope="module")
 def tddfa() -> TDDFA:
-    return TDDFA(resolve("3ddfa_v2/mb05_120x120.pth"), resolve("3ddfa_v2/param_mean_std_62d_120x120.pkl"),
-                 load_bfm("auto"), arch="mb05", device="cpu")
+    return TDDFA(
+        resolve("3ddfa_v2/mb05_120x120.pth"),
+        resolve("3ddfa_v2/param_mean_std_62d_120x120.pkl"),
+        load_bfm("auto"),
+        arch="mb05",
+        device="cpu",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,22 +167,19 @@ def test_nms_inclusive_iou():
 
 
 def test_parity_with_upstream(samples, reference, param_std):
-    errs = {"box": 0.0, "fb_roi": 0.0, "fb_param": 0.0, "fb_pts": 0.0,
-            "gt_roi": 0.0, "gt_param": 0.0, "gt_pts": 0.0}
+    errs = {"box": 0.0, "fb_roi": 0.0, "fb_param": 0.0, "fb_pts": 0.0, "gt_roi": 0.0, "gt_param": 0.0, "gt_pts": 0.0}
     for name, s in samples.items():
         assert len(s["boxes"]) == 1, name
         box_err = np.abs(s["boxes"][0, :4] - reference[f"{name}_fb_box"][:4]).max()
         errs["box"] = max(errs["box"], box_err)
         assert abs(s["boxes"][0, 4] - reference[f"{name}_fb_box"][4]) < 1e-3
         for tag, res in (("fb", s["fb"][0]), ("gt", s["gtc"][0])):
-            errs[f"{tag}_roi"] = max(errs[f"{tag}_roi"],
-                                     np.abs(res.roi_box - reference[f"{name}_{tag}_roi"]).max())
+            errs[f"{tag}_roi"] = max(errs[f"{tag}_roi"], np.abs(res.roi_box - reference[f"{name}_{tag}_roi"]).max())
             errs[f"{tag}_param"] = max(
                 errs[f"{tag}_param"],
                 np.abs((res.param - reference[f"{name}_{tag}_param"]) / param_std).max(),
             )
-            errs[f"{tag}_pts"] = max(errs[f"{tag}_pts"],
-                                     np.abs(res.pts68 - reference[f"{name}_{tag}_pts68"]).max())
+            errs[f"{tag}_pts"] = max(errs[f"{tag}_pts"], np.abs(res.pts68 - reference[f"{name}_{tag}_pts68"]).max())
     print("\nparity max abs errors:", {k: f"{float(v):.2e}" for k, v in errs.items()})
     assert errs["box"] <= 1.0
     assert errs["fb_roi"] <= 1.0 and errs["gt_roi"] <= 1e-3
@@ -188,8 +190,7 @@ def test_parity_with_upstream(samples, reference, param_std):
 def test_gt_roi_matches_upstream_landmark_rule(reference):
     for name in SAMPLES:
         gt = sio.loadmat(str(AFLW / f"{name}.mat"))["pt3d_68"]
-        np.testing.assert_allclose(roi_box_from_landmarks(gt[:2]), reference[f"{name}_gt_roi"],
-                                   atol=1e-3)
+        np.testing.assert_allclose(roi_box_from_landmarks(gt[:2]), reference[f"{name}_gt_roi"], atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------
@@ -209,8 +210,10 @@ def test_nme_against_ground_truth(samples, reference):
         ref_gt.append(_nme(reference[f"{name}_gt_pts68"], s["gt"]))
         print(f"  {name}   {100 * a:6.3f}%   {100 * b:6.3f}%")
     m_fb, m_gt = float(np.mean(nme_fb)), float(np.mean(nme_gt))
-    print(f"  mean         {100 * m_fb:6.3f}%   {100 * m_gt:6.3f}%   "
-          f"(upstream reference: {100 * np.mean(ref_fb):.3f}% / {100 * np.mean(ref_gt):.3f}%)")
+    print(
+        f"  mean         {100 * m_fb:6.3f}%   {100 * m_gt:6.3f}%   "
+        f"(upstream reference: {100 * np.mean(ref_fb):.3f}% / {100 * np.mean(ref_gt):.3f}%)"
+    )
     assert m_fb <= 0.034
     assert m_gt <= 0.031
     # the port and the upstream reference agree on the metric itself
@@ -256,8 +259,9 @@ def test_dense_reconstruction(samples, tddfa):
 
 
 def test_landmark_basis_matches_v1_files(tddfa):
-    u, ws, we = load_landmark_basis_v1(resolve("3ddfa_v1/u_base.txt"), resolve("3ddfa_v1/w_shp_base.txt"),
-                                       resolve("3ddfa_v1/w_exp_base.txt"))
+    u, ws, we = load_landmark_basis_v1(
+        resolve("3ddfa_v1/u_base.txt"), resolve("3ddfa_v1/w_shp_base.txt"), resolve("3ddfa_v1/w_exp_base.txt")
+    )
     bfm = tddfa.bfm
     np.testing.assert_allclose(u, bfm.u_base, atol=1e-5 * np.abs(bfm.u_base).max())
     np.testing.assert_allclose(ws, bfm.w_shp_base, atol=1e-6)
@@ -277,7 +281,7 @@ def test_adapter_builds_the_same_model(samples, tddfa):
 
 
 def test_rotation_and_scale(samples):
-    for name, s in samples.items():
+    for _name, s in samples.items():
         res = s["fb"][0]
         R = res.R
         assert R.shape == (3, 3) and R.dtype == np.float32
@@ -287,8 +291,9 @@ def test_rotation_and_scale(samples):
         # upstream's P2sRt matrix: rows 0, 1 are the normalised camera rows
         s_up, R_up = decompose_camera(cam, orthonormal=False)
         assert s_up == res.scale
-        np.testing.assert_allclose(R_up[:2] * np.linalg.norm(cam[:2, :3], axis=1, keepdims=True),
-                                   cam[:2, :3], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(
+            R_up[:2] * np.linalg.norm(cam[:2, :3], axis=1, keepdims=True), cam[:2, :3], rtol=1e-5, atol=1e-9
+        )
         np.testing.assert_allclose(R, R_up, atol=2e-2)  # ours: its nearest rotation
         np.testing.assert_allclose(res.offset, cam[:, 3])
         assert res.param.shape == (62,) and res.param.dtype == np.float32

@@ -192,6 +192,7 @@ def write_t7(path: Path, obj: Any) -> Path:
 
 # ---- the released layout, built from one of our networks ---------------------------------------------
 
+
 class ReleasedLayout:
     """Builds the released Torch7 module tree from a :class:`vrn.models.VRN` (its tensors copied).
 
@@ -205,8 +206,9 @@ class ReleasedLayout:
         self.flat = flat_conv_weights
 
     def module(self, typename: str, **fields: Any) -> T7Object:
-        return T7Object(typename, dict(output=self.empty, gradInput=self.empty, train=False,
-                                       _type="torch.FloatTensor", **fields))
+        return T7Object(
+            typename, dict(output=self.empty, gradInput=self.empty, train=False, _type="torch.FloatTensor", **fields)
+        )
 
     def seq(self, *mods: T7Object) -> T7Object:
         return self.module("nn.Sequential", modules=list(mods))
@@ -218,26 +220,40 @@ class ReleasedLayout:
         w = m.weight.detach().numpy()
         if self.flat:
             w = w.reshape(w.shape[0], -1)
-        return self.module("nn.SpatialConvolution", weight=FloatTensor.of(w, self.params),
-                           bias=FloatTensor.of(m.bias.detach().numpy(), self.params),
-                           nInputPlane=m.in_channels, nOutputPlane=m.out_channels,
-                           kW=m.kernel_size[1], kH=m.kernel_size[0], dW=m.stride[1], dH=m.stride[0],
-                           padW=m.padding[1], padH=m.padding[0])
+        return self.module(
+            "nn.SpatialConvolution",
+            weight=FloatTensor.of(w, self.params),
+            bias=FloatTensor.of(m.bias.detach().numpy(), self.params),
+            nInputPlane=m.in_channels,
+            nOutputPlane=m.out_channels,
+            kW=m.kernel_size[1],
+            kH=m.kernel_size[0],
+            dW=m.stride[1],
+            dH=m.stride[0],
+            padW=m.padding[1],
+            padH=m.padding[0],
+        )
 
     def bn(self, m: nn.BatchNorm2d) -> T7Object:
-        return self.module("nn.SpatialBatchNormalization",
-                           weight=FloatTensor.of(m.weight.detach().numpy(), self.params),
-                           bias=FloatTensor.of(m.bias.detach().numpy(), self.params),
-                           running_mean=FloatTensor.of(m.running_mean.numpy()),
-                           running_var=FloatTensor.of(m.running_var.numpy()),
-                           eps=m.eps, momentum=m.momentum, affine=True)
+        return self.module(
+            "nn.SpatialBatchNormalization",
+            weight=FloatTensor.of(m.weight.detach().numpy(), self.params),
+            bias=FloatTensor.of(m.bias.detach().numpy(), self.params),
+            running_mean=FloatTensor.of(m.running_mean.numpy()),
+            running_var=FloatTensor.of(m.running_var.numpy()),
+            eps=m.eps,
+            momentum=m.momentum,
+            affine=True,
+        )
 
     def relu(self) -> T7Object:
         return self.module("nn.ReLU", inplace=True, threshold=0, val=0)
 
     def residual(self, b: Bottleneck) -> T7Object:
-        body = [self.bn(m) if isinstance(m, nn.BatchNorm2d) else self.conv(m) if isinstance(m, nn.Conv2d)
-                else self.relu() for m in b.body]
+        body = [
+            self.bn(m) if isinstance(m, nn.BatchNorm2d) else self.conv(m) if isinstance(m, nn.Conv2d) else self.relu()
+            for m in b.body
+        ]
         skip = self.module("nn.Identity") if isinstance(b.skip, nn.Identity) else self.seq(self.conv(b.skip))
         return self.seq(self.concat(self.seq(*body), skip), self.module("nn.CAddTable", inplace=True))
 
@@ -256,8 +272,7 @@ class ReleasedLayout:
             if isinstance(m, Bottleneck):
                 out.append(self.residual(m))
             elif isinstance(m, nn.MaxPool2d):
-                out.append(self.module("nn.SpatialMaxPooling", kW=2, kH=2, dW=2, dH=2, padW=0, padH=0,
-                                       ceil_mode=False))
+                out.append(self.module("nn.SpatialMaxPooling", kW=2, kH=2, dW=2, dH=2, padW=0, padH=0, ceil_mode=False))
             elif isinstance(m, nn.Upsample):
                 out.append(self.module("nn.SpatialUpSamplingNearest", scale_factor=2))
             else:
@@ -272,14 +287,24 @@ class ReleasedLayout:
 
     def network(self, net: nn.Module) -> T7Object:
         s = net.stem
-        mods = [self.conv(s[0]), self.bn(s[1]), self.relu(), self.residual(s[3]),
-                self.module("nn.SpatialMaxPooling", kW=2, kH=2, dW=2, dH=2, padW=0, padH=0, ceil_mode=False),
-                self.residual(s[5]), self.residual(s[6])]
+        mods = [
+            self.conv(s[0]),
+            self.bn(s[1]),
+            self.relu(),
+            self.residual(s[3]),
+            self.module("nn.SpatialMaxPooling", kW=2, kH=2, dW=2, dH=2, padW=0, padH=0, ceil_mode=False),
+            self.residual(s[5]),
+            self.residual(s[6]),
+        ]
         for stage in net.stages:
             body = self.seq(*self.level(stage[0]), self.residual(stage[1]), self.cbr(stage[2]), self.cbr(stage[3]))
             mods += [self.concat(self.module("nn.Identity"), body), self.module("nn.CAddTable", inplace=False)]
-        head = self.seq(self.cbr(net.head[0]), self.conv(net.head[1]),
-                        self.module("nn.SpatialUpSamplingBilinear", scale_factor=4), self.module("nn.Sigmoid"))
+        head = self.seq(
+            self.cbr(net.head[0]),
+            self.conv(net.head[1]),
+            self.module("nn.SpatialUpSamplingBilinear", scale_factor=4),
+            self.module("nn.Sigmoid"),
+        )
         mods.append(self.concat(head))
         return self.seq(*mods)
 
@@ -300,6 +325,7 @@ def randomized(name: str, seed: int = 0) -> nn.Module:
 
 
 # ---- a reference forward pass of a Torch7 tree (what Torch7 would compute) ---------------------------
+
 
 def _t(v: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
@@ -322,11 +348,20 @@ def run_t7(node: Any, x: Any) -> Any:
     if kind == "SpatialConvolution":
         w = _t(node[b"weight"])
         w = w.reshape(int(node[b"nOutputPlane"]), int(node[b"nInputPlane"]), int(node[b"kH"]), int(node[b"kW"]))
-        return F.conv2d(x, w, _t(node[b"bias"]), stride=(node[b"dH"], node[b"dW"]),
-                        padding=(node[b"padH"], node[b"padW"]))
+        return F.conv2d(
+            x, w, _t(node[b"bias"]), stride=(node[b"dH"], node[b"dW"]), padding=(node[b"padH"], node[b"padW"])
+        )
     if kind == "SpatialBatchNormalization":
-        return F.batch_norm(x, _t(node[b"running_mean"]), _t(node[b"running_var"]), _t(node[b"weight"]),
-                            _t(node[b"bias"]), False, 0.0, float(node[b"eps"]))
+        return F.batch_norm(
+            x,
+            _t(node[b"running_mean"]),
+            _t(node[b"running_var"]),
+            _t(node[b"weight"]),
+            _t(node[b"bias"]),
+            False,
+            0.0,
+            float(node[b"eps"]),
+        )
     if kind == "ReLU":
         return F.relu(x)
     if kind == "SpatialMaxPooling":
@@ -342,12 +377,13 @@ def run_t7(node: Any, x: Any) -> Any:
 
 # ---- tests --------------------------------------------------------------------------------------------
 
+
 def _assert_same_network(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    for (na, ma), (nb, mb) in zip(collect_torch_layers(a), collect_torch_layers(b)):
+    for (na, ma), (_nb, mb) in zip(collect_torch_layers(a), collect_torch_layers(b)):
         if isinstance(ma, nn.BatchNorm2d):
             assert ma.eps == mb.eps, na
 
@@ -420,9 +456,21 @@ def test_released_layout_matches_dump_of_real_file():
     walk(tree)
     assert len(listing) == 1339
     assert [listing[i].typename for i in (0, 1, 2, 3, 18, 31, 48, 49, 688, 689, 1329, 1330, 1337, 1338)] == [
-        "nn.SpatialConvolution", "nn.SpatialBatchNormalization", "nn.ReLU", "nn.Sequential",
-        "nn.SpatialMaxPooling", "nn.Identity", "nn.ConcatTable", "nn.Identity", "nn.CAddTable",
-        "nn.ConcatTable", "nn.CAddTable", "nn.ConcatTable", "nn.SpatialUpSamplingBilinear", "nn.Sigmoid"]
+        "nn.SpatialConvolution",
+        "nn.SpatialBatchNormalization",
+        "nn.ReLU",
+        "nn.Sequential",
+        "nn.SpatialMaxPooling",
+        "nn.Identity",
+        "nn.ConcatTable",
+        "nn.Identity",
+        "nn.CAddTable",
+        "nn.ConcatTable",
+        "nn.CAddTable",
+        "nn.ConcatTable",
+        "nn.SpatialUpSamplingBilinear",
+        "nn.Sigmoid",
+    ]
     assert listing[1336]["weight"].shape == (200, 256, 1, 1)
     assert listing[16]["weight"].shape == (128, 64, 1, 1)  # the stem's first conv skip
     layers = collect_torch7_layers(tree)
@@ -485,8 +533,10 @@ def test_is_torch7_file(tmp_path):
     assert not is_torch7_file(tmp_path / "not_there.ckpt")
 
 
-@pytest.mark.skipif(not hasattr(vrn.checkpoint, "is_torch7_file"),
-                    reason="vrn/checkpoint.py does not route .t7 files to the Torch7 importer yet")
+@pytest.mark.skipif(
+    not hasattr(vrn.checkpoint, "is_torch7_file"),
+    reason="vrn/checkpoint.py does not route .t7 files to the Torch7 importer yet",
+)
 def test_reconstructor_from_t7_checkpoint(tmp_path):
     from vrn.inference import Reconstructor
 

@@ -13,8 +13,15 @@ from vrn.train import train
 
 def _overrides(packed: Path, *extra: str) -> list[str]:
     return [
-        "data=folder", f"data.root={packed}", "data.num_workers=0", "data.batch_size=2",
-        "model=vrn_tiny", "logger=none", "callbacks=none", "trainer.accelerator=cpu", "test=false",
+        "data=folder",
+        f"data.root={packed}",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "model=vrn_tiny",
+        "logger=none",
+        "callbacks=none",
+        "trainer.accelerator=cpu",
+        "test=false",
         *extra,
     ]
 
@@ -28,11 +35,23 @@ def test_fast_dev_run(synthetic_packed, tmp_path):
 
 def test_fast_dev_run_on_synthetic_datamodule(tmp_path):
     """The default data module: generates its cache, then one batch each of train/val/test."""
-    cfg = compose_config("train", [
-        f"paths.data_dir={tmp_path / 'data'}", "data.num_train=4", "data.num_val=2", "data.num_test=2",
-        "data.num_gen_workers=0", "data.num_workers=0", "data.batch_size=2", "model=vrn_tiny", "logger=csv",
-        "trainer.fast_dev_run=true", "trainer.accelerator=cpu",
-    ], output_dir=tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [
+            f"paths.data_dir={tmp_path / 'data'}",
+            "data.num_train=4",
+            "data.num_val=2",
+            "data.num_test=2",
+            "data.num_gen_workers=0",
+            "data.num_workers=0",
+            "data.batch_size=2",
+            "model=vrn_tiny",
+            "logger=csv",
+            "trainer.fast_dev_run=true",
+            "trainer.accelerator=cpu",
+        ],
+        output_dir=tmp_path / "run",
+    )
     metrics = train(cfg)
     assert "test/iou" in metrics
     caches = list((tmp_path / "data" / "synthetic").glob("synthetic_4_2_2_*/meta.json"))
@@ -40,10 +59,19 @@ def test_fast_dev_run_on_synthetic_datamodule(tmp_path):
 
 
 def test_checkpoint_and_resume(synthetic_packed, tmp_path):
-    cfg = compose_config("train", _overrides(synthetic_packed, "callbacks=default", "trainer.max_epochs=1",
-                                             "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                                             "~callbacks.volume_preview", "logger=csv"),
-                         output_dir=tmp_path)
+    cfg = compose_config(
+        "train",
+        _overrides(
+            synthetic_packed,
+            "callbacks=default",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "~callbacks.volume_preview",
+            "logger=csv",
+        ),
+        output_dir=tmp_path,
+    )
     train(cfg)
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "last.ckpt").is_file()
@@ -52,11 +80,20 @@ def test_checkpoint_and_resume(synthetic_packed, tmp_path):
     state = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["hyper_parameters"]["net"]["name"] == "vrn_tiny"
     assert state["epoch"] == 0
-    cfg2 = compose_config("train", _overrides(synthetic_packed, "callbacks=default", "trainer.max_epochs=2",
-                                              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                                              "~callbacks.volume_preview", "logger=csv",
-                                              f"ckpt_path={ckpts / 'last.ckpt'}"),
-                          output_dir=tmp_path / "resumed")
+    cfg2 = compose_config(
+        "train",
+        _overrides(
+            synthetic_packed,
+            "callbacks=default",
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "~callbacks.volume_preview",
+            "logger=csv",
+            f"ckpt_path={ckpts / 'last.ckpt'}",
+        ),
+        output_dir=tmp_path / "resumed",
+    )
     train(cfg2)
     state2 = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state2["epoch"] == 1 and state2["global_step"] == 4
@@ -73,8 +110,9 @@ def _small_layout_packed(root: Path, n: int, crop_size: int, depth_bins: int, se
 
     f = crop_size / CROP_SIZE
     base = SyntheticFaceConfig()
-    gen = SyntheticFaceConfig(size=crop_size, depth_bins=depth_bins, px_per_mm=base.px_per_mm * f,
-                              translation_px=base.translation_px * f)
+    gen = SyntheticFaceConfig(
+        size=crop_size, depth_bins=depth_bins, px_per_mm=base.px_per_mm * f, translation_px=base.translation_px * f
+    )
     layout = VolumeLayout(crop_size=crop_size, face_size=CROP_FACE_SIZE * f, depth_bins=depth_bins)
     with PackedWriter(root, layout=layout) as w:
         for i in range(n):
@@ -105,15 +143,34 @@ def test_overfit_small_model_reaches_iou(tmp_path, one_torch_thread):
     """
     crop, bins = 96, 100
     packed = _small_layout_packed(tmp_path / "packed", 4, crop, bins)
-    cfg = compose_config("train", [
-        "data=folder", f"data.root={packed}", "data.val_split=train", "data.num_workers=0", "data.batch_size=4",
-        "data.augment.enabled=false", "model=vrn_small", f"model.net.depth_bins={bins}",
-        f"++model.layout={{crop_size:{crop},face_size:{90.0 * crop / 192},depth_bins:{bins}}}",
-        "~model.optimizer", "+model.optimizer._target_=torch.optim.Adam",
-        "+model.optimizer._partial_=true", "+model.optimizer.lr=5e-3", "model.scheduler=null",
-        "logger=csv", "callbacks=none", "trainer.accelerator=cpu", "trainer.max_epochs=60",
-        "trainer.check_val_every_n_epoch=60", "trainer.num_sanity_val_steps=0", "test=false", "seed=1",
-    ], output_dir=tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [
+            "data=folder",
+            f"data.root={packed}",
+            "data.val_split=train",
+            "data.num_workers=0",
+            "data.batch_size=4",
+            "data.augment.enabled=false",
+            "model=vrn_small",
+            f"model.net.depth_bins={bins}",
+            f"++model.layout={{crop_size:{crop},face_size:{90.0 * crop / 192},depth_bins:{bins}}}",
+            "~model.optimizer",
+            "+model.optimizer._target_=torch.optim.Adam",
+            "+model.optimizer._partial_=true",
+            "+model.optimizer.lr=5e-3",
+            "model.scheduler=null",
+            "logger=csv",
+            "callbacks=none",
+            "trainer.accelerator=cpu",
+            "trainer.max_epochs=60",
+            "trainer.check_val_every_n_epoch=60",
+            "trainer.num_sanity_val_steps=0",
+            "test=false",
+            "seed=1",
+        ],
+        output_dir=tmp_path / "run",
+    )
     metrics = train(cfg)
     print(f"overfit: val/iou={metrics['val/iou']:.3f} val/depth_mae={metrics.get('val/depth_mae', float('nan')):.2f}")
     assert metrics["val/iou"] >= 0.8

@@ -15,7 +15,7 @@ from vrn.volume.voxelize import DEFAULT_BACK_OFFSET, closed_face_mesh, solid_cod
 F = 2.0
 D, S = 200, 192
 CX, CY, ZC = 96.0, 96.0, 40.3  # cap centre (x, y) and rim depth (crop px); off the voxel grid
-RAD, HGT = 30.0, 15.0          # cap radius and height (crop px)
+RAD, HGT = 30.0, 15.0  # cap radius and height (crop px)
 
 
 def cap_height(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -29,8 +29,9 @@ def cap_mesh(rings: int = 40, seg: int = 160) -> tuple[np.ndarray, np.ndarray]:
     ang = 2 * np.pi * np.arange(seg) / seg
     x = CX + rho[:, None] * np.cos(ang)[None]
     y = CY + rho[:, None] * np.sin(ang)[None]
-    v = np.concatenate([[[CX, CY, cap_height(np.array(CX), np.array(CY))]],
-                        np.stack([x, y, cap_height(x, y)], -1).reshape(-1, 3)])
+    v = np.concatenate(
+        [[[CX, CY, cap_height(np.array(CX), np.array(CY))]], np.stack([x, y, cap_height(x, y)], -1).reshape(-1, 3)]
+    )
     t = [[0, 1 + (s + 1) % seg, 1 + s] for s in range(seg)]
     for r in range(rings - 1):
         a, b = 1 + r * seg, 1 + (r + 1) * seg
@@ -112,6 +113,7 @@ def test_cap_posed_matches_rotated_solid(yaw: float, pitch: float, roll: float) 
 
 # ---- real faces --------------------------------------------------------------------------
 
+
 def _to_crop(mean_mm: np.ndarray, tris: np.ndarray, width_px: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
     """y-up mm mesh -> crop px (flip y, reverse winding), ~width_px wide, centred at
     x = y = 96, frontal; depth centred later after posing."""
@@ -151,8 +153,8 @@ def xray_volume(cv: np.ndarray, ct: np.ndarray) -> np.ndarray:
     """Independent fill of the same closed mesh with rays along x instead of z: (D, S, S) bool."""
     w = np.empty_like(cv)
     w[:, 0] = F * cv[:, 2] - 0.5  # grid column = depth bin d
-    w[:, 1] = cv[:, 1]            # grid row = r
-    w[:, 2] = cv[:, 0] + 0.5      # "depth" = x, shifted so bin c <-> x = c
+    w[:, 1] = cv[:, 1]  # grid row = r
+    w[:, 2] = cv[:, 0] + 0.5  # "depth" = x, shifted so bin c <-> x = c
     off, z, fc = depth_crossings(w, ct, S, D)
     code = solid_code_from_crossings(off, z, fc, S, D, depth_bins=S, depth_factor=1.0)
     return decode(code).transpose(2, 1, 0)  # [c, r, d] -> [d, r, c]
@@ -184,7 +186,7 @@ def test_face_watertight(which: str, ypr: tuple[float, float, float]) -> None:
     assert len(empty) <= 1e-3 * sil.sum()
     off, z, fc = depth_crossings(*closed_face_mesh(posed, t, R), S, S)
     for k in empty:  # a handful of pixels
-        zz, w = z[off[k]:off[k + 1]], np.cumsum(fc[off[k]:off[k + 1]])
+        zz, w = z[off[k] : off[k + 1]], np.cumsum(fc[off[k] : off[k + 1]])
         inside_len = sum(zz[i] - zz[i + 1] for i in range(len(zz) - 1) if w[i] != 0)
         assert inside_len < 1.0 / F
     # 3. the top of each column is the front surface of the closed solid, wherever the
@@ -224,9 +226,9 @@ def test_closed_mesh_is_closed() -> None:
     assert len(np.unique(key)) == len(key)
     assert np.array_equal(np.sort(key), np.sort(rkey))
     # back copy lies on one plane of the frontal frame
-    depth_back = cv[len(v0):].astype(np.float64) @ R[:, 2]
+    depth_back = cv[len(v0) :].astype(np.float64) @ R[:, 2]
     assert np.ptp(depth_back) < 1e-3
-    depth_front = cv[:len(v0)].astype(np.float64) @ R[:, 2]
+    depth_front = cv[: len(v0)].astype(np.float64) @ R[:, 2]
     assert depth_back.mean() == pytest.approx(depth_front.min() - DEFAULT_BACK_OFFSET, abs=1e-3)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import compose_config
+from tests.helpers import compose_config, tiny_train_overrides
 from vrn.callbacks import VolumePreviewLogger
 from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.train import train
@@ -24,12 +24,19 @@ def test_wandb_offline_run_with_media(synthetic_packed, tmp_path, monkeypatch):
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    cfg = compose_config("train", [
-        "data=folder", f"data.root={synthetic_packed}", "data.num_workers=0", "data.batch_size=2",
-        "model=vrn_tiny", "logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "test=false",
-        "trainer.num_sanity_val_steps=0",
-    ], output_dir=tmp_path)
+    cfg = compose_config(
+        "train",
+        [
+            *tiny_train_overrides(synthetic_packed, "wandb"),
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "trainer.accelerator=cpu",
+            "test=false",
+            "trainer.num_sanity_val_steps=0",
+        ],
+        output_dir=tmp_path,
+    )
     train(cfg)
     assert wandb.run is None  # finished
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
@@ -44,11 +51,26 @@ def test_wandb_offline_run_with_media(synthetic_packed, tmp_path, monkeypatch):
 
 def test_multirun_gives_separate_wandb_runs(synthetic_packed, tmp_path):
     env = {**os.environ, "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc"), "VRN_ROOT": str(ROOT)}
-    cmd = [sys.executable, "-m", "vrn.train", "-m", "model.optimizer.lr=1e-4,3e-4",
-           "data=folder", f"data.root={synthetic_packed}", "data.num_workers=0", "data.batch_size=2",
-           "model=vrn_tiny", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-           "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0", "test=false", "callbacks=none",
-           f"paths.log_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vrn.train",
+        "-m",
+        "model.optimizer.lr=1e-4,3e-4",
+        "data=folder",
+        f"data.root={synthetic_packed}",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "model=vrn_tiny",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.accelerator=cpu",
+        "trainer.num_sanity_val_steps=0",
+        "test=false",
+        "callbacks=none",
+        f"paths.log_dir={tmp_path}",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(tmp_path.glob("train/multiruns/*/*/wandb/offline-run-*"))
@@ -57,17 +79,20 @@ def test_multirun_gives_separate_wandb_runs(synthetic_packed, tmp_path):
     assert runs[0].name.split("-")[-1] != runs[1].name.split("-")[-1]  # distinct run ids
 
 
-@pytest.mark.parametrize("env_mode, key, requested, expected", [
-    (None, False, None, "offline"),         # no API key -> offline
-    (None, True, None, "online"),
-    ("offline", True, None, "offline"),
-    ("dryrun", True, None, "offline"),
-    ("disabled", True, None, "disabled"),
-    ("disabled", False, None, "disabled"),
-    (None, True, "offline", "offline"),
-    (None, True, "disabled", "disabled"),
-    ("offline", True, "online", "offline"),  # the environment only makes it more offline
-])
+@pytest.mark.parametrize(
+    "env_mode, key, requested, expected",
+    [
+        (None, False, None, "offline"),  # no API key -> offline
+        (None, True, None, "online"),
+        ("offline", True, None, "offline"),
+        ("dryrun", True, None, "offline"),
+        ("disabled", True, None, "disabled"),
+        ("disabled", False, None, "disabled"),
+        (None, True, "offline", "offline"),
+        (None, True, "disabled", "disabled"),
+        ("offline", True, "online", "offline"),  # the environment only makes it more offline
+    ],
+)
 def test_wandb_mode_rule(monkeypatch, tmp_path, env_mode, key, requested, expected):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     if key:

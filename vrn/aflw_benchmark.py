@@ -30,14 +30,24 @@ from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
-from tddfa_v2 import BFMModel, TDDFAResult, similar_transform, split_param
 
+from tddfa_v2 import BFMModel, TDDFAResult, similar_transform, split_param
 from vrn.face_models.bfm import dense_model_shape
 from vrn.nme import bucket_names, icp, interocular_distance, surface_depth_at
 
-__all__ = ["BenchmarkArrays", "load_benchmark", "nme_2d_3ddfa", "point_to_mesh_distance", "surface_landmark_nme",
-           "depth_error_at_landmarks", "port_meshes", "score_benchmark", "benchmark_table", "BENCHMARK_COLUMNS",
-           "BENCHMARK_FILE"]
+__all__ = [
+    "BenchmarkArrays",
+    "load_benchmark",
+    "nme_2d_3ddfa",
+    "point_to_mesh_distance",
+    "surface_landmark_nme",
+    "depth_error_at_landmarks",
+    "port_meshes",
+    "score_benchmark",
+    "benchmark_table",
+    "BENCHMARK_COLUMNS",
+    "BENCHMARK_FILE",
+]
 
 BENCHMARK_FILE = "benchmark.npz"
 
@@ -73,8 +83,13 @@ def load_benchmark(root: str | os.PathLike) -> BenchmarkArrays | None:
         if missing:
             raise ValueError(f"{p} lacks {missing}: expected 3DDFA's AFLW2000-3D arrays ({', '.join(need)})")
         names = np.array([str(n) for n in z["names"]])
-        arrays = BenchmarkArrays(names, z["pts68"].astype(np.float64), z["pts68_reannotated"].astype(np.float64),
-                                 z["roi_box"].astype(np.float64), np.abs(z["pose"].astype(np.float64)))
+        arrays = BenchmarkArrays(
+            names,
+            z["pts68"].astype(np.float64),
+            z["pts68_reannotated"].astype(np.float64),
+            z["roi_box"].astype(np.float64),
+            np.abs(z["pose"].astype(np.float64)),
+        )
     n = len(names)
     if not all(len(a) == n for a in (arrays.pts68, arrays.pts68_reannotated, arrays.roi_box, arrays.yaw_abs_deg)):
         raise ValueError(f"{p}: arrays of different lengths")
@@ -132,8 +147,9 @@ def _closest_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.nda
     return out
 
 
-def point_to_mesh_distance(points: np.ndarray, verts: np.ndarray, faces: np.ndarray, k: int = 16,
-                           tree: cKDTree | None = None) -> np.ndarray:
+def point_to_mesh_distance(
+    points: np.ndarray, verts: np.ndarray, faces: np.ndarray, k: int = 16, tree: cKDTree | None = None
+) -> np.ndarray:
     """Exact distance from each point to a triangle mesh, among the triangles that touch the
     point's ``k`` nearest vertices (exact for meshes whose triangles are small next to the
     distances measured, such as marching-cubes and 3DMM meshes).
@@ -161,7 +177,7 @@ def point_to_mesh_distance(points: np.ndarray, verts: np.ndarray, faces: np.ndar
     face_of = order // 3
     rows, cand = [], []
     for i in range(len(q)):  # K query points (68 landmarks), each a vectorised gather
-        fi = np.unique(np.concatenate([face_of[starts[n]:starts[n + 1]] for n in near[i]]))
+        fi = np.unique(np.concatenate([face_of[starts[n] : starts[n + 1]] for n in near[i]]))
         rows.append(np.full(len(fi), i))
         cand.append(fi)
     if not cand or not sum(len(c) for c in cand):
@@ -175,8 +191,9 @@ def point_to_mesh_distance(points: np.ndarray, verts: np.ndarray, faces: np.ndar
     return np.where(np.isfinite(out), out, np.nan)
 
 
-def surface_landmark_nme(gt_points: np.ndarray, verts: np.ndarray, faces: np.ndarray,
-                         max_iterations: int = 50, tolerance: float = 1e-6) -> float:
+def surface_landmark_nme(
+    gt_points: np.ndarray, verts: np.ndarray, faces: np.ndarray, max_iterations: int = 50, tolerance: float = 1e-6
+) -> float:
     """The 68 ground-truth 3D points against a surface after a rigid ICP alignment (module doc).
 
     Args:
@@ -234,8 +251,10 @@ def port_meshes(result: TDDFAResult, bfm: BFMModel) -> dict[str, tuple[np.ndarra
     dense, _lms, _how = dense_model_shape(bfm, a_s, a_e)
     mean, _lms, _how = dense_model_shape(bfm, np.zeros_like(a_s), np.zeros_like(a_e))
     tri = np.asarray(bfm.tri, np.int32)
-    return {name: (similar_transform(sr @ shape + t, result.roi_box, result.size).T.astype(np.float64), tri)
-            for name, shape in (("port mesh", dense), ("posed mean face", mean))}
+    return {
+        name: (similar_transform(sr @ shape + t, result.roi_box, result.size).T.astype(np.float64), tri)
+        for name, shape in (("port mesh", dense), ("posed mean face", mean))
+    }
 
 
 #: (row key, method, metric, scale, decimals) of the benchmark table
@@ -255,8 +274,10 @@ def benchmark_table(summary: dict[str, dict[str, Any]]) -> str:
     """Markdown table of the benchmark rows of a :func:`vrn.nme.summarize` result: one row per
     (method, metric), columns the yaw buckets and their mean."""
     buckets = bucket_names()
-    lines = ["| method | metric | " + " | ".join(buckets) + " | mean of buckets |",
-             "|---|---|" + "---:|" * (len(buckets) + 1)]
+    lines = [
+        "| method | metric | " + " | ".join(buckets) + " | mean of buckets |",
+        "|---|---|" + "---:|" * (len(buckets) + 1),
+    ]
     for key, method, metric, scale, dec in BENCHMARK_COLUMNS:
         if summary.get("all", {}).get(key) is None:
             continue
@@ -268,8 +289,12 @@ def benchmark_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def score_benchmark(gt_points: np.ndarray, pred_mesh: tuple[np.ndarray, np.ndarray] | None,
-                    bench: dict[str, Any], icp_iterations: int = 50) -> dict[str, float | None]:
+def score_benchmark(
+    gt_points: np.ndarray,
+    pred_mesh: tuple[np.ndarray, np.ndarray] | None,
+    bench: dict[str, Any],
+    icp_iterations: int = 50,
+) -> dict[str, float | None]:
     """The benchmark columns of one face.
 
     Args:

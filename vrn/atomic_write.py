@@ -17,8 +17,9 @@ __all__ = ["atomic_write", "atomic_write_from", "atomic_path"]
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None,
-                fsync: bool = True) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None, fsync: bool = True
+) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces ``path`` (``os.replace``), on any
     error it is removed and ``path`` is left as it was.
 
@@ -47,8 +48,9 @@ def atomic_path(path: str | os.PathLike, tmp_dir: str | os.PathLike | None = Non
             tmp.unlink()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike | None = None,
-                 fsync: bool = True) -> Path:
+def atomic_write(
+    path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike | None = None, fsync: bool = True
+) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`). Returns ``path``."""
     with atomic_path(path, tmp_dir, fsync) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode honours the umask
@@ -57,8 +59,12 @@ def atomic_write(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLik
     return Path(path)
 
 
-def atomic_write_from(path: str | os.PathLike, write: Callable[[BinaryIO], None],
-                      tmp_dir: str | os.PathLike | None = None, fsync: bool = True) -> Path:
+def atomic_write_from(
+    path: str | os.PathLike,
+    write: Callable[[BinaryIO], None],
+    tmp_dir: str | os.PathLike | None = None,
+    fsync: bool = True,
+) -> Path:
     """Like :func:`atomic_write`, with ``write(file)`` streaming the contents (downloads)."""
     with atomic_path(path, tmp_dir, fsync) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

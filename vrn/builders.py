@@ -31,8 +31,10 @@ def resolve_gpus_alias(trainer_cfg: DictConfig) -> DictConfig:
         cfg.pop("gpus", None)
         if gpus is None:
             return cfg
-        msg = (f"trainer.gpus={gpus} is deprecated (Lightning 2 removed `gpus`): "
-               f"use trainer.accelerator=gpu trainer.devices={gpus} instead")
+        msg = (
+            f"trainer.gpus={gpus} is deprecated (Lightning 2 removed `gpus`): "
+            f"use trainer.accelerator=gpu trainer.devices={gpus} instead"
+        )
         warnings.warn(msg, DeprecationWarning, stacklevel=2)
         log.warning(msg)
         if isinstance(gpus, int) and gpus == 0:
@@ -49,7 +51,7 @@ def build_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
     out: list[pl.Callback] = []
     if not cfg:
         return out
-    for name, cb in cfg.items():
+    for _name, cb in cfg.items():
         if isinstance(cb, DictConfig) and "_target_" in cb:
             out.append(hydra.utils.instantiate(cb))
     return out
@@ -77,7 +79,7 @@ def build_loggers(cfg: DictConfig | None) -> list[Any]:
     out: list[Any] = []
     if not cfg:
         return out
-    for name, lg in cfg.items():
+    for _name, lg in cfg.items():
         if not (isinstance(lg, DictConfig) and "_target_" in lg):
             continue
         if "Wandb" in str(lg._target_):
@@ -100,8 +102,9 @@ def drop_logger_callbacks(callbacks: list[pl.Callback], loggers: list[Any] | boo
     return kept
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] | None = None,
-                  logger: list[Any] | bool | None = None) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, callbacks: list[pl.Callback] | None = None, logger: list[Any] | bool | None = None
+) -> pl.Trainer:
     """Instantiate ``pl.Trainer`` from ``cfg`` (the ``trainer`` group), honouring the ``gpus`` alias.
 
     Without a logger (``logger=none``) the callbacks that need one are dropped

@@ -40,12 +40,14 @@ def preview_panel(image: torch.Tensor, prob: torch.Tensor, target: torch.Tensor)
     return np.concatenate(rows, axis=0)
 
 
-def surface_points(prob: torch.Tensor, depth_factor: float = DEFAULT_LAYOUT.depth_factor,
-                   max_points: int = 20000) -> np.ndarray:
+def surface_points(
+    prob: torch.Tensor, depth_factor: float = DEFAULT_LAYOUT.depth_factor, max_points: int = 20000
+) -> np.ndarray:
     """Front-surface point cloud of one predicted volume.
 
-    prob: (D, H, W) float; ``depth_factor``: depth bins per crop px (the volume layout's). Returns (N, 3) float32 crop px (x, y, z) with y flipped to point
-    up for 3D viewers (W&B Object3D), at most ``max_points`` points.
+    prob: (D, H, W) float; ``depth_factor``: depth bins per crop px (the volume layout's).
+    Returns (N, 3) float32 crop px (x, y, z) with y flipped to point up for 3D viewers
+    (W&B Object3D), at most ``max_points`` points (:mod:`vrn.volume.surface` for the z rule).
     """
     pts = front_surface_points(front_depth((prob > 0.5)[None])[0].numpy(), depth_factor).astype(np.float32)
     pts[:, 1] *= -1.0
@@ -84,11 +86,14 @@ class VolumePreviewLogger(pl.Callback):
             depth_factor = self.layout_of(pl_module).depth_factor
             pts = surface_points(preview["prob"][0], depth_factor, self.num_points)
             for lg in wandb_loggers:
-                log_media({
-                    "val/preview": image_media(panel, "input | predicted front depth | target front depth"),
-                    "val/surface": point_cloud_media(pts),
-                    "epoch": epoch,
-                }, run=lg.experiment)
+                log_media(
+                    {
+                        "val/preview": image_media(panel, "input | predicted front depth | target front depth"),
+                        "val/surface": point_cloud_media(pts),
+                        "epoch": epoch,
+                    },
+                    run=lg.experiment,
+                )
         else:
             out = Path(trainer.default_root_dir) / "previews" / f"epoch_{epoch:03d}.png"
             write_image_rgb(out, panel)

@@ -37,8 +37,9 @@ def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://", "ftp://", "file://"))
 
 
-def resolve_checkpoint(path_or_url: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                       progress: bool = True) -> Path:
+def resolve_checkpoint(
+    path_or_url: str | os.PathLike, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
     """Local path of a checkpoint: a file as is, a URL downloaded once into the cache.
 
     Args:
@@ -51,8 +52,10 @@ def resolve_checkpoint(path_or_url: str | os.PathLike, cache_dir: str | os.PathL
     if not _is_url(s):
         p = Path(os.path.expanduser(s))
         if not p.is_file():
-            raise FileNotFoundError(f"Checkpoint not found: {p}. Pass ckpt=<path to a .ckpt file> "
-                                    f"(e.g. outputs/train/runs/<run>/checkpoints/last.ckpt) or an http(s) URL.")
+            raise FileNotFoundError(
+                f"Checkpoint not found: {p}. Pass ckpt=<path to a .ckpt file> "
+                f"(e.g. outputs/train/runs/<run>/checkpoints/last.ckpt) or an http(s) URL."
+            )
         return p
     folder = Path(cache_dir) if cache_dir is not None else vrn_cache_dir() / "checkpoints"
     name = os.path.basename(s.split("?")[0].split("#")[0]) or "checkpoint.ckpt"
@@ -73,8 +76,9 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.replace("_orig_mod.", "", 1) if k.startswith("_orig_mod.") else k: v for k, v in state.items()}
 
 
-def load_network(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                 weights_only: bool = True) -> tuple[nn.Module, dict[str, Any], VolumeLayout]:
+def load_network(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", weights_only: bool = True
+) -> tuple[nn.Module, dict[str, Any], VolumeLayout]:
     """Rebuild the network of a checkpoint from its stored model spec (no Hydra).
 
     Args:
@@ -101,22 +105,29 @@ def load_network(path: str | os.PathLike, map_location: str | torch.device = "cp
     try:
         ckpt = torch.load(str(path), map_location=map_location, weights_only=weights_only)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and a hint
-        hint = (" It holds objects beyond tensors and plain containers; if you trust the file, load it "
-                "with weights_only=False." if weights_only else "")
+        hint = (
+            " It holds objects beyond tensors and plain containers; if you trust the file, load it "
+            "with weights_only=False."
+            if weights_only
+            else ""
+        )
         raise RuntimeError(f"Cannot load checkpoint {path}: {type(e).__name__}: {e}.{hint}") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a vrn checkpoint (no 'state_dict')")
     hp = ckpt.get("hyper_parameters") or {}
     spec = hp.get("net")
     if not isinstance(spec, dict) or "name" not in spec:
-        raise ValueError(f"{path} does not store a model spec (hyper_parameters['net'] = {{'name': ...}}); "
-                         f"was it written by vrn.lit_module.VRNLitModule or Reconstructor.save?")
+        raise ValueError(
+            f"{path} does not store a model spec (hyper_parameters['net'] = {{'name': ...}}); "
+            f"was it written by vrn.lit_module.VRNLitModule or Reconstructor.save?"
+        )
     spec = dict(spec)
     net = create_model(**spec)
     missing, unexpected = net.load_state_dict(_strip_prefix(ckpt["state_dict"]), strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match model {spec}: missing {missing[:5]}..., "
-                         f"unexpected {unexpected[:5]}...")
+        raise ValueError(
+            f"{path}: weights do not match model {spec}: missing {missing[:5]}..., unexpected {unexpected[:5]}..."
+        )
     recorded = hp.get("layout")
     layout = VolumeLayout.from_dict(recorded) if recorded is not None else layout_for_network(net)
     check_network_layout(net, layout, str(path))
@@ -139,12 +150,14 @@ def check_network_layout(net: nn.Module, layout: VolumeLayout, what: str = "the 
     bins (``net.depth_bins``, when it has the attribute) equal ``layout.depth_bins``."""
     bins = getattr(net, "depth_bins", None)
     if bins is not None and int(bins) != layout.depth_bins:
-        raise LayoutMismatchError(f"{what}: the network outputs {bins} depth bins but its layout has "
-                                  f"depth_bins={layout.depth_bins}")
+        raise LayoutMismatchError(
+            f"{what}: the network outputs {bins} depth bins but its layout has depth_bins={layout.depth_bins}"
+        )
 
 
-def save_network(path: str | os.PathLike, net: nn.Module, model_spec: dict[str, Any],
-                 layout: VolumeLayout = DEFAULT_LAYOUT) -> Path:
+def save_network(
+    path: str | os.PathLike, net: nn.Module, model_spec: dict[str, Any], layout: VolumeLayout = DEFAULT_LAYOUT
+) -> Path:
     """A slim checkpoint (model spec + layout + network weights; loads with :func:`load_network`),
     written atomically."""
     if not model_spec:
@@ -152,6 +165,7 @@ def save_network(path: str | os.PathLike, net: nn.Module, model_spec: dict[str, 
     check_network_layout(net, layout, str(path))
     state = {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
-        torch.save({"hyper_parameters": {"net": dict(model_spec), "layout": layout.to_dict()}, "state_dict": state},
-                   tmp)
+        torch.save(
+            {"hyper_parameters": {"net": dict(model_spec), "layout": layout.to_dict()}, "state_dict": state}, tmp
+        )
     return Path(path)

@@ -36,8 +36,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["CROP_SIZE", "DEPTH_BINS", "DEPTH_FACTOR", "CROP_FACE_SIZE", "VolumeLayout", "DEFAULT_LAYOUT",
-           "LayoutMismatchError", "depth_centre_z"]
+__all__ = [
+    "CROP_SIZE",
+    "DEPTH_BINS",
+    "DEPTH_FACTOR",
+    "CROP_FACE_SIZE",
+    "VolumeLayout",
+    "DEFAULT_LAYOUT",
+    "LayoutMismatchError",
+    "depth_centre_z",
+]
 
 CROP_SIZE: int = 192
 DEPTH_BINS: int = 200
@@ -82,20 +90,26 @@ class VolumeLayout:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "VolumeLayout":
+    def from_dict(cls, d: dict[str, Any] | None) -> VolumeLayout:
         """From a recorded dict; None or missing keys -> the defaults (files written before
         layouts were recorded used the defaults)."""
         d = dict(d or {})
         known = {k: d[k] for k in ("crop_size", "face_size", "depth_bins", "depth_factor") if k in d}
         return cls(**known)
 
-    def check_matches(self, other: "VolumeLayout", this: str, that: str) -> None:
+    def check_matches(self, other: VolumeLayout, this: str, that: str) -> None:
         """Raise :class:`LayoutMismatchError` naming both sides and every differing value."""
-        diff = [f"{k}: {getattr(self, k)} ({this}) vs {getattr(other, k)} ({that})"
-                for k in ("crop_size", "face_size", "depth_bins", "depth_factor") if getattr(self, k) != getattr(other, k)]
+        diff = [
+            f"{k}: {getattr(self, k)} ({this}) vs {getattr(other, k)} ({that})"
+            for k in ("crop_size", "face_size", "depth_bins", "depth_factor")
+            if getattr(self, k) != getattr(other, k)
+        ]
         if diff:
-            raise LayoutMismatchError(f"{this} and {that} use different crop/volume layouts: " + "; ".join(diff)
-                                      + ". Rebuild one of them with the other's layout.")
+            raise LayoutMismatchError(
+                f"{this} and {that} use different crop/volume layouts: "
+                + "; ".join(diff)
+                + ". Rebuild one of them with the other's layout."
+            )
 
     @property
     def depth_centre_z(self) -> float:

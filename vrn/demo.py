@@ -125,7 +125,8 @@ class _ImageDataset(Dataset):
         except Exception as e:  # noqa: BLE001 - a model that cannot load stops the run, with a hint
             raise RuntimeError(
                 f"Face detector '{self.detector.name}' could not load its models: {type(e).__name__}: {e}. "
-                f"Offline, use detector=tddfa (runs from the project's assets).") from e
+                f"Offline, use detector=tddfa (runs from the project's assets)."
+            ) from e
         t0 = time.perf_counter()
         try:
             prep = prepare_image(path, self.detector, self.layout)
@@ -143,9 +144,15 @@ def _image_loader(paths: list[Path], detector: Any, layout: VolumeLayout, cfg: D
     nw = int(cfg.get("num_workers", 0))
     # (DataLoader workers run torch single-threaded already; do not touch OpenCV's thread pool in a
     # forked worker: reconfiguring it after fork can hang when the parent has used it)
-    return DataLoader(_ImageDataset(paths, detector, layout), batch_size=1, shuffle=False, num_workers=nw,
-                      collate_fn=_first, prefetch_factor=2 if nw > 0 else None,
-                      multiprocessing_context=cfg.get("worker_start") if nw > 0 else None)
+    return DataLoader(
+        _ImageDataset(paths, detector, layout),
+        batch_size=1,
+        shuffle=False,
+        num_workers=nw,
+        collate_fn=_first,
+        prefetch_factor=2 if nw > 0 else None,
+        multiprocessing_context=cfg.get("worker_start") if nw > 0 else None,
+    )
 
 
 def _build_detector(cfg: DictConfig) -> Any:
@@ -186,8 +193,9 @@ class _DemoRun:
     reports images in input order as soon as all of their faces are written.
     """
 
-    def __init__(self, cfg: DictConfig, rec: Reconstructor, writer: FaceWriter, root: Path, out_root: Path,
-                 detector_name: str) -> None:
+    def __init__(
+        self, cfg: DictConfig, rec: Reconstructor, writer: FaceWriter, root: Path, out_root: Path, detector_name: str
+    ) -> None:
         self.cfg = cfg
         self.rec = rec
         self.writer = writer
@@ -219,8 +227,8 @@ class _DemoRun:
             self.n_faces += len(st.prep)  # type: ignore[arg-type]
             self.queue.extend((st, k) for k in range(len(st.prep)))  # type: ignore[arg-type]
         while len(self.queue) >= self.batch_size:
-            self._run_batch(self.queue[:self.batch_size])
-            del self.queue[:self.batch_size]
+            self._run_batch(self.queue[: self.batch_size])
+            del self.queue[: self.batch_size]
         self._flush()
 
     def finish(self) -> list[ImageReport]:
@@ -269,11 +277,19 @@ def _log_report_to_wandb(report: ImageReport) -> None:
     log_media(logged)
 
 
-def _write_summary(out_root: Path, cfg: DictConfig, rec: Reconstructor, detector: Any,
-                   reports: list[ImageReport], seconds: float) -> None:
-    summary = {"ckpt": str(cfg.ckpt), "model": rec.model_spec, "detector": detector.describe(),
-               "device": str(cfg.device), "precision": str(cfg.precision), "threshold": rec.threshold,
-               "seconds": seconds, "images": [asdict(r) for r in reports]}
+def _write_summary(
+    out_root: Path, cfg: DictConfig, rec: Reconstructor, detector: Any, reports: list[ImageReport], seconds: float
+) -> None:
+    summary = {
+        "ckpt": str(cfg.ckpt),
+        "model": rec.model_spec,
+        "detector": detector.describe(),
+        "device": str(cfg.device),
+        "precision": str(cfg.precision),
+        "threshold": rec.threshold,
+        "seconds": seconds,
+        "images": [asdict(r) for r in reports],
+    }
     atomic_write(out_root / "summary.json", json.dumps(summary, indent=2).encode())
 
 
@@ -287,20 +303,24 @@ def run_demo(cfg: DictConfig) -> list[ImageReport]:
     out_root.mkdir(parents=True, exist_ok=True)
     root, paths = find_images(cfg.input, bool(cfg.get("recursive", True)))
     face_outputs(out_root, "x", 0, cfg)  # validates `formats` before any work
-    rec = Reconstructor.from_checkpoint(str(cfg.ckpt), device=str(cfg.device), precision=str(cfg.precision),
-                                        detector=None, threshold=float(cfg.threshold),
-                                        batch_size=int(cfg.batch_size))
+    rec = Reconstructor.from_run_config(cfg)
     detector = _build_detector(cfg)
     log.info(f"{rec!r}; detector={detector.name}; {len(paths)} image(s) from {cfg.input}")
 
     plain = _plain(cfg)
     started_wandb = bool(cfg.get("wandb", False)) and start_run(
-        str(cfg.get("wandb_project", "vrn-demo")), out_root, job_type="demo", config=plain)
+        str(cfg.get("wandb_project", "vrn-demo")), out_root, job_type="demo", config=plain
+    )
     batch_size = max(1, int(cfg.batch_size))
     t_start = time.perf_counter()
     try:
-        with FaceWriter(rec, plain, threads=int(cfg.get("post_threads", 2)), max_backlog=max(2, 2 * batch_size),
-                        viewer_root=out_root if is_active() else None) as writer:
+        with FaceWriter(
+            rec,
+            plain,
+            threads=int(cfg.get("post_threads", 2)),
+            max_backlog=max(2, 2 * batch_size),
+            viewer_root=out_root if is_active() else None,
+        ) as writer:
             run = _DemoRun(cfg, rec, writer, root, out_root, detector.name)
             for item in _image_loader(paths, detector, rec.layout, cfg):
                 run.add(item)
@@ -310,8 +330,9 @@ def run_demo(cfg: DictConfig) -> list[ImageReport]:
             finish_run()
     dt = time.perf_counter() - t_start
     ok = sum(r.status == "ok" for r in reports)
-    print(f"done: {len(reports)} image(s), {ok} with faces, {run.n_faces} face(s) in {dt:.1f} s -> {out_root}",
-          flush=True)
+    print(
+        f"done: {len(reports)} image(s), {ok} with faces, {run.n_faces} face(s) in {dt:.1f} s -> {out_root}", flush=True
+    )
     _write_summary(out_root, cfg, rec, detector, reports, dt)
     return reports
 

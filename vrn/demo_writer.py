@@ -76,16 +76,18 @@ def face_outputs(out_dir: Path, stem: str, k: int, cfg: Mapping[str, Any]) -> di
     return files
 
 
-def _export_meshes(out: FaceOutput, files: dict[str, Path], verts: np.ndarray, faces: np.ndarray,
-                   colors: np.ndarray) -> None:
+def _export_meshes(
+    out: FaceOutput, files: dict[str, Path], verts: np.ndarray, faces: np.ndarray, colors: np.ndarray
+) -> None:
     for ext in MESH_EXTS:
         if ext in files:
             export_mesh(files[ext], verts, faces, colors)
             out.files[ext] = str(files[ext])
 
 
-def _render_views(out: FaceOutput, files: dict[str, Path], image: np.ndarray, verts: np.ndarray,
-                  faces: np.ndarray) -> None:
+def _render_views(
+    out: FaceOutput, files: dict[str, Path], image: np.ndarray, verts: np.ndarray, faces: np.ndarray
+) -> None:
     """Depth map and overlay of the (V, 3) image-px mesh over the (H, W, 3) photo."""
     H, W = image.shape[:2]
     if "depth" in files:
@@ -97,8 +99,9 @@ def _render_views(out: FaceOutput, files: dict[str, Path], image: np.ndarray, ve
         out.files["overlay"] = str(files["overlay"])
 
 
-def _viewer_copy(viewer_dir: Path, image_path: str | None, k: int, verts: np.ndarray, faces: np.ndarray,
-                 colors: np.ndarray) -> Path:
+def _viewer_copy(
+    viewer_dir: Path, image_path: str | None, k: int, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray
+) -> Path:
     """A y-up, right-handed .glb copy for 3D viewers: (x, -y, z) with the winding reversed."""
     tag = hashlib.sha1(str(image_path).encode()).hexdigest()[:6]
     p = Path(viewer_dir) / f"{Path(image_path or 'image').stem}_{tag}_face{k}_yup.glb"
@@ -106,8 +109,15 @@ def _viewer_copy(viewer_dir: Path, image_path: str | None, k: int, verts: np.nda
     return p
 
 
-def write_face(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray, files: dict[str, Path],
-               cfg: Mapping[str, Any], viewer_dir: Path | None = None) -> FaceOutput:
+def write_face(
+    rec: Reconstructor,
+    prep: PreparedImage,
+    k: int,
+    prob: np.ndarray,
+    files: dict[str, Path],
+    cfg: Mapping[str, Any],
+    viewer_dir: Path | None = None,
+) -> FaceOutput:
     """Post-process face ``k`` of ``prep`` and write its ``files`` (see :func:`face_outputs`).
 
     prob: (D, H, W) float occupancy probabilities of the face's crop. ``cfg`` gives the
@@ -116,8 +126,14 @@ def write_face(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray
     """
     det = prep.detections[k]
     verts, faces, colors, tm = rec.postprocess(prob, prep.transforms[k], prep.image)
-    out = FaceOutput(face_index=k, score=float(det.score), has_surface=len(faces) > 0,
-                     n_verts=len(verts), n_faces=len(faces), timings=tm)
+    out = FaceOutput(
+        face_index=k,
+        score=float(det.score),
+        has_surface=len(faces) > 0,
+        n_verts=len(verts),
+        n_faces=len(faces),
+        timings=tm,
+    )
     if "volume" in files:
         atomic_write(files["volume"], to_bytes(encode(prob > rec.threshold)))
         out.files["volume"] = str(files["volume"])
@@ -131,9 +147,14 @@ def write_face(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray
     t2 = time.perf_counter()
     tm["render"] = t2 - t1
     if "turntable" in files:
-        frames = render.render_turntable(verts, faces, colors, frames=int(cfg.get("turntable_frames", 24)),
-                                         size=int(cfg.get("turntable_size", 256)),
-                                         sweep_deg=float(cfg.get("turntable_sweep", 360)))
+        frames = render.render_turntable(
+            verts,
+            faces,
+            colors,
+            frames=int(cfg.get("turntable_frames", 24)),
+            size=int(cfg.get("turntable_size", 256)),
+            sweep_deg=float(cfg.get("turntable_sweep", 360)),
+        )
         render.save_gif(files["turntable"], frames)
         out.files["turntable"] = str(files["turntable"])
         tm["turntable"] = time.perf_counter() - t2
@@ -142,15 +163,23 @@ def write_face(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray
     return out
 
 
-def write_face_safe(rec: Reconstructor, prep: PreparedImage, k: int, prob: np.ndarray, files: dict[str, Path],
-                    cfg: Mapping[str, Any], viewer_dir: Path | None = None) -> FaceOutput:
+def write_face_safe(
+    rec: Reconstructor,
+    prep: PreparedImage,
+    k: int,
+    prob: np.ndarray,
+    files: dict[str, Path],
+    cfg: Mapping[str, Any],
+    viewer_dir: Path | None = None,
+) -> FaceOutput:
     """:func:`write_face`; an exception fails this face only (reported), not the run."""
     try:
         return write_face(rec, prep, k, prob, files, cfg, viewer_dir)
     except Exception as e:  # noqa: BLE001
         log.exception(f"{prep.path}: face {k} failed")
-        return FaceOutput(face_index=k, score=float(prep.detections[k].score), has_surface=False,
-                          error=f"{type(e).__name__}: {e}")
+        return FaceOutput(
+            face_index=k, score=float(prep.detections[k].score), has_surface=False, error=f"{type(e).__name__}: {e}"
+        )
 
 
 class FaceWriter:
@@ -161,8 +190,14 @@ class FaceWriter:
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, rec: Reconstructor, cfg: Mapping[str, Any], threads: int = 2, max_backlog: int = 2,
-                 viewer_root: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        rec: Reconstructor,
+        cfg: Mapping[str, Any],
+        threads: int = 2,
+        max_backlog: int = 2,
+        viewer_root: str | os.PathLike | None = None,
+    ) -> None:
         self.rec = rec
         self.cfg = cfg
         self.max_backlog = max(1, int(max_backlog))

@@ -30,8 +30,8 @@ from vrn.data.packed import PackedReader
 from vrn.data.synthetic import cache_name, generate_packed
 from vrn.detectors import FaceDetector, get_detector
 from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
-from vrn.face_models.tddfa_models import load_tddfa
 from vrn.face_models.mat_fit import angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points
+from vrn.face_models.tddfa_models import load_tddfa
 from vrn.geometry.crop import crop_face
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
@@ -93,8 +93,13 @@ class PackedEvalDataset(Dataset):
         vrn.conventions.LayoutMismatchError: the folder was packed with another layout.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str | None = "test", max_samples: int | None = None,
-                 layout: VolumeLayout = DEFAULT_LAYOUT) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | None = "test",
+        max_samples: int | None = None,
+        layout: VolumeLayout = DEFAULT_LAYOUT,
+    ) -> None:
         split = None if split in (None, "all") else str(split)
         self.reader = PackedReader(Path(os.path.expanduser(str(root))), split=split)
         self.reader.layout.check_matches(layout, f"dataset {root}", "the checkpoint")
@@ -124,14 +129,25 @@ class PackedEvalDataset(Dataset):
         else:
             yaw = float("nan")
         return EvalSample(
-            id=str(row.get("id", i)), crop=s.image, transform=CropTransform(_IDENTITY, s.image.shape[:2]), yaw=yaw,
-            gt_code=s.code, gt_verts=front_surface_points(front_depth_of_code(s.code), self.depth_factor), gt_landmarks=lm,
-            pred_landmarks_xy=None if lm is None else lm[:, :2].copy(), landmarks_xy_from="ground truth",
-            info={"source": str(row.get("source", "packed")), "gt_surface": "front surface of the GT volume"})
+            id=str(row.get("id", i)),
+            crop=s.image,
+            transform=CropTransform(_IDENTITY, s.image.shape[:2]),
+            yaw=yaw,
+            gt_code=s.code,
+            gt_verts=front_surface_points(front_depth_of_code(s.code), self.depth_factor),
+            gt_landmarks=lm,
+            pred_landmarks_xy=None if lm is None else lm[:, :2].copy(),
+            landmarks_xy_from="ground truth",
+            info={"source": str(row.get("source", "packed")), "gt_surface": "front surface of the GT volume"},
+        )
 
 
-def synthetic_test_set(datamodule: SyntheticDataModule, split: str = "test", max_samples: int | None = None,
-                       layout: VolumeLayout = DEFAULT_LAYOUT) -> PackedEvalDataset:
+def synthetic_test_set(
+    datamodule: SyntheticDataModule,
+    split: str = "test",
+    max_samples: int | None = None,
+    layout: VolumeLayout = DEFAULT_LAYOUT,
+) -> PackedEvalDataset:
     """The synthetic test split of a training data config: the training cache when present,
     else a test-only cache (rendered once; test sample ``i`` depends only on the generator
     settings, ``gen_seed`` and ``i``).
@@ -174,14 +190,23 @@ class AFLW2000Dataset(Dataset):
             mean face).
     """
 
-    def __init__(self, root: str | os.PathLike, bfm_path: str | None = None, crop: str = "detector",
-                 detector: FaceDetector | str | None = None, detector_device: str = "cpu",
-                 max_samples: int | None = None, layout: VolumeLayout = DEFAULT_LAYOUT,
-                 benchmark: bool = True, baselines: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        bfm_path: str | None = None,
+        crop: str = "detector",
+        detector: FaceDetector | str | None = None,
+        detector_device: str = "cpu",
+        max_samples: int | None = None,
+        layout: VolumeLayout = DEFAULT_LAYOUT,
+        benchmark: bool = True,
+        baselines: bool = True,
+    ) -> None:
         self.root = Path(os.path.expanduser(str(root)))
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data.root={self.root} is not a folder: point it at your AFLW2000-3D folder "
-                                    f"(image*.jpg + image*.mat)")
+            raise FileNotFoundError(
+                f"data.root={self.root} is not a folder: point it at your AFLW2000-3D folder (image*.jpg + image*.mat)"
+            )
         self.images = sorted(p for p in self.root.glob("*.jpg") if p.with_suffix(".mat").is_file())
         if not self.images:
             raise FileNotFoundError(f"data.root={self.root} holds no .jpg + .mat pairs (AFLW2000-3D layout)")
@@ -211,8 +236,9 @@ class AFLW2000Dataset(Dataset):
 
     def _load_bfm(self) -> Any:
         if self._bfm is None:
-            self._bfm = (load_dense_bfm(None, "offline_standin") if self.bfm_path == "standin"
-                         else load_dense_bfm(self.bfm_path))
+            self._bfm = (
+                load_dense_bfm(None, "offline_standin") if self.bfm_path == "standin" else load_dense_bfm(self.bfm_path)
+            )
         return self._bfm
 
     def __getstate__(self) -> dict[str, Any]:
@@ -222,8 +248,12 @@ class AFLW2000Dataset(Dataset):
         """The face's benchmark arrays, and (``baselines``) the port's landmarks and meshes on its roi_box."""
         assert self.arrays is not None
         i = self.arrays.row(name)
-        bench: dict[str, Any] = {"pts68": self.arrays.pts68[i], "pts68_reannotated": self.arrays.pts68_reannotated[i],
-                                 "roi_box": self.arrays.roi_box[i], "yaw_abs_deg": float(self.arrays.yaw_abs_deg[i])}
+        bench: dict[str, Any] = {
+            "pts68": self.arrays.pts68[i],
+            "pts68_reannotated": self.arrays.pts68_reannotated[i],
+            "roi_box": self.arrays.roi_box[i],
+            "yaw_abs_deg": float(self.arrays.yaw_abs_deg[i]),
+        }
         if self.baselines:
             if self._port is None:
                 self._port = load_tddfa()
@@ -256,8 +286,9 @@ class AFLW2000Dataset(Dataset):
         L = self.layout
         # the project's convention (as the pipeline's fit stage): the target solid centred in depth
         vc[:, 2] += solid_depth_shift(vc, tri, R, depth_bins=L.depth_bins, depth_factor=L.depth_factor)
-        s.gt_code = voxelize_face(vc.astype(np.float32), tri, R, depth_bins=L.depth_bins, depth_factor=L.depth_factor,
-                                  size=L.crop_size)
+        s.gt_code = voxelize_face(
+            vc.astype(np.float32), tri, R, depth_bins=L.depth_bins, depth_factor=L.depth_factor, size=L.crop_size
+        )
         s.info["gt_mesh"] = f"{bfm.source} ({how})"
 
     def __getitem__(self, i: int) -> EvalSample:
@@ -277,8 +308,16 @@ class AFLW2000Dataset(Dataset):
         xy, xy_from, crop_info = self._crop_landmarks(image, path, gt_lm)
         xy = gt_lm[:, :2] if xy is None else xy
         crop, T = crop_face(image, xy, crop_size=self.layout.crop_size, face_size=self.layout.face_size)
-        s = EvalSample(sid, crop, T, yaw, gt_landmarks=gt_lm, pred_landmarks_xy=xy, landmarks_xy_from=xy_from,
-                       info={"image": path.name, "crop": crop_info})
+        s = EvalSample(
+            sid,
+            crop,
+            T,
+            yaw,
+            gt_landmarks=gt_lm,
+            pred_landmarks_xy=xy,
+            landmarks_xy_from=xy_from,
+            info={"image": path.name, "crop": crop_info},
+        )
         if self.bfm_path is not None:
             self._add_dense_gt(s, mat, pose, image.shape[0])
         if self.arrays is not None:

@@ -73,8 +73,16 @@ from vrn.wandb_logging import finish_run, start_run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalSample", "PackedEvalDataset", "AFLW2000Dataset", "synthetic_test_set", "build_dataset",
-           "score_sample", "evaluate", "METRICS"]
+__all__ = [
+    "EvalSample",
+    "PackedEvalDataset",
+    "AFLW2000Dataset",
+    "synthetic_test_set",
+    "build_dataset",
+    "score_sample",
+    "evaluate",
+    "METRICS",
+]
 
 #: (key, table header, scale, decimals)
 METRICS: list[tuple[str, str, float, int]] = [
@@ -113,8 +121,13 @@ def _f(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
-def score_sample(s: EvalSample, prob: np.ndarray, threshold: float = 0.5,
-                 depth_factor: float = DEFAULT_LAYOUT.depth_factor, icp: dict[str, Any] | None = None) -> dict[str, Any]:
+def score_sample(
+    s: EvalSample,
+    prob: np.ndarray,
+    threshold: float = 0.5,
+    depth_factor: float = DEFAULT_LAYOUT.depth_factor,
+    icp: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """All metrics of one sample.
 
     Args:
@@ -167,8 +180,13 @@ def _collate(batch: list[EvalSample]) -> list[EvalSample]:
 
 def _score_all(rec: Reconstructor, ds: Dataset, cfg: DictConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Run the network on every sample and score it: (per-sample rows, load failures)."""
-    loader = DataLoader(ds, batch_size=int(cfg.batch_size), shuffle=False, num_workers=int(cfg.get("num_workers", 0)),
-                        collate_fn=_collate)
+    loader = DataLoader(
+        ds,
+        batch_size=int(cfg.batch_size),
+        shuffle=False,
+        num_workers=int(cfg.get("num_workers", 0)),
+        collate_fn=_collate,
+    )
     icp_cfg = OmegaConf.to_container(cfg.icp, resolve=True) if cfg.get("icp") else {}
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
@@ -181,8 +199,10 @@ def _score_all(rec: Reconstructor, ds: Dataset, cfg: DictConfig) -> tuple[list[d
         for s, p in zip(ok, probs):
             row = score_sample(s, p.numpy(), rec.threshold, rec.layout.depth_factor, icp_cfg)  # type: ignore[arg-type]
             rows.append(row)
-            log.info(f"{s.id}: yaw {row['yaw'] if row['yaw'] is None else round(row['yaw'], 1)} "
-                     + " ".join(f"{k}={row[k]:.4f}" for k, *_ in METRICS if row.get(k) is not None))
+            log.info(
+                f"{s.id}: yaw {row['yaw'] if row['yaw'] is None else round(row['yaw'], 1)} "
+                + " ".join(f"{k}={row[k]:.4f}" for k, *_ in METRICS if row.get(k) is not None)
+            )
     return rows, failures
 
 
@@ -213,13 +233,19 @@ def _log_wandb(cfg: DictConfig, results: dict[str, Any], present: list[tuple[str
     """The summary to W&B (``wandb=true``): a table (bucket x metric) and ``<bucket>/<metric>`` scalars."""
     import wandb
 
-    started = start_run(str(cfg.get("wandb_project", "vrn-eval")), Path(str(cfg.output_dir)), "evaluate",
-                        config=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    started = start_run(
+        str(cfg.get("wandb_project", "vrn-eval")),
+        Path(str(cfg.output_dir)),
+        "evaluate",
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )  # type: ignore[arg-type]
     try:
         keys = [m[0] for m in present]
         summary = results["summary"]
-        table = wandb.Table(columns=["bucket", "n"] + keys,
-                            data=[[b, summary[b].get("n")] + [summary[b].get(k) for k in keys] for b in summary])
+        table = wandb.Table(
+            columns=["bucket", "n"] + keys,
+            data=[[b, summary[b].get("n")] + [summary[b].get(k) for k in keys] for b in summary],
+        )
         scalars = {f"{b}/{k}": summary[b][k] for b in summary for k in keys if summary[b].get(k) is not None}
         wandb.log({"results": table, **scalars})
     finally:
@@ -232,8 +258,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dict (also written to ``output_dir/results.json`` and ``results.md``)."""
     out_dir = Path(os.path.expanduser(str(cfg.output_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    rec = Reconstructor.from_checkpoint(str(cfg.ckpt), device=str(cfg.device), precision=str(cfg.precision),
-                                        detector=None, threshold=float(cfg.threshold), batch_size=int(cfg.batch_size))
+    rec = Reconstructor.from_run_config(cfg)
     ds = build_dataset(cfg.data, rec.layout, cfg.get("max_samples"))
     log.info(f"Evaluating {rec!r} on data={cfg.data_name} ({len(ds)} samples)")
     t0 = time.perf_counter()
@@ -245,12 +270,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     table = markdown_table(summary, present) if present else "(no metric could be computed)\n"
     md = "# VRN evaluation\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + table
     if any(summary["all"].get(c[0]) is not None for c in BENCHMARK_COLUMNS):
-        md += ("\n## AFLW2000-3D benchmark (3DDFA's arrays and yaw buckets)\n\n" + benchmark_table(summary)
-               + "\n" + BENCHMARK_NOTES)
-    results = {"summary": summary, "metrics": [m[0] for m in present], "notes": notes, "seconds": dt,
-               "ckpt": str(cfg.ckpt), "model": rec.model_spec, "layout": rec.layout.to_dict(),
-               "data_name": str(cfg.data_name), "data": OmegaConf.to_container(cfg.data, resolve=True),
-               "failures": failures, "samples": rows}
+        md += (
+            "\n## AFLW2000-3D benchmark (3DDFA's arrays and yaw buckets)\n\n"
+            + benchmark_table(summary)
+            + "\n"
+            + BENCHMARK_NOTES
+        )
+    results = {
+        "summary": summary,
+        "metrics": [m[0] for m in present],
+        "notes": notes,
+        "seconds": dt,
+        "ckpt": str(cfg.ckpt),
+        "model": rec.model_spec,
+        "layout": rec.layout.to_dict(),
+        "data_name": str(cfg.data_name),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "failures": failures,
+        "samples": rows,
+    }
     atomic_write(out_dir / "results.json", json.dumps(results, indent=2).encode())
     atomic_write(out_dir / "results.md", md.encode())
     print(md, flush=True)

@@ -10,8 +10,16 @@ import numpy as np
 
 from vrn.atomic_write import atomic_write
 
-__all__ = ["read_image_rgb", "write_image_rgb", "encode_image_rgb", "decode_image_rgb", "check_rgb_image",
-           "list_image_files", "IMAGE_EXTS", "ImageReadError"]
+__all__ = [
+    "read_image_rgb",
+    "write_image_rgb",
+    "encode_image_rgb",
+    "decode_image_rgb",
+    "check_rgb_image",
+    "list_image_files",
+    "IMAGE_EXTS",
+    "ImageReadError",
+]
 
 #: file extensions treated as images when listing a folder (lower case)
 IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -64,7 +72,9 @@ def write_image_rgb(path: str | os.PathLike, image_rgb: np.ndarray, quality: int
     atomic_write(path, encode_image_rgb(image_rgb, Path(path).suffix or ".png", quality))
 
 
-def list_image_files(folder: str | os.PathLike, exts: tuple[str, ...] = IMAGE_EXTS, recursive: bool = True) -> list[str]:
+def list_image_files(
+    folder: str | os.PathLike, exts: tuple[str, ...] = IMAGE_EXTS, recursive: bool = True
+) -> list[str]:
     """Image files under ``folder`` as sorted POSIX paths relative to it (hidden skipped)."""
     folder = Path(folder)
     pattern = "**/*" if recursive else "*"

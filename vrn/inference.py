@@ -39,10 +39,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,14 +60,26 @@ from vrn.volume.mesh import export_mesh, volume_to_mesh
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Reconstructor", "FaceResult", "PreparedImage", "prepare_image", "volume_to_image_mesh",
-           "sample_vertex_colors", "PRECISIONS"]
+__all__ = [
+    "Reconstructor",
+    "FaceResult",
+    "PreparedImage",
+    "prepare_image",
+    "volume_to_image_mesh",
+    "sample_vertex_colors",
+    "PRECISIONS",
+]
 
 #: accepted ``precision`` values -> autocast dtype (None = plain float32)
 PRECISIONS: dict[str, torch.dtype | None] = {
-    "32": None, "32-true": None, "fp32": None,
-    "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
-    "16": torch.float16, "16-mixed": torch.float16, "fp16": torch.float16,
+    "32": None,
+    "32-true": None,
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "bf16-mixed": torch.bfloat16,
+    "16": torch.float16,
+    "16-mixed": torch.float16,
+    "fp16": torch.float16,
 }
 #: vertex colour (RGB) when no photo is given
 _GREY = 200
@@ -140,7 +153,7 @@ class PreparedImage:
     """
 
     image: np.ndarray
-    detections: list["Detection"]
+    detections: list[Detection]
     crops: np.ndarray
     transforms: list[CropTransform]
     path: str | None = None
@@ -155,8 +168,9 @@ class PreparedImage:
 # --------------------------------------------------------------------------------------
 
 
-def prepare_image(image: np.ndarray | str | os.PathLike, detector: "FaceDetector",
-                  layout: VolumeLayout = DEFAULT_LAYOUT) -> PreparedImage:
+def prepare_image(
+    image: np.ndarray | str | os.PathLike, detector: FaceDetector, layout: VolumeLayout = DEFAULT_LAYOUT
+) -> PreparedImage:
     """Read (if a path), detect every face and cut its VRN crop.
 
     Args:
@@ -192,8 +206,9 @@ def prepare_image(image: np.ndarray | str | os.PathLike, detector: "FaceDetector
     return PreparedImage(img, list(dets), arr, transforms, path, timings)
 
 
-def volume_to_image_mesh(prob: np.ndarray, transform: CropTransform, threshold: float = 0.5,
-                         depth_factor: float = DEPTH_FACTOR) -> tuple[np.ndarray, np.ndarray]:
+def volume_to_image_mesh(
+    prob: np.ndarray, transform: CropTransform, threshold: float = 0.5, depth_factor: float = DEPTH_FACTOR
+) -> tuple[np.ndarray, np.ndarray]:
     """The post-processing: marching cubes -> crop px -> image px.
 
     Args:
@@ -289,18 +304,28 @@ class Reconstructor:
         depth_factor: ``layout.depth_factor`` (depth bins per crop px).
     """
 
-    def __init__(self, net: nn.Module, device: str | torch.device = "cpu", precision: str = "32",
-                 detector: "str | FaceDetector | None" = DEFAULT_DETECTOR, threshold: float = 0.5,
-                 layout: VolumeLayout | None = None, batch_size: int = 8,
-                 detector_device: str | None = None, model_spec: dict[str, Any] | None = None,
-                 detector_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        device: str | torch.device = "cpu",
+        precision: str = "32",
+        detector: str | FaceDetector | None = DEFAULT_DETECTOR,
+        threshold: float = 0.5,
+        layout: VolumeLayout | None = None,
+        batch_size: int = 8,
+        detector_device: str | None = None,
+        model_spec: dict[str, Any] | None = None,
+        detector_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         precision = str(precision)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device={device} but CUDA is not available (a CPU build of torch, or no GPU); "
-                               f"use device=cpu, or install a CUDA build of torch")
+            raise RuntimeError(
+                f"device={device} but CUDA is not available (a CPU build of torch, or no GPU); "
+                f"use device=cpu, or install a CUDA build of torch"
+            )
         self.precision = precision
         self.autocast_dtype = PRECISIONS[precision]
         if self.autocast_dtype == torch.float16 and self.device.type == "cpu":
@@ -317,18 +342,24 @@ class Reconstructor:
         self.batch_size = max(1, int(batch_size))
         self.model_spec = dict(model_spec or {})
         if isinstance(detector, str):
-            detector = get_detector(detector, device=detector_device or str(self.device),
-                                    **(detector_kwargs or {}))
+            detector = get_detector(detector, device=detector_device or str(self.device), **(detector_kwargs or {}))
         self.detector = detector
         #: seconds per stage of the last :meth:`__call__`
         self.timings: dict[str, float] = {}
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path_or_url: str | os.PathLike, device: str = "cpu", precision: str = "32",
-                        detector: "str | FaceDetector | None" = DEFAULT_DETECTOR, threshold: float = 0.5,
-                        cache_dir: str | os.PathLike | None = None, weights_only: bool = True,
-                        **kwargs: Any) -> "Reconstructor":
+    def from_checkpoint(
+        cls,
+        path_or_url: str | os.PathLike,
+        device: str = "cpu",
+        precision: str = "32",
+        detector: str | FaceDetector | None = DEFAULT_DETECTOR,
+        threshold: float = 0.5,
+        cache_dir: str | os.PathLike | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> Reconstructor:
         """Load a checkpoint (file or URL) and build the network from its stored spec.
 
         Args:
@@ -340,8 +371,29 @@ class Reconstructor:
         """
         path = resolve_checkpoint(path_or_url, cache_dir)
         net, spec, layout = load_network(path, "cpu", weights_only=weights_only)
-        return cls(net, device=device, precision=precision, detector=detector, threshold=threshold,
-                   model_spec=spec, layout=layout, **kwargs)
+        return cls(
+            net,
+            device=device,
+            precision=precision,
+            detector=detector,
+            threshold=threshold,
+            model_spec=spec,
+            layout=layout,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> Reconstructor:
+        """The network of a demo / evaluation config (keys ``ckpt``, ``device``, ``precision``,
+        ``threshold``, ``batch_size``), without a detector (the caller runs its own)."""
+        return cls.from_checkpoint(
+            str(cfg["ckpt"]),
+            device=str(cfg.get("device", "cpu")),
+            precision=str(cfg.get("precision", "32")),
+            detector=None,
+            threshold=float(cfg.get("threshold", 0.5)),
+            batch_size=int(cfg.get("batch_size", 8)),
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         """A slim checkpoint (model spec + layout + network weights; loads with :meth:`from_checkpoint`)."""
@@ -368,7 +420,7 @@ class Reconstructor:
         out = []
         pin = self.device.type == "cuda"
         for i in range(0, len(x), self.batch_size):
-            xb = x[i:i + self.batch_size]
+            xb = x[i : i + self.batch_size]
             if pin:
                 xb = xb.pin_memory()
             xb = xb.to(self.device, non_blocking=True)
@@ -379,8 +431,9 @@ class Reconstructor:
             return torch.zeros((0, self.layout.depth_bins) + tuple(x.shape[-2:]))
         return torch.cat(out)
 
-    def postprocess(self, prob: np.ndarray | torch.Tensor, transform: CropTransform,
-                    image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    def postprocess(
+        self, prob: np.ndarray | torch.Tensor, transform: CropTransform, image: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
         """Probabilities of one crop -> mesh in image px with per-vertex colours.
 
         Args:
@@ -404,13 +457,16 @@ class Reconstructor:
     def detect(self, image: np.ndarray | str | os.PathLike) -> PreparedImage:
         """Read, detect and crop (see :func:`prepare_image`)."""
         if self.detector is None:
-            raise RuntimeError("this Reconstructor has no detector: pass detector='tddfa' (or 'fan', 'dlib'), "
-                               f"or call reconstruct_crops() on your own {self.layout.crop_size}x"
-                               f"{self.layout.crop_size} crops")
+            raise RuntimeError(
+                "this Reconstructor has no detector: pass detector='tddfa' (or 'fan', 'dlib'), "
+                f"or call reconstruct_crops() on your own {self.layout.crop_size}x"
+                f"{self.layout.crop_size} crops"
+            )
         return prepare_image(image, self.detector, self.layout)
 
-    def reconstruct_prepared(self, prep: PreparedImage, probs: torch.Tensor | None = None,
-                             keep: str | None = "code") -> list[FaceResult]:
+    def reconstruct_prepared(
+        self, prep: PreparedImage, probs: torch.Tensor | None = None, keep: str | None = "code"
+    ) -> list[FaceResult]:
         """Faces of a :class:`PreparedImage` (network run here unless ``probs`` is given).
 
         Args:
@@ -435,11 +491,22 @@ class Reconstructor:
             code = encode(p > self.threshold) if keep is not None else None
             tm["encode"] = time.perf_counter() - tc
             tm["network"] = t_net / len(prep)
-            results.append(FaceResult(verts=verts, faces=faces, colors=colors, transform=t,
-                                      landmarks=np.asarray(det.landmarks, np.float64),
-                                      box=np.asarray(det.box, np.float64), score=float(det.score), face_index=k,
-                                      code=code, prob=p.copy() if keep == "prob" else None,
-                                      crop=prep.crops[k], timings=tm))
+            results.append(
+                FaceResult(
+                    verts=verts,
+                    faces=faces,
+                    colors=colors,
+                    transform=t,
+                    landmarks=np.asarray(det.landmarks, np.float64),
+                    box=np.asarray(det.box, np.float64),
+                    score=float(det.score),
+                    face_index=k,
+                    code=code,
+                    prob=p.copy() if keep == "prob" else None,
+                    crop=prep.crops[k],
+                    timings=tm,
+                )
+            )
         return results
 
     def __call__(self, image: np.ndarray | str | os.PathLike, keep: str | None = "code") -> list[FaceResult]:
@@ -460,8 +527,9 @@ class Reconstructor:
         self.timings = tm
         return results
 
-    def reconstruct_many(self, images: Iterable[np.ndarray | str | os.PathLike],
-                         keep: str | None = "code") -> list[list[FaceResult]]:
+    def reconstruct_many(
+        self, images: Iterable[np.ndarray | str | os.PathLike], keep: str | None = "code"
+    ) -> list[list[FaceResult]]:
         """Several photos; the crops of all of them go through the network in batches."""
         preps = [self.detect(im) for im in images]
         crops = [p.crops for p in preps if len(p)]
@@ -470,11 +538,13 @@ class Reconstructor:
         probs = self.reconstruct_crops(np.concatenate(crops))
         out, i = [], 0
         for p in preps:
-            out.append(self.reconstruct_prepared(p, probs[i:i + len(p)], keep=keep) if len(p) else [])
+            out.append(self.reconstruct_prepared(p, probs[i : i + len(p)], keep=keep) if len(p) else [])
             i += len(p)
         return out
 
     def __repr__(self) -> str:
         det = getattr(self.detector, "name", None)
-        return (f"Reconstructor(model={self.model_spec.get('name', type(self.net).__name__)}, device={self.device}, "
-                f"precision={self.precision}, detector={det}, threshold={self.threshold})")
+        return (
+            f"Reconstructor(model={self.model_spec.get('name', type(self.net).__name__)}, device={self.device}, "
+            f"precision={self.precision}, detector={det}, threshold={self.threshold})"
+        )

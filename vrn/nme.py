@@ -30,8 +30,9 @@ by ``sqrt(w * h)`` of the ground-truth 2D landmark box. ``nme_lmk_2d`` uses (x, 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -39,9 +40,20 @@ from scipy.spatial import cKDTree
 from vrn.geometry.raster import rasterize
 
 __all__ = [
-    "interocular_distance", "landmark_box_size", "rigid_transform", "IcpResult", "icp", "SurfaceNME",
-    "surface_nme", "landmark_nme", "surface_depth_at", "yaw_bucket", "YAW_BUCKETS",
-    "summarize", "markdown_table", "yaw_from_rotation",
+    "interocular_distance",
+    "landmark_box_size",
+    "rigid_transform",
+    "IcpResult",
+    "icp",
+    "SurfaceNME",
+    "surface_nme",
+    "landmark_nme",
+    "surface_depth_at",
+    "yaw_bucket",
+    "YAW_BUCKETS",
+    "summarize",
+    "markdown_table",
+    "yaw_from_rotation",
 ]
 
 #: iBUG 68 outer eye corners, 0-based (landmarks 37 and 46 1-based)
@@ -137,9 +149,16 @@ class IcpResult:
         return np.asarray(points, np.float64) @ self.R.T + self.t
 
 
-def icp(source: np.ndarray, target: np.ndarray, init_R: np.ndarray | None = None,
-        init_t: np.ndarray | None = None, max_iterations: int = 50, tolerance: float = 1e-6,
-        tree: cKDTree | None = None, fit_subsample: int = 1) -> IcpResult:
+def icp(
+    source: np.ndarray,
+    target: np.ndarray,
+    init_R: np.ndarray | None = None,
+    init_t: np.ndarray | None = None,
+    max_iterations: int = 50,
+    tolerance: float = 1e-6,
+    tree: cKDTree | None = None,
+    fit_subsample: int = 1,
+) -> IcpResult:
     """Point-to-point rigid ICP moving ``source`` onto ``target``.
 
     Each iteration pairs every source point with its nearest target point
@@ -169,7 +188,7 @@ def icp(source: np.ndarray, target: np.ndarray, init_R: np.ndarray | None = None
     prev = np.inf
     converged = False
     it = 0
-    for it in range(1, int(max_iterations) + 1):
+    for it in range(1, int(max_iterations) + 1):  # noqa: B007 - the count is reported after the loop
         d, idx = tree.query(fit @ R.T + t)
         R, t = rigid_transform(fit, tgt[idx])
         rms = float(np.sqrt(np.mean(d * d)))
@@ -214,8 +233,15 @@ def _init_depth_shift(source: np.ndarray, target: np.ndarray, q: float = 99.0) -
     return float(np.percentile(target[:, 2], q) - np.percentile(source[:, 2], q))
 
 
-def surface_nme(pred_verts: np.ndarray, gt_verts: np.ndarray, normalizer: float, max_iterations: int = 50,
-                tolerance: float = 1e-6, fit_subsample: int = 1, init: str = "depth") -> SurfaceNME:
+def surface_nme(
+    pred_verts: np.ndarray,
+    gt_verts: np.ndarray,
+    normalizer: float,
+    max_iterations: int = 50,
+    tolerance: float = 1e-6,
+    fit_subsample: int = 1,
+    init: str = "depth",
+) -> SurfaceNME:
     """Surface NME between a predicted mesh and the ground-truth mesh (module doc).
 
     Args:
@@ -244,8 +270,9 @@ def surface_nme(pred_verts: np.ndarray, gt_verts: np.ndarray, normalizer: float,
     dz = float(np.mean(matched[:, 2] - gt[:, 2]))
     d_icp = np.linalg.norm(gt + np.array([0.0, 0.0, dz]) - matched, axis=1)
     n = float(normalizer)
-    return SurfaceNME(float(d_icp.mean() / n), float(d_rigid.mean() / n), float(d_icp.mean()), float(d_rigid.mean()),
-                      n, dz, res)
+    return SurfaceNME(
+        float(d_icp.mean() / n), float(d_rigid.mean() / n), float(d_icp.mean()), float(d_rigid.mean()), n, dz, res
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -297,8 +324,13 @@ def surface_depth_at(verts: np.ndarray, faces: np.ndarray, xy: np.ndarray) -> np
         return out
     x0, y0 = np.floor(v[:, :2].min(0)).astype(int) - 1
     x1, y1 = np.ceil(v[:, :2].max(0)).astype(int) + 2
-    r = rasterize((v - [x0, y0, 0]).astype(np.float32), np.ascontiguousarray(faces, np.int32),
-                  int(y1 - y0), int(x1 - x0), keep="front")
+    r = rasterize(
+        (v - [x0, y0, 0]).astype(np.float32),
+        np.ascontiguousarray(faces, np.int32),
+        int(y1 - y0),
+        int(x1 - x0),
+        keep="front",
+    )
     m = r.tri_id >= 0
     if not m.any():
         return out
@@ -311,8 +343,9 @@ def surface_depth_at(verts: np.ndarray, faces: np.ndarray, xy: np.ndarray) -> np
     fy = np.clip(qy - cy, 0, 1)
     all4 = m[cy, cx] & m[cy, cx + 1] & m[cy + 1, cx] & m[cy + 1, cx + 1]
     d = np.where(m, r.depth, 0.0).astype(np.float64)  # -inf off the surface; only used where covered
-    bil = ((d[cy, cx] * (1 - fx) + d[cy, cx + 1] * fx) * (1 - fy)
-           + (d[cy + 1, cx] * (1 - fx) + d[cy + 1, cx + 1] * fx) * fy)
+    bil = (d[cy, cx] * (1 - fx) + d[cy, cx + 1] * fx) * (1 - fy) + (
+        d[cy + 1, cx] * (1 - fx) + d[cy + 1, cx + 1] * fx
+    ) * fy
     rr, cc = np.nonzero(m)
     _, nn = cKDTree(np.stack([cc, rr], 1)).query(np.stack([qx, qy], 1))
     near = d[rr[nn], cc[nn]]

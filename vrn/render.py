@@ -14,20 +14,19 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from vrn.atomic_write import atomic_write
 from vrn.geometry.normals import vertex_normals
 from vrn.geometry.raster import Raster, rasterize
 from vrn.geometry.transforms import euler_to_matrix
-from vrn.atomic_write import atomic_write
 from vrn.image_io import encode_image_rgb
 
-__all__ = ["render_mesh", "render_overlay", "render_depth", "render_turntable",
-           "save_png", "save_gif", "DEFAULT_LIGHT"]
+__all__ = ["render_mesh", "render_overlay", "render_depth", "render_turntable", "save_png", "save_gif", "DEFAULT_LIGHT"]
 
 #: direction toward the light (image px frame): up-left of the camera, mostly frontal
 DEFAULT_LIGHT: tuple[float, float, float] = (-0.35, -0.45, 1.0)
@@ -46,16 +45,20 @@ def _window(verts: np.ndarray, height: int, width: int, pad: int = 1) -> tuple[i
     return int(x0), int(y0), int(x1), int(y1)
 
 
-def _vertex_shade(normals: np.ndarray, colors: np.ndarray | None, light: Sequence[float], ambient: float,
-                  diffuse: float) -> np.ndarray:
+def _vertex_shade(
+    normals: np.ndarray, colors: np.ndarray | None, light: Sequence[float], ambient: float, diffuse: float
+) -> np.ndarray:
     """(V, 3) float32 shaded vertex colours in [0, 1] (Lambert; normals turned to the viewer, +z)."""
     n = np.asarray(normals, np.float32)
     n = n * np.where(n[:, 2:3] < 0, -1.0, 1.0).astype(np.float32)
     ld = np.asarray(light, np.float64)
     ld = (ld / np.linalg.norm(ld)).astype(np.float32)
     shade = ambient + diffuse * np.clip(n @ ld, 0.0, None)
-    albedo = (np.full((len(n), 3), 0.8, np.float32) if colors is None
-              else np.asarray(colors)[:, :3].astype(np.float32) / 255.0)
+    albedo = (
+        np.full((len(n), 3), 0.8, np.float32)
+        if colors is None
+        else np.asarray(colors)[:, :3].astype(np.float32) / 255.0
+    )
     return np.clip(albedo * shade[:, None], 0.0, 1.0)
 
 
@@ -67,9 +70,16 @@ def _shade(r: Raster, faces: np.ndarray, vertex_rgb: np.ndarray) -> np.ndarray:
     return out * mask[..., None]
 
 
-def render_mesh(verts: np.ndarray, faces: np.ndarray, height: int, width: int,
-                colors: np.ndarray | None = None, light: Sequence[float] = DEFAULT_LIGHT,
-                ambient: float = 0.3, diffuse: float = 0.75) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_mesh(
+    verts: np.ndarray,
+    faces: np.ndarray,
+    height: int,
+    width: int,
+    colors: np.ndarray | None = None,
+    light: Sequence[float] = DEFAULT_LIGHT,
+    ambient: float = 0.3,
+    diffuse: float = 0.75,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Orthographic Lambert render (Gouraud: shaded at the vertices, interpolated) of a mesh
     on an (height, width) pixel grid.
 
@@ -102,8 +112,12 @@ def render_mesh(verts: np.ndarray, faces: np.ndarray, height: int, width: int,
     return rgb, mask, depth
 
 
-def render_overlay(image: np.ndarray, meshes: Sequence[tuple[np.ndarray, np.ndarray]], alpha: float = 0.85,
-                   colors: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+def render_overlay(
+    image: np.ndarray,
+    meshes: Sequence[tuple[np.ndarray, np.ndarray]],
+    alpha: float = 0.85,
+    colors: Sequence[np.ndarray | None] | None = None,
+) -> np.ndarray:
     """Shaded meshes drawn over the photo.
 
     Args:
@@ -132,8 +146,9 @@ def render_overlay(image: np.ndarray, meshes: Sequence[tuple[np.ndarray, np.ndar
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
-def render_depth(verts: np.ndarray, faces: np.ndarray, height: int, width: int,
-                 window: bool = True, pad: int = 4) -> tuple[np.ndarray, tuple[int, int]]:
+def render_depth(
+    verts: np.ndarray, faces: np.ndarray, height: int, width: int, window: bool = True, pad: int = 4
+) -> tuple[np.ndarray, tuple[int, int]]:
     """8-bit depth map of the front surface: nearest = 255, farthest surface point = 32,
     background 0.
 
@@ -150,8 +165,9 @@ def render_depth(verts: np.ndarray, faces: np.ndarray, height: int, width: int,
     if win is None:
         return np.zeros((1, 1), np.uint8), (0, 0)
     x0, y0, x1, y1 = win
-    r = rasterize(v - np.array([x0, y0, 0], np.float32), np.ascontiguousarray(faces, np.int32),
-                  y1 - y0, x1 - x0, keep="front")
+    r = rasterize(
+        v - np.array([x0, y0, 0], np.float32), np.ascontiguousarray(faces, np.int32), y1 - y0, x1 - x0, keep="front"
+    )
     m = r.tri_id >= 0
     out = np.zeros(m.shape, np.uint8)
     if m.any():
@@ -161,10 +177,17 @@ def render_depth(verts: np.ndarray, faces: np.ndarray, height: int, width: int,
     return out, (x0, y0)
 
 
-def render_turntable(verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
-                     frames: int = 36, size: int = 256, sweep_deg: float = 360.0,
-                     background: Sequence[int] = (24, 24, 28), light: Sequence[float] = DEFAULT_LIGHT,
-                     fill: float = 0.9) -> list[np.ndarray]:
+def render_turntable(
+    verts: np.ndarray,
+    faces: np.ndarray,
+    colors: np.ndarray | None = None,
+    frames: int = 36,
+    size: int = 256,
+    sweep_deg: float = 360.0,
+    background: Sequence[int] = (24, 24, 28),
+    light: Sequence[float] = DEFAULT_LIGHT,
+    fill: float = 0.9,
+) -> list[np.ndarray]:
     """Frames of the mesh rotating about its vertical axis (y, through its box centre).
 
     Args:

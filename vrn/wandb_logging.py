@@ -21,8 +21,22 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "current_run", "finish_run", "has_api_key", "image_media", "is_active", "log_image",
-           "log_media", "log_mesh", "log_point_cloud", "mesh_media", "point_cloud_media", "start_run", "wandb_mode"]
+__all__ = [
+    "MODES",
+    "current_run",
+    "finish_run",
+    "has_api_key",
+    "image_media",
+    "is_active",
+    "log_image",
+    "log_media",
+    "log_mesh",
+    "log_point_cloud",
+    "mesh_media",
+    "point_cloud_media",
+    "start_run",
+    "wandb_mode",
+]
 
 MODES = ("online", "offline", "disabled")
 
@@ -78,8 +92,9 @@ def current_run() -> Any:
     return wandb.run
 
 
-def start_run(project: str, out_dir: str | os.PathLike, job_type: str, config: dict[str, Any] | None = None,
-              **kwargs: Any) -> bool:
+def start_run(
+    project: str, out_dir: str | os.PathLike, job_type: str, config: dict[str, Any] | None = None, **kwargs: Any
+) -> bool:
     """Start a W&B run in ``out_dir`` unless one is active; True if this call started it.
 
     The mode comes from :func:`wandb_mode` (``kwargs["mode"]``, if given, is the requested
@@ -148,8 +163,7 @@ def log_point_cloud(key: str, points_xyz: np.ndarray, run: Any = None) -> None:
     log_media({key: point_cloud_media(points_xyz)}, run)
 
 
-def log_image(key: str, image_rgb: np.ndarray | str | os.PathLike, caption: str | None = None,
-              run: Any = None) -> None:
+def log_image(key: str, image_rgb: np.ndarray | str | os.PathLike, caption: str | None = None, run: Any = None) -> None:
     """Log an (H, W, 3) uint8 RGB image or image file under ``key`` (see :func:`image_media`)."""
     log_media({key: image_media(image_rgb, caption)}, run)
 

@@ -22,15 +22,23 @@ cheap to build and to pickle into worker processes.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from vrn.image_io import check_rgb_image
 
-__all__ = ["Detection", "FaceDetector", "register_detector", "get_detector", "available_detectors",
-           "DETECTOR_MODULES", "DEFAULT_DETECTOR"]
+__all__ = [
+    "Detection",
+    "FaceDetector",
+    "register_detector",
+    "get_detector",
+    "available_detectors",
+    "DETECTOR_MODULES",
+    "DEFAULT_DETECTOR",
+]
 
 
 @dataclass
@@ -80,7 +88,7 @@ class FaceDetector:
         raise NotImplementedError
 
     # -- public ---------------------------------------------------------------------
-    def setup(self) -> "FaceDetector":
+    def setup(self) -> FaceDetector:
         if not self._loaded:
             self._load()
             self._loaded = True
@@ -152,6 +160,8 @@ def get_detector(name: str, **kwargs: Any) -> FaceDetector:
     if name not in _REGISTRY and name in DETECTOR_MODULES:
         importlib.import_module(DETECTOR_MODULES[name])
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown detector '{name}' (detector={name}). Available: "
-                         f"{', '.join(available_detectors())}. Pick one with detector=<name>.")
+        raise ValueError(
+            f"Unknown detector '{name}' (detector={name}). Available: "
+            f"{', '.join(available_detectors())}. Pick one with detector=<name>."
+        )
     return _REGISTRY[name](**kwargs)

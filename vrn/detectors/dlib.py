@@ -9,8 +9,10 @@ from vrn.detectors.base import Detection, FaceDetector, register_detector
 
 __all__ = ["DlibDetector"]
 
-_INSTALL = ('the dlib detector needs the packages `dlib` and `face_recognition_models`: '
-            'pip install "vrn[dlib]"  (or choose another backend: detector=tddfa)')
+_INSTALL = (
+    "the dlib detector needs the packages `dlib` and `face_recognition_models`: "
+    'pip install "vrn[dlib]"  (or choose another backend: detector=tddfa)'
+)
 
 
 @register_detector("dlib")
@@ -22,8 +24,9 @@ class DlibDetector(FaceDetector):
         min_score, max_faces: see :class:`FaceDetector` (scores are dlib's HOG scores).
     """
 
-    def __init__(self, device: str = "cpu", min_score: float = -1e9, max_faces: int | None = None,
-                 upsample: int = 1) -> None:
+    def __init__(
+        self, device: str = "cpu", min_score: float = -1e9, max_faces: int | None = None, upsample: int = 1
+    ) -> None:
         super().__init__(device=device, min_score=min_score, max_faces=max_faces)
         self.upsample = int(upsample)
         self._m_det = None

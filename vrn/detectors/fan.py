@@ -30,8 +30,14 @@ class FANDetector(FaceDetector):
         flip_input: average with the mirrored image (2x slower, a little more accurate).
     """
 
-    def __init__(self, device: str = "cpu", min_score: float = 0.5, max_faces: int | None = None,
-                 face_detector: str = "sfd", flip_input: bool = False) -> None:
+    def __init__(
+        self,
+        device: str = "cpu",
+        min_score: float = 0.5,
+        max_faces: int | None = None,
+        face_detector: str = "sfd",
+        flip_input: bool = False,
+    ) -> None:
         super().__init__(device=device, min_score=min_score, max_faces=max_faces)
         self.face_detector = face_detector
         self.flip_input = bool(flip_input)
@@ -40,8 +46,11 @@ class FANDetector(FaceDetector):
     def _load(self) -> None:
         import face_alignment
 
-        kwargs: dict[str, Any] = {"device": self.device, "face_detector": self.face_detector,
-                                  "flip_input": self.flip_input}
+        kwargs: dict[str, Any] = {
+            "device": self.device,
+            "face_detector": self.face_detector,
+            "flip_input": self.flip_input,
+        }
         params = inspect.signature(face_alignment.FaceAlignment.__init__).parameters
         if "compile" in params:  # face-alignment >= 1.5 compiles by default: slow start, no gain here
             kwargs["compile"] = False
@@ -54,8 +63,9 @@ class FANDetector(FaceDetector):
         if b.shape[1] == 4:
             b = np.hstack([b, np.ones((len(b), 1))])
         lms = self._m_fa.get_landmarks_from_image(image_rgb, detected_faces=list(b))
-        return [Detection(box=bb[:4], score=float(bb[4]), landmarks=np.asarray(lm)[:, :2])
-                for bb, lm in zip(b, lms or [])]
+        return [
+            Detection(box=bb[:4], score=float(bb[4]), landmarks=np.asarray(lm)[:, :2]) for bb, lm in zip(b, lms or [])
+        ]
 
     def _detect(self, image_rgb: np.ndarray, image_path: str | None) -> list[Detection]:
         boxes = self._m_fa.face_detector.detect_from_image(image_rgb.copy())

@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from vrn.face_models.mat_fit import MatFitError, load_mat_fit, mat_annotation, mat_landmarks, mat_path_for
-
 from vrn.detectors.base import Detection, FaceDetector, register_detector
+from vrn.face_models.mat_fit import MatFitError, load_mat_fit, mat_annotation, mat_landmarks, mat_path_for
 
 __all__ = ["MatLandmarks"]
 
@@ -27,8 +26,9 @@ class MatLandmarks(FaceDetector):
         landmarks: "annotation" (pt3d_68 / pt2d, falling back to the fit) or "fit".
     """
 
-    def __init__(self, device: str = "cpu", min_score: float = 0.0, max_faces: int | None = None,
-                 landmarks: str = "annotation") -> None:
+    def __init__(
+        self, device: str = "cpu", min_score: float = 0.0, max_faces: int | None = None, landmarks: str = "annotation"
+    ) -> None:
         super().__init__(device=device, min_score=min_score, max_faces=max_faces)
         if landmarks not in ("annotation", "fit"):
             raise ValueError(f"detector.landmarks must be 'annotation' or 'fit', got {landmarks!r}")

@@ -32,8 +32,14 @@ class TDDFADetector(FaceDetector):
             video-tracking policy); usually tightens the landmarks a little.
     """
 
-    def __init__(self, device: str = "cpu", arch: str = "mb05", min_score: float = 0.5,
-                 max_faces: int | None = None, refine: bool = False) -> None:
+    def __init__(
+        self,
+        device: str = "cpu",
+        arch: str = "mb05",
+        min_score: float = 0.5,
+        max_faces: int | None = None,
+        refine: bool = False,
+    ) -> None:
         super().__init__(device=device, min_score=min_score, max_faces=max_faces)
         self.arch = arch
         self.refine = bool(refine)

@@ -22,12 +22,19 @@ from typing import Any
 
 import numpy as np
 import scipy.io as sio
-from tddfa_v2 import BFMModel, load_bfm_offline_npz, load_bfm_pkl, load_tri
 
+from tddfa_v2 import BFMModel, load_bfm_offline_npz, load_bfm_pkl, load_tri
 from vrn.assets import available, resolve
 
-__all__ = ["BFM_SOURCES", "default_bfm_source", "dense_model_shape", "load_bfm", "load_dense_bfm",
-           "rotation_to_crop_frame", "spread_landmark_displacement"]
+__all__ = [
+    "BFM_SOURCES",
+    "default_bfm_source",
+    "dense_model_shape",
+    "load_bfm",
+    "load_dense_bfm",
+    "rotation_to_crop_frame",
+    "spread_landmark_displacement",
+]
 
 #: registry asset behind each BFM source name (``BFMModel.source``)
 BFM_SOURCES: dict[str, str] = {
@@ -101,8 +108,9 @@ def spread_landmark_displacement(bfm: Any, alpha_shp: np.ndarray, alpha_exp: np.
     return dense.T.astype(np.float32)
 
 
-def dense_model_shape(bfm: Any, alpha_shp: np.ndarray, alpha_exp: np.ndarray,
-                      smooth_standin: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
+def dense_model_shape(
+    bfm: Any, alpha_shp: np.ndarray, alpha_exp: np.ndarray, smooth_standin: bool = True
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Model-space dense (3, V) and landmark (3, 68) shapes, and how the dense was built."""
     a_s = np.asarray(alpha_shp, np.float32).ravel()[: bfm.w_shp.shape[1]]
     a_e = np.asarray(alpha_exp, np.float32).ravel()[: bfm.w_exp.shape[1]]
@@ -163,8 +171,10 @@ def load_dense_bfm(bfm_path: str | os.PathLike | None = None, source: str = "aut
         return load_bfm(source)
     p = Path(os.path.expanduser(str(bfm_path)))
     if not p.is_file():
-        raise FileNotFoundError(f"fitter.bfm_path={p} does not exist: give the path of bfm_noneck_v3.pkl "
-                                f"(3DDFA_V2 configs/) or face3d's BFM.mat, or null for the offline stand-in")
+        raise FileNotFoundError(
+            f"fitter.bfm_path={p} does not exist: give the path of bfm_noneck_v3.pkl "
+            f"(3DDFA_V2 configs/) or face3d's BFM.mat, or null for the offline stand-in"
+        )
     if p.suffix == ".pkl":
         return load_bfm_pkl(p, resolve(_TRI))
     if p.suffix == ".mat":
@@ -176,9 +186,12 @@ def load_dense_bfm(bfm_path: str | os.PathLike | None = None, source: str = "aut
         pos = np.searchsorted(idx, kpt)
         if not np.array_equal(idx[np.clip(pos, 0, len(idx) - 1)], kpt):
             raise ValueError(f"{p}: landmark vertices outside the no-neck mesh; is this face3d's BFM.mat?")
-        return BFMModel(u=mu[rows].astype(np.float32),
-                        w_shp=np.ascontiguousarray(np.asarray(m["shapePC"], np.float32)[rows]),
-                        w_exp=np.ascontiguousarray(np.asarray(m["expPC"], np.float32)[rows]),
-                        tri=load_tri(resolve(_TRI)),
-                        keypoints=(pos[:, None] * 3 + np.arange(3)).ravel(), source="bfm_full_mat")
+        return BFMModel(
+            u=mu[rows].astype(np.float32),
+            w_shp=np.ascontiguousarray(np.asarray(m["shapePC"], np.float32)[rows]),
+            w_exp=np.ascontiguousarray(np.asarray(m["expPC"], np.float32)[rows]),
+            tri=load_tri(resolve(_TRI)),
+            keypoints=(pos[:, None] * 3 + np.arange(3)).ravel(),
+            source="bfm_full_mat",
+        )
     raise ValueError(f"fitter.bfm_path={p}: expected a .pkl (3DDFA_V2) or .mat (face3d BFM)")

@@ -17,8 +17,15 @@ import scipy.io as sio
 
 from vrn.face_models.bfm import load_dense_bfm
 
-__all__ = ["MatFitError", "angles_to_matrix_3ddfa", "mat_path_for", "load_mat_fit", "mat_fit_points",
-           "mat_landmarks", "mat_annotation"]
+__all__ = [
+    "MatFitError",
+    "angles_to_matrix_3ddfa",
+    "mat_path_for",
+    "load_mat_fit",
+    "mat_fit_points",
+    "mat_landmarks",
+    "mat_annotation",
+]
 
 
 class MatFitError(ValueError):

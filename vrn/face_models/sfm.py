@@ -49,8 +49,9 @@ def _parse_ibug_mapping(text: str) -> dict[int, int]:
 
 
 @lru_cache(maxsize=2)
-def load_sfm(shape_path: str | None = None, blendshapes_path: str | None = None,
-             mapping_path: str | None = None) -> SurreyFaceModel:
+def load_sfm(
+    shape_path: str | None = None, blendshapes_path: str | None = None, mapping_path: str | None = None
+) -> SurreyFaceModel:
     """Load the 3448-vertex SFM through the asset registry (explicit paths win)."""
     try:
         import eos
@@ -78,5 +79,6 @@ def load_sfm_contours(path: str | None = None) -> tuple[tuple[int, ...], tuple[i
         mc = json.loads(open(p).read())["model_contour"]
         return tuple(int(i) for i in mc["right_contour"]), tuple(int(i) for i in mc["left_contour"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{p} is not eos' sfm_model_contours.json (model_contour.right_contour / "
-                         f"left_contour): {e}") from e
+        raise ValueError(
+            f"{p} is not eos' sfm_model_contours.json (model_contour.right_contour / left_contour): {e}"
+        ) from e

@@ -178,8 +178,10 @@ def _model_arrays(m: SurreyFaceModel) -> tuple[np.ndarray, np.ndarray]:
 def _skew(v: np.ndarray) -> np.ndarray:
     """(K, 3) -> (K, 3, 3) cross-product matrices, ``skew(v) @ w = v x w``."""
     z = np.zeros(len(v))
-    return np.stack([np.stack([z, -v[:, 2], v[:, 1]], 1), np.stack([v[:, 2], z, -v[:, 0]], 1),
-                     np.stack([-v[:, 1], v[:, 0], z], 1)], 1)
+    return np.stack(
+        [np.stack([z, -v[:, 2], v[:, 1]], 1), np.stack([v[:, 2], z, -v[:, 0]], 1), np.stack([-v[:, 1], v[:, 0], z], 1)],
+        1,
+    )
 
 
 def _rodrigues(w: np.ndarray) -> np.ndarray:
@@ -209,11 +211,19 @@ def _bounded_ridge(N: np.ndarray, r: np.ndarray, lo: np.ndarray, hi: np.ndarray)
     return x
 
 
-def fit_sfm_to_landmarks(target: np.ndarray, model: SurreyFaceModel | None = None, *,
-                         lambda_shape: float = DEFAULT_LAMBDA_SHAPE,
-                         lambda_expression: float = DEFAULT_LAMBDA_EXPRESSION, expression_max: float = 1.0,
-                         iterations: int = 5, contour: bool = True, contour_weight: float = 1.0,
-                         contour_samples: int = 4, min_landmarks: int = 20) -> SFMFit:
+def fit_sfm_to_landmarks(
+    target: np.ndarray,
+    model: SurreyFaceModel | None = None,
+    *,
+    lambda_shape: float = DEFAULT_LAMBDA_SHAPE,
+    lambda_expression: float = DEFAULT_LAMBDA_EXPRESSION,
+    expression_max: float = 1.0,
+    iterations: int = 5,
+    contour: bool = True,
+    contour_weight: float = 1.0,
+    contour_samples: int = 4,
+    min_landmarks: int = 20,
+) -> SFMFit:
     """Fit the SFM (pose, identity, expression) to 68 3D landmarks (module doc).
 
     Args:
@@ -243,8 +253,10 @@ def fit_sfm_to_landmarks(target: np.ndarray, model: SurreyFaceModel | None = Non
     lv = sfm_landmark_vertices(m)
     mapped = finite & (lv >= 0)
     if mapped.sum() < min_landmarks:
-        raise ValueError(f"SFM fit needs at least {min_landmarks} finite landmarks among the {int((lv >= 0).sum())} "
-                         f"the SFM maps, got {int(mapped.sum())} (NaN or missing landmarks)")
+        raise ValueError(
+            f"SFM fit needs at least {min_landmarks} finite landmarks among the {int((lv >= 0).sum())} "
+            f"the SFM maps, got {int(mapped.sum())} (NaN or missing landmarks)"
+        )
     yc = y[mapped] - y[mapped].mean(0)
     sv = np.linalg.svd(yc, compute_uv=False)
     if sv[1] < 1e-6 * max(sv[0], 1e-12) or sv[0] < 1e-9:
@@ -331,7 +343,15 @@ def fit_sfm_to_landmarks(target: np.ndarray, model: SurreyFaceModel | None = Non
     used = np.zeros(68, bool)
     used[ids] = True
     residual = float(np.linalg.norm(lm[ids] - y[ids], axis=1).mean())
-    return SFMFit(verts=verts.astype(np.float32), tris=np.asarray(m.tris, np.int32), R=R, scale=float(s),
-                  t=np.asarray(t, np.float64), landmarks=lm.astype(np.float32),
-                  shape_coeffs=coeffs[:S].astype(np.float32), expression_coeffs=coeffs[S:].astype(np.float32),
-                  residual=residual, used=used)
+    return SFMFit(
+        verts=verts.astype(np.float32),
+        tris=np.asarray(m.tris, np.int32),
+        R=R,
+        scale=float(s),
+        t=np.asarray(t, np.float64),
+        landmarks=lm.astype(np.float32),
+        shape_coeffs=coeffs[:S].astype(np.float32),
+        expression_coeffs=coeffs[S:].astype(np.float32),
+        residual=residual,
+        used=used,
+    )

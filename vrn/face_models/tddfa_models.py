@@ -8,16 +8,19 @@ import os
 
 from tddfa_v2 import TDDFA, FaceBoxesDetector
 from tddfa_v2.mobilenet import ARCH_WIDTH
-
 from vrn.assets import resolve
 from vrn.face_models.bfm import load_bfm
 
 __all__ = ["load_faceboxes", "load_tddfa"]
 
 
-def load_tddfa(arch: str = "mb05", device: str = "cpu", bfm_source: str = "auto",
-               checkpoint: str | os.PathLike | None = None,
-               param_stats: str | os.PathLike | None = None) -> TDDFA:
+def load_tddfa(
+    arch: str = "mb05",
+    device: str = "cpu",
+    bfm_source: str = "auto",
+    checkpoint: str | os.PathLike | None = None,
+    param_stats: str | os.PathLike | None = None,
+) -> TDDFA:
     """The 3DDFA_V2 regressor + BFM.
 
     Args:
@@ -37,13 +40,15 @@ def load_tddfa(arch: str = "mb05", device: str = "cpu", bfm_source: str = "auto"
     return TDDFA(weights, stats, load_bfm(bfm_source), arch=arch, device=device)
 
 
-def load_faceboxes(device: str = "cpu", score_threshold: float | None = 0.5,
-                   weights: str | os.PathLike | None = None) -> FaceBoxesDetector:
+def load_faceboxes(
+    device: str = "cpu", score_threshold: float | None = 0.5, weights: str | os.PathLike | None = None
+) -> FaceBoxesDetector:
     """The FaceBoxes face detector of 3DDFA_V2 (asset ``3ddfa_v2/FaceBoxesProd.pth``, or the
     explicit ``weights`` path); ``score_threshold`` None = upstream's 0.5.
 
     Raises:
         vrn.assets.AssetNotFoundError: the weights cannot be resolved.
     """
-    return FaceBoxesDetector(resolve("3ddfa_v2/FaceBoxesProd.pth", path=weights), device=device,
-                             score_threshold=score_threshold)
+    return FaceBoxesDetector(
+        resolve("3ddfa_v2/FaceBoxesProd.pth", path=weights), device=device, score_threshold=score_threshold
+    )

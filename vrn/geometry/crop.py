@@ -35,8 +35,15 @@ from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import check_rgb_image
 
-__all__ = ["crop_face", "crop_transform_for_landmarks", "warp_crop", "padding_fraction", "outside_mask",
-           "BORDERS", "BLUR_SIGMA_FRACTION"]
+__all__ = [
+    "crop_face",
+    "crop_transform_for_landmarks",
+    "warp_crop",
+    "padding_fraction",
+    "outside_mask",
+    "BORDERS",
+    "BLUR_SIGMA_FRACTION",
+]
 
 #: margin fill -> OpenCV border mode of the resampling (``blur_reflect`` blurs afterwards)
 BORDERS: dict[str, int] = {
@@ -55,8 +62,9 @@ def _check_border(border: str) -> int:
     return BORDERS[border]
 
 
-def crop_transform_for_landmarks(landmarks: np.ndarray, crop_size: int = CROP_SIZE,
-                                 face_size: float = CROP_FACE_SIZE) -> CropTransform:
+def crop_transform_for_landmarks(
+    landmarks: np.ndarray, crop_size: int = CROP_SIZE, face_size: float = CROP_FACE_SIZE
+) -> CropTransform:
     """The VRN crop of a face: image px -> crop px.
 
     Args:
@@ -77,8 +85,9 @@ def crop_transform_for_landmarks(landmarks: np.ndarray, crop_size: int = CROP_SI
     return CropTransform.from_box(box, face_size, (crop_size, crop_size))
 
 
-def warp_crop(image_rgb: np.ndarray, transform: CropTransform, border_value: int = 0,
-              border: str = "constant") -> np.ndarray:
+def warp_crop(
+    image_rgb: np.ndarray, transform: CropTransform, border_value: int = 0, border: str = "constant"
+) -> np.ndarray:
     """Resample ``image_rgb`` into the crop of ``transform`` (bilinear; area-averaged first
     when shrinking, so large photos do not alias). Pixels outside the photo are filled by
     ``border`` (module doc; ``constant`` uses ``border_value``). Returns (H, W, 3) uint8 RGB
@@ -124,8 +133,14 @@ def warp_crop(image_rgb: np.ndarray, transform: CropTransform, border_value: int
         a = m[:, :2] @ np.diag([1.0 / fx, 1.0 / fy])
         t = m[:, :2] @ np.array([0.5 / fx - 0.5, 0.5 / fy - 0.5]) + m[:, 2]
         m = np.hstack([a, t[:, None]])
-    out = cv2.warpAffine(np.ascontiguousarray(img), m, (w_out, h_out), flags=cv2.INTER_LINEAR,
-                         borderMode=mode, borderValue=(border_value,) * 3)
+    out = cv2.warpAffine(
+        np.ascontiguousarray(img),
+        m,
+        (w_out, h_out),
+        flags=cv2.INTER_LINEAR,
+        borderMode=mode,
+        borderValue=(border_value,) * 3,
+    )
     if border == "blur_reflect":
         outside = outside_mask(transform, (H, W))
         if outside.any():
@@ -156,9 +171,14 @@ def padding_fraction(transform: CropTransform, image_hw: tuple[int, int]) -> flo
     return float(outside_mask(transform, image_hw).mean())
 
 
-def crop_face(image_rgb: np.ndarray, landmarks68: np.ndarray, crop_size: int = CROP_SIZE,
-              face_size: float = CROP_FACE_SIZE, border_value: int = 0,
-              border: str = "constant") -> tuple[np.ndarray, CropTransform]:
+def crop_face(
+    image_rgb: np.ndarray,
+    landmarks68: np.ndarray,
+    crop_size: int = CROP_SIZE,
+    face_size: float = CROP_FACE_SIZE,
+    border_value: int = 0,
+    border: str = "constant",
+) -> tuple[np.ndarray, CropTransform]:
     """The VRN crop of one face.
 
     Args:

@@ -65,8 +65,9 @@ def _prep(verts: np.ndarray, tris: np.ndarray, height: int, width: int) -> tuple
     return v, t
 
 
-def rasterize(verts: np.ndarray, tris: np.ndarray, height: int, width: int,
-              keep: Literal["front", "back"] = "front") -> Raster:
+def rasterize(
+    verts: np.ndarray, tris: np.ndarray, height: int, width: int, keep: Literal["front", "back"] = "front"
+) -> Raster:
     """Z-buffer a triangle mesh over the pixel centres of an (height, width) grid.
 
     Args:
@@ -86,8 +87,9 @@ def rasterize(verts: np.ndarray, tris: np.ndarray, height: int, width: int,
     return Raster(depth, tri_id, bary)
 
 
-def depth_crossings(verts: np.ndarray, tris: np.ndarray, height: int,
-                    width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def depth_crossings(
+    verts: np.ndarray, tris: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every crossing of a triangle with a pixel centre's depth ray, grouped by pixel.
 
     Args:

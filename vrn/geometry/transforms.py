@@ -93,8 +93,13 @@ class CropTransform:
 
     # ---- constructors -------------------------------------------------------------
     @classmethod
-    def from_center_scale(cls, center_xy: tuple[float, float] | np.ndarray, scale: float,
-                          angle_deg: float = 0.0, size: tuple[int, int] = (CROP_SIZE, CROP_SIZE)) -> "CropTransform":
+    def from_center_scale(
+        cls,
+        center_xy: tuple[float, float] | np.ndarray,
+        scale: float,
+        angle_deg: float = 0.0,
+        size: tuple[int, int] = (CROP_SIZE, CROP_SIZE),
+    ) -> CropTransform:
         """Crop centred on image point ``center_xy`` (image px), magnified by ``scale``
         (crop px per image px) and rotated by ``angle_deg`` (see :func:`similarity_2d`).
         The centre maps to the crop centre ``((W-1)/2, (H-1)/2)`` (pixel-centre convention).
@@ -106,8 +111,12 @@ class CropTransform:
         return cls(m, (h, w))
 
     @classmethod
-    def from_box(cls, box_xyxy: np.ndarray | tuple[float, float, float, float], face_size: float,
-                 size: tuple[int, int] = (CROP_SIZE, CROP_SIZE)) -> "CropTransform":
+    def from_box(
+        cls,
+        box_xyxy: np.ndarray | tuple[float, float, float, float],
+        face_size: float,
+        size: tuple[int, int] = (CROP_SIZE, CROP_SIZE),
+    ) -> CropTransform:
         """VRN crop rule: centre of the box (x0, y0, x1, y1) in image px to the crop centre,
         scaled so that ``sqrt(w * h)`` of the box becomes ``face_size`` crop px."""
         x0, y0, x1, y1 = (float(v) for v in box_xyxy)
@@ -128,12 +137,12 @@ class CropTransform:
         a = np.linalg.inv(self.matrix[:, :2])
         return np.hstack([a, -(a @ self.matrix[:, 2])[:, None]])
 
-    def inverse(self, image_size: tuple[int, int] | None = None) -> "CropTransform":
+    def inverse(self, image_size: tuple[int, int] | None = None) -> CropTransform:
         """The inverse map (crop px -> image px) as a CropTransform; ``size`` is
         ``image_size`` (height, width) when given, else the crop size."""
         return CropTransform(self.inverse_matrix, image_size or self.size)
 
-    def compose(self, other: "CropTransform") -> "CropTransform":
+    def compose(self, other: CropTransform) -> CropTransform:
         """``self`` after ``other``: x -> self(other(x)); size of ``self``."""
         a = self.matrix[:, :2] @ other.matrix[:, :2]
         t = self.matrix[:, :2] @ other.matrix[:, 2] + self.matrix[:, 2]
@@ -172,7 +181,7 @@ class CropTransform:
         return {"matrix": [[float(v) for v in row] for row in self.matrix], "size": list(self.size)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CropTransform":
+    def from_dict(cls, d: dict[str, Any]) -> CropTransform:
         return cls(np.asarray(d["matrix"], dtype=np.float64), tuple(d.get("size", (CROP_SIZE, CROP_SIZE))))
 
     def __eq__(self, other: object) -> bool:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -51,20 +52,23 @@ def vrn_standard(**kw: Any) -> VRN:
 @register_model
 def vrn_small(**kw: Any) -> VRN:
     """A CPU-trainable VRN: 1 stack, 64 features, 2-level VRN hourglass, one block per segment."""
-    return _variant(dict(features=64, stacks=1, hourglass="vrn", hourglass_depth=2, n_modules=1,
-                         stem_channels=(32, 64)), kw)
+    return _variant(
+        dict(features=64, stacks=1, hourglass="vrn", hourglass_depth=2, n_modules=1, stem_channels=(32, 64)), kw
+    )
 
 
 @register_model
 def vrn_medium(**kw: Any) -> VRN:
     """A CPU-trainable VRN for real faces: 1 stack, 128 features, 3-level VRN hourglass (0.87 M
     params; ~1.6x the step time of vrn_small, whose cost is mostly the 200-bin head and loss)."""
-    return _variant(dict(features=128, stacks=1, hourglass="vrn", hourglass_depth=3, n_modules=1,
-                         stem_channels=(32, 64)), kw)
+    return _variant(
+        dict(features=128, stacks=1, hourglass="vrn", hourglass_depth=3, n_modules=1, stem_channels=(32, 64)), kw
+    )
 
 
 @register_model
 def vrn_tiny(**kw: Any) -> VRN:
     """Smallest variant for tests: 1 stack, 32 features, 1-level hourglass."""
-    return _variant(dict(features=32, stacks=1, hourglass="vrn", hourglass_depth=1, n_modules=1,
-                         stem_channels=(16, 32)), kw)
+    return _variant(
+        dict(features=32, stacks=1, hourglass="vrn", hourglass_depth=1, n_modules=1, stem_channels=(16, 32)), kw
+    )

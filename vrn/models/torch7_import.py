@@ -98,11 +98,14 @@ class T7Layer:
     def describe(self) -> str:
         w = self.tensors.get("weight")
         shape = tuple(w.shape) if w is not None else None
-        return (f"t7 layer #{self.index} ({self.typename}, weight {shape}) at module #{self.position} "
-                f"in the depth-first listing, path {self.path or '<root>'}")
+        return (
+            f"t7 layer #{self.index} ({self.typename}, weight {shape}) at module #{self.position} "
+            f"in the depth-first listing, path {self.path or '<root>'}"
+        )
 
 
 # ---- reading --------------------------------------------------------------------------------
+
 
 def is_torch7_file(path: str | os.PathLike) -> bool:
     """True for a ``.t7`` path, or a file that starts like a binary Torch7 serialised object.
@@ -124,7 +127,7 @@ def is_torch7_file(path: str | os.PathLike) -> bool:
     type_code, ref_index, n = struct.unpack("<iii", head[:12])
     if type_code != _T7_TYPE_TORCH or ref_index != 1 or not 0 < n <= 64:
         return False
-    return head[12:12 + n].startswith((b"V ", b"nn.", b"torch.", b"cudnn."))
+    return head[12 : 12 + n].startswith((b"V ", b"nn.", b"torch.", b"cudnn."))
 
 
 def read_torch7(path: str | os.PathLike) -> Any:
@@ -140,13 +143,16 @@ def read_torch7(path: str | os.PathLike) -> Any:
     try:
         import torchfile  # optional extra: only needed to read .t7 files
     except ImportError as e:
-        raise ImportError('Reading a Torch7 .t7 file needs the torchfile package: pip install torchfile '
-                          '(or pip install "vrn[t7]")') from e
+        raise ImportError(
+            'Reading a Torch7 .t7 file needs the torchfile package: pip install torchfile (or pip install "vrn[t7]")'
+        ) from e
     if struct.calcsize("l") != 8:
         # torchfile reads Torch7 "long"s with the C long of this platform; the released file
         # was written on 64-bit Linux (8-byte longs).
-        raise Torch7ImportError(f"Cannot read {path}: torchfile needs a platform whose C long has 8 bytes "
-                                f"(64-bit Linux / macOS); here it has {struct.calcsize('l')}")
+        raise Torch7ImportError(
+            f"Cannot read {path}: torchfile needs a platform whose C long has 8 bytes "
+            f"(64-bit Linux / macOS); here it has {struct.calcsize('l')}"
+        )
     try:
         return torchfile.load(str(path))
     except Exception as e:  # re-raised with the file name
@@ -154,6 +160,7 @@ def read_torch7(path: str | os.PathLike) -> Any:
 
 
 # ---- walking the Torch7 tree (torchfile-free: duck-typed) ------------------------------------
+
 
 def _typename(node: Any) -> str | None:
     """Torch class name of a node (``torch_typename()``), None for plain values."""
@@ -227,21 +234,31 @@ def collect_torch7_layers(root: Any) -> list[T7Layer]:
         path_s = ".".join(map(str, path))
         if kind is None:
             if not _is_empty(_field(node, "weight")):
-                raise Torch7ImportError(f"unsupported parameterised Torch7 layer {typename} at module #{position}, "
-                                        f"path {path_s}: only convolutions and batch norms are mapped")
+                raise Torch7ImportError(
+                    f"unsupported parameterised Torch7 layer {typename} at module #{position}, "
+                    f"path {path_s}: only convolutions and batch norms are mapped"
+                )
             continue
-        names = ("weight", "bias") if kind == "conv" else ("weight", "bias", "running_mean", "running_var",
-                                                         "running_std")
+        names = (
+            ("weight", "bias") if kind == "conv" else ("weight", "bias", "running_mean", "running_var", "running_std")
+        )
         attr_names = ("kW", "kH", "dW", "dH", "padW", "padH") if kind == "conv" else ("eps",)
-        layers.append(T7Layer(
-            index=len(layers), position=position, path=path_s, typename=typename, kind=kind,
-            tensors={k: _field(node, k) for k in names},
-            attrs={k: v for k in attr_names if (v := _field(node, k)) is not None},
-        ))
+        layers.append(
+            T7Layer(
+                index=len(layers),
+                position=position,
+                path=path_s,
+                typename=typename,
+                kind=kind,
+                tensors={k: _field(node, k) for k in names},
+                attrs={k: v for k in attr_names if (v := _field(node, k)) is not None},
+            )
+        )
     return layers
 
 
 # ---- walking our network -----------------------------------------------------------------------
+
 
 def collect_torch_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
     """Our parameterised layers ``(module name, module)`` in registration order (depth first).
@@ -255,12 +272,15 @@ def collect_torch_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
             layers.append((name, module))
         elif any(True for _ in module.parameters(recurse=False)):
-            raise Torch7ImportError(f"our module {name} ({type(module).__name__}) has parameters but is neither "
-                                    f"Conv2d nor BatchNorm2d; the Torch7 importer cannot map it")
+            raise Torch7ImportError(
+                f"our module {name} ({type(module).__name__}) has parameters but is neither "
+                f"Conv2d nor BatchNorm2d; the Torch7 importer cannot map it"
+            )
     return layers
 
 
 # ---- copying ----------------------------------------------------------------------------------------
+
 
 def _ours(name: str, module: nn.Module) -> str:
     return f"ours {name} ({type(module).__name__}, weight {tuple(module.weight.shape)})"
@@ -310,8 +330,14 @@ def _planned_copies(layer: T7Layer, name: str, module: nn.Module) -> list[tuple[
             raise _pair_error(layer, name, module, f"the Torch7 layer has no {key} (ours {tuple(dest.shape)})")
         shape = tuple(value.shape)
         # Old SpatialConvolution(MM) files store the weight as (out, in * kh * kw).
-        if (key == "weight" and want == "conv" and len(shape) == 2 and dest.dim() == 4
-                and shape[0] == dest.shape[0] and int(np.prod(shape)) == dest.numel()):
+        if (
+            key == "weight"
+            and want == "conv"
+            and len(shape) == 2
+            and dest.dim() == 4
+            and shape[0] == dest.shape[0]
+            and int(np.prod(shape)) == dest.numel()
+        ):
             value = value.reshape(tuple(dest.shape))  # numpy array or torch tensor
             shape = tuple(dest.shape)
         if shape != tuple(dest.shape):
@@ -344,14 +370,20 @@ def copy_torch7_layers(t7_layers: list[T7Layer], net: nn.Module, source: str = "
     if len(t7_layers) != len(ours):
         n_conv = sum(layer.kind == "conv" for layer in t7_layers)
         our_conv = sum(isinstance(m, nn.Conv2d) for _, m in ours)
-        first = next((i for i, (layer, (_, m)) in enumerate(zip(t7_layers, ours)) if not _matches(layer, m)),
-                     min(len(t7_layers), len(ours)))
-        where = (f"{t7_layers[first].describe()} vs {_ours(*ours[first])}" if first < min(len(t7_layers), len(ours))
-                 else "one side ends there")
+        first = next(
+            (i for i, (layer, (_, m)) in enumerate(zip(t7_layers, ours)) if not _matches(layer, m)),
+            min(len(t7_layers), len(ours)),
+        )
+        where = (
+            f"{t7_layers[first].describe()} vs {_ours(*ours[first])}"
+            if first < min(len(t7_layers), len(ours))
+            else "one side ends there"
+        )
         raise Torch7ImportError(
             f"{source} has {len(t7_layers)} parameterised layers ({n_conv} convolutions, "
             f"{len(t7_layers) - n_conv} batch norms) but the network has {len(ours)} ({our_conv} Conv2d, "
-            f"{len(ours) - our_conv} BatchNorm2d); first difference at layer #{first}: {where}")
+            f"{len(ours) - our_conv} BatchNorm2d); first difference at layer #{first}: {where}"
+        )
     plans = [_planned_copies(layer, name, module) for layer, (name, module) in zip(t7_layers, ours)]
     with torch.no_grad():
         for plan in plans:
@@ -363,8 +395,9 @@ def copy_torch7_layers(t7_layers: list[T7Layer], net: nn.Module, source: str = "
     return len(ours)
 
 
-def load_torch7_vrn(path: str | os.PathLike, model_name: str = "vrn_unguided",
-                    **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+def load_torch7_vrn(
+    path: str | os.PathLike, model_name: str = "vrn_unguided", **overrides: Any
+) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``create_model(model_name, **overrides)`` and load a Torch7 ``.t7`` file into it.
 
     Args:

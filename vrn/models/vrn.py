@@ -61,8 +61,13 @@ class VRN(nn.Module):
         prior_occupancy: float | None = 0.1,
     ) -> None:
         super().__init__()
-        for name, value in dict(depth_bins=depth_bins, features=features, stacks=stacks,
-                                hourglass_depth=hourglass_depth, n_modules=n_modules).items():
+        for name, value in dict(
+            depth_bins=depth_bins,
+            features=features,
+            stacks=stacks,
+            hourglass_depth=hourglass_depth,
+            n_modules=n_modules,
+        ).items():
             if int(value) < 1:
                 raise ValueError(f"VRN: {name} must be >= 1, got {value}")
         if hourglass not in ("vrn", "standard"):

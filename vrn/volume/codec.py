@@ -23,8 +23,7 @@ except ImportError:  # pragma: no cover
 
 from vrn.conventions import DEPTH_BINS
 
-__all__ = ["VolumeCode", "encode", "decode", "to_bytes", "from_bytes", "decode_torch",
-           "CodecError"]
+__all__ = ["VolumeCode", "encode", "decode", "to_bytes", "from_bytes", "decode_torch", "CodecError"]
 
 _MAGIC = b"VRNC"
 _VERSION = 1
@@ -77,9 +76,12 @@ class VolumeCode:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, VolumeCode):
             return NotImplemented
-        return (int(self.depth_bins) == int(other.depth_bins)
-                and np.array_equal(self.lo, other.lo) and np.array_equal(self.hi, other.hi)
-                and np.array_equal(self.extra, other.extra))
+        return (
+            int(self.depth_bins) == int(other.depth_bins)
+            and np.array_equal(self.lo, other.lo)
+            and np.array_equal(self.hi, other.hi)
+            and np.array_equal(self.extra, other.extra)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -164,8 +166,15 @@ def to_bytes(code: VolumeCode) -> bytes:
     if len(ex) and (ex[:, 1:].min() < 0 or ex[:, 1:].max() > 255 or ex[:, 0].min() < 0):
         raise ValueError("extra runs out of range")
     pix_d = np.diff(ex[:, 0], prepend=0).astype("<i4")
-    payload = b"".join([sub(lo).tobytes(), sub(ln).tobytes(), pix_d.tobytes(),
-                        ex[:, 1].astype(np.uint8).tobytes(), ex[:, 2].astype(np.uint8).tobytes()])
+    payload = b"".join(
+        [
+            sub(lo).tobytes(),
+            sub(ln).tobytes(),
+            pix_d.tobytes(),
+            ex[:, 1].astype(np.uint8).tobytes(),
+            ex[:, 2].astype(np.uint8).tobytes(),
+        ]
+    )
     head = _HEADER.pack(_MAGIC, _VERSION, 0, int(code.depth_bins), H, W, len(ex), len(payload))
     return head + zlib.compress(payload, 9)
 
@@ -181,7 +190,7 @@ def from_bytes(b: bytes) -> VolumeCode:
     if ver != _VERSION:
         raise CodecError(f"unsupported version {ver}")
     try:
-        p = zlib.decompress(b[_HEADER.size:])
+        p = zlib.decompress(b[_HEADER.size :])
     except zlib.error as e:
         raise CodecError(f"corrupt payload: {e}") from e
     if len(p) != n or n != 2 * H * W + 6 * K:
@@ -202,8 +211,13 @@ def from_bytes(b: bytes) -> VolumeCode:
     return VolumeCode(lo, hi, extra, int(D))
 
 
-def decode_torch(lo: "torch.Tensor", hi: "torch.Tensor", extra: "list[torch.Tensor | None] | None" = None,
-                 depth_bins: int = DEPTH_BINS, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+def decode_torch(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    extra: list[torch.Tensor | None] | None = None,
+    depth_bins: int = DEPTH_BINS,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Batched dense decode on ``lo.device`` (vectorised; works on GPU).
 
     Args:
@@ -233,13 +247,15 @@ def decode_torch(lo: "torch.Tensor", hi: "torch.Tensor", extra: "list[torch.Tens
         parts = [(i, e) for i, e in enumerate(extra) if e is not None and e.numel()]
         if parts:
             ex = torch.cat([e.reshape(-1, 3).to(dev, torch.int64) for _, e in parts])
-            bidx = torch.cat([torch.full((e.reshape(-1, 3).shape[0],), i, device=dev, dtype=torch.int64)
-                              for i, e in parts])
+            bidx = torch.cat(
+                [torch.full((e.reshape(-1, 3).shape[0],), i, device=dev, dtype=torch.int64) for i, e in parts]
+            )
             n = (ex[:, 2] - ex[:, 1]).clamp(min=0)
             total = int(n.sum())  # one host sync per batch
             run = torch.repeat_interleave(torch.arange(len(ex), device=dev), n, output_size=total)
-            within = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n,
-                                                                              output_size=total)
+            within = torch.arange(total, device=dev) - torch.repeat_interleave(
+                torch.cumsum(n, 0) - n, n, output_size=total
+            )
             flat = vol.view(B, D, H * W)
             flat[bidx[run], ex[run, 1] + within, ex[run, 0]] = True
     return vol if dtype is None or dtype == torch.bool else vol.to(dtype)

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from vrn.conventions import DEPTH_FACTOR
 from vrn.atomic_write import atomic_write
+from vrn.conventions import DEPTH_FACTOR
 
 __all__ = ["volume_to_mesh", "export_mesh", "MESH_FORMATS"]
 
 MESH_FORMATS = (".obj", ".ply", ".glb")
 
 
-def volume_to_mesh(prob: np.ndarray, level: float = 0.5,
-                   depth_factor: float = DEPTH_FACTOR) -> tuple[np.ndarray, np.ndarray]:
+def volume_to_mesh(
+    prob: np.ndarray, level: float = 0.5, depth_factor: float = DEPTH_FACTOR
+) -> tuple[np.ndarray, np.ndarray]:
     """Iso-surface of an occupancy / probability volume (skimage marching cubes).
 
     The volume is padded by one voxel of "empty" on every side first, so the surface is
@@ -57,7 +58,7 @@ def volume_to_mesh(prob: np.ndarray, level: float = 0.5,
     for ax in range(3):
         idx = np.flatnonzero(above.any(axis=tuple(a for a in range(3) if a != ax)))
         lo[ax], hi[ax] = max(idx[0] - 1, 0), min(idx[-1] + 2, p.shape[ax])
-    box = p[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    box = p[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     pad_value = 0.0 if level > 0 else level - 1.0
     q = np.pad(box, 1, mode="constant", constant_values=pad_value)
     v, f, _n, _val = marching_cubes(q, level=level, gradient_direction="descent", allow_degenerate=False)
@@ -85,8 +86,9 @@ def _colors_uint8(vertex_colors: np.ndarray, n: int) -> np.ndarray:
     return c
 
 
-def export_mesh(path: str | os.PathLike, verts: np.ndarray, faces: np.ndarray,
-                vertex_colors: np.ndarray | None = None) -> Path:
+def export_mesh(
+    path: str | os.PathLike, verts: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None = None
+) -> Path:
     """Write a mesh with trimesh, atomically (temporary file in the same folder, then rename).
 
     Args:

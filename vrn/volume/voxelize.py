@@ -35,8 +35,7 @@ from vrn.geometry import _raster
 from vrn.geometry.raster import boundary_edges, depth_crossings
 from vrn.volume.codec import VolumeCode
 
-__all__ = ["voxelize_face", "closed_face_mesh", "solid_code_from_crossings", "solid_depth_shift",
-           "DEFAULT_BACK_OFFSET"]
+__all__ = ["voxelize_face", "closed_face_mesh", "solid_code_from_crossings", "solid_depth_shift", "DEFAULT_BACK_OFFSET"]
 
 #: Default distance (crop px, along the face's frontal depth axis) from the face's deepest
 #: vertex to the back plane: 2 px = 4 depth bins at DEPTH_FACTOR 2, so that even the rim of
@@ -44,8 +43,9 @@ __all__ = ["voxelize_face", "closed_face_mesh", "solid_code_from_crossings", "so
 DEFAULT_BACK_OFFSET: float = 2.0
 
 
-def closed_face_mesh(verts: np.ndarray, tris: np.ndarray, rotation: np.ndarray,
-                     back_offset: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def closed_face_mesh(
+    verts: np.ndarray, tris: np.ndarray, rotation: np.ndarray, back_offset: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Close an open face surface with a back plane (face's frontal frame) and side walls.
 
     Args:
@@ -78,8 +78,7 @@ def closed_face_mesh(verts: np.ndarray, tris: np.ndarray, rotation: np.ndarray,
     if off < 0:
         raise ValueError("back_offset must be >= 0")
     edges = _cached_boundary_edges(t, len(v))
-    cv, ct = _raster.close_surface_kernel(np.ascontiguousarray(v), t, edges, float(a[0]), float(a[1]), float(a[2]),
-                                          off)
+    cv, ct = _raster.close_surface_kernel(np.ascontiguousarray(v), t, edges, float(a[0]), float(a[1]), float(a[2]), off)
     return cv, ct
 
 
@@ -106,9 +105,16 @@ def _cached_boundary_edges(tris: np.ndarray, n_verts: int) -> np.ndarray:
     return e
 
 
-def solid_code_from_crossings(offsets: np.ndarray, z: np.ndarray, facing: np.ndarray, height: int, width: int,
-                              depth_bins: int = DEPTH_BINS, depth_factor: float = DEPTH_FACTOR,
-                              fill_rule: Literal["nonzero", "evenodd"] = "nonzero") -> VolumeCode:
+def solid_code_from_crossings(
+    offsets: np.ndarray,
+    z: np.ndarray,
+    facing: np.ndarray,
+    height: int,
+    width: int,
+    depth_bins: int = DEPTH_BINS,
+    depth_factor: float = DEPTH_FACTOR,
+    fill_rule: Literal["nonzero", "evenodd"] = "nonzero",
+) -> VolumeCode:
     """Fill each pixel's depth ray of a closed mesh and quantise the inside to bin runs.
 
     Args:
@@ -137,9 +143,17 @@ def solid_code_from_crossings(offsets: np.ndarray, z: np.ndarray, facing: np.nda
     return VolumeCode(lo.reshape(height, width), hi.reshape(height, width), extra, int(depth_bins))
 
 
-def voxelize_face(verts: np.ndarray, tris: np.ndarray, rotation: np.ndarray, *, depth_bins: int = DEPTH_BINS,
-                  depth_factor: float = DEPTH_FACTOR, size: int = CROP_SIZE, back_offset: float | None = None,
-                  fill_rule: Literal["nonzero", "evenodd"] = "nonzero") -> VolumeCode:
+def voxelize_face(
+    verts: np.ndarray,
+    tris: np.ndarray,
+    rotation: np.ndarray,
+    *,
+    depth_bins: int = DEPTH_BINS,
+    depth_factor: float = DEPTH_FACTOR,
+    size: int = CROP_SIZE,
+    back_offset: float | None = None,
+    fill_rule: Literal["nonzero", "evenodd"] = "nonzero",
+) -> VolumeCode:
     """The VRN target of a posed face mesh (see the module doc for the method).
 
     Args:
@@ -161,8 +175,15 @@ def voxelize_face(verts: np.ndarray, tris: np.ndarray, rotation: np.ndarray, *, 
     return solid_code_from_crossings(offsets, z, facing, size, size, depth_bins, depth_factor, fill_rule)
 
 
-def solid_depth_shift(verts: np.ndarray, tris: np.ndarray, rotation: np.ndarray, *, depth_bins: int = DEPTH_BINS,
-                      depth_factor: float = DEPTH_FACTOR, back_offset: float | None = None) -> float:
+def solid_depth_shift(
+    verts: np.ndarray,
+    tris: np.ndarray,
+    rotation: np.ndarray,
+    *,
+    depth_bins: int = DEPTH_BINS,
+    depth_factor: float = DEPTH_FACTOR,
+    back_offset: float | None = None,
+) -> float:
     """The z shift (crop px) that places a posed face in the volume's depth range.
 
     The project's depth convention (:mod:`vrn.conventions`): the solid that

@@ -74,9 +74,7 @@ class BFMModel:
         """(68,) vertex ids of the 68 landmarks in the dense mesh."""
         return (self.keypoints[0::3] // 3).astype(np.int64)
 
-    def shape(
-        self, alpha_shp: np.ndarray, alpha_exp: np.ndarray, dense: bool = True
-    ) -> np.ndarray:
+    def shape(self, alpha_shp: np.ndarray, alpha_exp: np.ndarray, dense: bool = True) -> np.ndarray:
         """Model-space vertices (3, V) (or (3, 68) when ``dense=False``), float32."""
         a_s = np.asarray(alpha_shp, dtype=np.float32).reshape(-1, 1)
         a_e = np.asarray(alpha_exp, dtype=np.float32).reshape(-1, 1)
@@ -101,8 +99,9 @@ def _as_faces(tri: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(t, dtype=np.int32)
 
 
-def _bfm_from_arrays(data: Mapping[str, np.ndarray], tri: np.ndarray, source: str,
-                     shape_dim: int | None, exp_dim: int | None) -> BFMModel:
+def _bfm_from_arrays(
+    data: Mapping[str, np.ndarray], tri: np.ndarray, source: str, shape_dim: int | None, exp_dim: int | None
+) -> BFMModel:
     """A :class:`BFMModel` from the upstream keys ``u``, ``w_shp``, ``w_exp``, ``keypoints``.
 
     ``shape_dim`` / ``exp_dim``: components kept (None = all in the file).
@@ -126,8 +125,9 @@ def load_tri(tri_path: PathLike) -> np.ndarray:
     return _as_faces(np.asarray(_load_pickle(tri_path)))
 
 
-def load_bfm_pkl(pkl_path: PathLike, tri_path: PathLike, shape_dim: int | None = None,
-                 exp_dim: int | None = None) -> BFMModel:
+def load_bfm_pkl(
+    pkl_path: PathLike, tri_path: PathLike, shape_dim: int | None = None, exp_dim: int | None = None
+) -> BFMModel:
     """The dense BFM from upstream's ``bfm_noneck_v3.pkl`` and its ``tri.pkl``.
 
     Args:
@@ -140,13 +140,11 @@ def load_bfm_pkl(pkl_path: PathLike, tri_path: PathLike, shape_dim: int | None =
     """
     data = _load_pickle(pkl_path)
     if not isinstance(data, Mapping):
-        raise TypeError(f"{pkl_path}: expected a dict with u, w_shp, w_exp, keypoints, "
-                         f"got {type(data).__name__}")
+        raise TypeError(f"{pkl_path}: expected a dict with u, w_shp, w_exp, keypoints, got {type(data).__name__}")
     return _bfm_from_arrays(data, load_tri(tri_path), "bfm_noneck_v3", shape_dim, exp_dim)
 
 
-def load_bfm_offline_npz(npz_path: PathLike, shape_dim: int | None = None,
-                         exp_dim: int | None = None) -> BFMModel:
+def load_bfm_offline_npz(npz_path: PathLike, shape_dim: int | None = None, exp_dim: int | None = None) -> BFMModel:
     """The offline stand-in ``bfm_noneck_v3_offline.npz`` (same keys as the .pkl, plus
     ``tri`` (3, F)); returns a model with ``source == "offline_standin"``.
 
@@ -157,8 +155,9 @@ def load_bfm_offline_npz(npz_path: PathLike, shape_dim: int | None = None,
     return _bfm_from_arrays(data, data["tri"], "offline_standin", shape_dim, exp_dim)
 
 
-def load_landmark_basis_v1(u_base_path: PathLike, w_shp_path: PathLike,
-                           w_exp_path: PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_landmark_basis_v1(
+    u_base_path: PathLike, w_shp_path: PathLike, w_exp_path: PathLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The exact 68-landmark basis shipped with 3DDFA v1's C++ demo.
 
     Args:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -73,8 +73,7 @@ def check_rgb_image(image: np.ndarray) -> None:
         raise ValueError(f"expected an (H, W, 3) uint8 numpy image, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
-            f"expected an (H, W, 3) uint8 RGB image, got shape {tuple(image.shape)} "
-            f"and dtype {image.dtype}"
+            f"expected an (H, W, 3) uint8 RGB image, got shape {tuple(image.shape)} and dtype {image.dtype}"
         )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"empty image of shape {tuple(image.shape)}")
@@ -157,14 +156,9 @@ class FaceBoxesNet(nn.Module):
         self.conv4_1 = _ConvBN(256, 128, 1)
         self.conv4_2 = _ConvBN(128, 256, 3, stride=2, padding=1)
         chans = (128, 256, 256)
-        self.loc = nn.Sequential(
-            *[nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(chans, self.ANCHORS_PER_CELL)]
-        )
+        self.loc = nn.Sequential(*[nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(chans, self.ANCHORS_PER_CELL)])
         self.conf = nn.Sequential(
-            *[
-                nn.Conv2d(c, a * num_classes, 3, padding=1)
-                for c, a in zip(chans, self.ANCHORS_PER_CELL)
-            ]
+            *[nn.Conv2d(c, a * num_classes, 3, padding=1) for c, a in zip(chans, self.ANCHORS_PER_CELL)]
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,9 +200,7 @@ def _cell_template(min_size: int, step: int) -> np.ndarray:
     return np.stack([ox.ravel(), oy.ravel()], axis=1)
 
 
-def prior_boxes(
-    image_hw: tuple[int, int], config: FaceBoxesConfig = DEFAULT_CONFIG
-) -> np.ndarray:
+def prior_boxes(image_hw: tuple[int, int], config: FaceBoxesConfig = DEFAULT_CONFIG) -> np.ndarray:
     """All anchors for an input of size ``image_hw`` as (P, 4) float32 ``cx, cy, w, h``.
 
     Coordinates are relative to the image (x / W, y / H). The order matches the
@@ -226,8 +218,7 @@ def prior_boxes(
             wh = np.tile([s / w, s / h], (len(off), 1))
             parts.append(np.concatenate([off, wh], axis=1))
         tmpl = np.concatenate(parts, axis=0)  # (A, 4)
-        ii, jj = np.meshgrid(np.arange(fh, dtype=np.float64), np.arange(fw, dtype=np.float64),
-                             indexing="ij")
+        ii, jj = np.meshgrid(np.arange(fh, dtype=np.float64), np.arange(fw, dtype=np.float64), indexing="ij")
         jj = jj.reshape(-1, 1)
         ii = ii.reshape(-1, 1)
         cx = (jj + tmpl[None, :, 0]) * step / w  # (cells, A)
@@ -238,9 +229,7 @@ def prior_boxes(
     return np.concatenate(levels, axis=0).astype(np.float32)
 
 
-def decode_boxes(
-    loc: torch.Tensor, priors: torch.Tensor, variance: Sequence[float] = (0.1, 0.2)
-) -> torch.Tensor:
+def decode_boxes(loc: torch.Tensor, priors: torch.Tensor, variance: Sequence[float] = (0.1, 0.2)) -> torch.Tensor:
     """Undo the SSD box encoding: (P, 4) offsets + (P, 4) priors -> (P, 4) ``x1, y1, x2, y2``.
 
     Output is in the priors' relative units (multiply by W, H for pixels).
@@ -299,7 +288,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         ckpt = ckpt["state_dict"]
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in ckpt.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in ckpt.items()}
 
 
 class FaceBoxesDetector:
@@ -326,9 +315,7 @@ class FaceBoxesDetector:
         config: FaceBoxesConfig = DEFAULT_CONFIG,
     ) -> None:
         self.config = config
-        self.score_threshold = (
-            config.score_threshold if score_threshold is None else float(score_threshold)
-        )
+        self.score_threshold = config.score_threshold if score_threshold is None else float(score_threshold)
         self.device = torch.device(device)
         net = FaceBoxesNet(num_classes=2)
         state = load_state_dict(weights_path)

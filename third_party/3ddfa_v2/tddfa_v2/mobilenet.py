@@ -95,9 +95,9 @@ def load_regressor_weights(model: MobileNetV1, path: str | os.PathLike) -> Mobil
     own = model.state_dict()
     new: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        k = key[len("module."):] if key.startswith("module.") else key
+        k = key[len("module.") :] if key.startswith("module.") else key
         if k.startswith("fc_param."):
-            k = "fc." + k[len("fc_param."):]
+            k = "fc." + k[len("fc_param.") :]
         if k in own:
             new[k] = value
     missing = sorted(set(own) - set(new))

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -96,12 +96,11 @@ def crop_image(image: np.ndarray, roi_box: Sequence[float] | np.ndarray) -> np.n
     out = np.zeros((dh, dw) + image.shape[2:], dtype=image.dtype)
     ix0, iy0, ix1, iy1 = max(sx, 0), max(sy, 0), min(ex, w), min(ey, h)
     if ix1 > ix0 and iy1 > iy0:
-        out[iy0 - sy: iy1 - sy, ix0 - sx: ix1 - sx] = image[iy0:iy1, ix0:ix1]
+        out[iy0 - sy : iy1 - sy, ix0 - sx : ix1 - sx] = image[iy0:iy1, ix0:ix1]
     return out
 
 
-def similar_transform(pts3d: np.ndarray, roi_box: Sequence[float] | np.ndarray,
-                      size: int = INPUT_SIZE) -> np.ndarray:
+def similar_transform(pts3d: np.ndarray, roi_box: Sequence[float] | np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     """Map points from the regressor's crop frame into image pixels.
 
     The crop frame is 1-based with y up (the convention the model was trained in):
@@ -282,22 +281,20 @@ class TDDFA:
         if p.ndim == 2:
             p = p[None]
         if p.ndim != 3 or p.shape[1] not in (2, 3):
-            raise ValueError(
-                f"landmarks must be (2|3, K) or (N, 2|3, K), got shape {np.shape(pts68)}"
-            )
+            raise ValueError(f"landmarks must be (2|3, K) or (N, 2|3, K), got shape {np.shape(pts68)}")
         return self.from_roi_boxes(image_rgb, [roi_box_from_landmarks(x) for x in p])
 
     @torch.no_grad()
-    def from_roi_boxes(self, image_rgb: np.ndarray,
-                       roi_boxes: Sequence[np.ndarray]) -> list[TDDFAResult]:
+    def from_roi_boxes(self, image_rgb: np.ndarray, roi_boxes: Sequence[np.ndarray]) -> list[TDDFAResult]:
         """Faces from square crop boxes already in upstream's ROI form."""
         check_rgb_image(image_rgb)
         if len(roi_boxes) == 0:
             return []
         bgr = image_rgb[..., ::-1]  # the one RGB -> BGR flip (the model was trained on BGR)
         crops = [
-            cv2.resize(np.ascontiguousarray(crop_image(bgr, r)), dsize=(self.size, self.size),
-                       interpolation=cv2.INTER_LINEAR)
+            cv2.resize(
+                np.ascontiguousarray(crop_image(bgr, r)), dsize=(self.size, self.size), interpolation=cv2.INTER_LINEAR
+            )
             for r in roi_boxes
         ]
         batch = np.stack(crops).astype(np.float32).transpose(0, 3, 1, 2)
