@@ -159,6 +159,30 @@ def upstream_layout(input_dir: str | os.PathLike, manifest: dict[str, Any]) -> V
     )
 
 
+def _manifest_row(s: dict[str, Any], split: str, subject: str, landmarks: np.ndarray) -> dict[str, Any]:
+    """The packed manifest row of one reaped sample (provenance, transform, landmarks in crop px);
+    key order fixed (it is part of the packed bytes)."""
+    provenance = (
+        "detector",
+        "score",
+        "fit_source",
+        "bfm_source",
+        "dense_model",
+        "transform",
+        "rotation",
+        "pad_fraction",
+    )
+    return {
+        "id": s["id"],
+        "split": split,
+        "subject": subject,
+        "source_image": s["source_image"],
+        "face_index": s.get("face_index", 0),
+        **{k: s.get(k) for k in provenance},
+        "landmarks": np.round(np.asarray(landmarks, np.float64), 3).tolist(),
+    }
+
+
 class PackStage(Stage):
     """The pack stage (module doc).
 
@@ -206,6 +230,8 @@ class PackStage(Stage):
         }
 
     def reduce(self, upstream: dict[str, Any], input_dir: Path, out_dir: Path, progress: bool) -> dict[str, Any]:
+        """Split by subject, write every reaped sample into one packed folder (atomically, through
+        :class:`~vrn.data.packed.PackedWriter`) with the layout the stages used; returns the summary."""
         layout = upstream_layout(input_dir, upstream)
         samples = sorted(upstream["samples"], key=lambda s: s["id"])
         if not samples:
@@ -237,26 +263,7 @@ class PackStage(Stage):
                 code = from_bytes((input_dir / files["volume"]).read_bytes())
                 mesh = load_npz(input_dir / files["mesh"])
                 subj = subjects[s["id"]]
-                w.add(
-                    crop,
-                    code,
-                    {
-                        "id": s["id"],
-                        "split": split_of_subject[subj],
-                        "subject": subj,
-                        "source_image": s["source_image"],
-                        "face_index": s.get("face_index", 0),
-                        "detector": s.get("detector"),
-                        "score": s.get("score"),
-                        "fit_source": s.get("fit_source"),
-                        "bfm_source": s.get("bfm_source"),
-                        "dense_model": s.get("dense_model"),
-                        "transform": s.get("transform"),
-                        "rotation": s.get("rotation"),
-                        "pad_fraction": s.get("pad_fraction"),
-                        "landmarks": np.round(mesh["landmarks"].astype(np.float64), 3).tolist(),
-                    },
-                )
+                w.add(crop, code, _manifest_row(s, split_of_subject[subj], subj, mesh["landmarks"]))
         reader = PackedReader(out_dir)
         sizes = reader.index[:, 1] + reader.index[:, 3]
         too_big = int((sizes > self.max_sample_bytes).sum())

@@ -118,7 +118,11 @@ def render_sample(cfg: SyntheticFaceConfig, rng: np.random.Generator,
         image: (size, size, 3) uint8 RGB, crop px.
         code: the VRN target (compact).
         meta: pose (yaw, pitch, roll degrees), px_per_mm, rotation (3x3, crop frame),
-            landmarks (68, 3) crop px (NaN for the 4 iBUG points the SFM lacks... and the contour).
+            landmarks (68, 3) crop px (NaN for the 18 iBUG points the SFM does not map: the
+            16 jaw-contour points and the inner mouth corners 61, 65, 1-based).
+
+    (One function of ~70 lines on purpose: it is the generator's recipe read top to bottom,
+    draw -> pose -> render -> voxelise, sharing one random stream whose order fixes the bytes.)
     """
     m = model or load_sfm()
     S, E = m.shape_basis.shape[1], m.expression_basis.shape[1]

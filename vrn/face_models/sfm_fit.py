@@ -211,6 +211,137 @@ def _bounded_ridge(N: np.ndarray, r: np.ndarray, lo: np.ndarray, hi: np.ndarray)
     return x
 
 
+def _check_targets(y: np.ndarray, lv: np.ndarray, min_landmarks: int) -> None:
+    """Raise ValueError for a wrong shape, too few finite mapped targets, or degenerate ones."""
+    if y.shape != (68, 3):
+        raise ValueError(f"target landmarks must be (68, 3) crop px, got {y.shape}")
+    mapped = np.isfinite(y).all(1) & (lv >= 0)
+    if mapped.sum() < min_landmarks:
+        raise ValueError(
+            f"SFM fit needs at least {min_landmarks} finite landmarks among the {int((lv >= 0).sum())} "
+            f"the SFM maps, got {int(mapped.sum())} (NaN or missing landmarks)"
+        )
+    yc = y[mapped] - y[mapped].mean(0)
+    sv = np.linalg.svd(yc, compute_uv=False)
+    if sv[1] < 1e-6 * max(sv[0], 1e-12) or sv[0] < 1e-9:
+        raise ValueError("SFM fit: the target landmarks are degenerate (all equal or collinear)")
+
+
+class _LandmarkFit:
+    """The state of one fit: targets, correspondences (mapped vertices and the sliding contour)
+    and the coefficients; :func:`fit_sfm_to_landmarks` drives it.
+
+    A correspondence is a vertex pair and a weight ``w`` (model point = (1 - w) v_a + w v_b):
+    a mapped landmark is the pair (v, v) with w = 0, a contour landmark a point on the
+    densified contour polyline.
+    """
+
+    def __init__(
+        self,
+        m: SurreyFaceModel,
+        y: np.ndarray,
+        lambda_shape: float,
+        lambda_expression: float,
+        expression_max: float,
+        contour: bool,
+        contour_weight: float,
+        contour_samples: int,
+    ) -> None:
+        self.m, self.y = m, y
+        self.lv = sfm_landmark_vertices(m)
+        finite = np.isfinite(y).all(1)
+        self.S, self.E = m.shape_basis.shape[1], m.expression_basis.shape[1]
+        self.mean, self.basis = _model_arrays(m)
+        fix_shape, fix_expr = not np.isfinite(lambda_shape), not np.isfinite(lambda_expression)
+        self.free = np.concatenate([np.full(self.S, not fix_shape), np.full(self.E, not fix_expr)])
+        self.coeffs = np.zeros(self.S + self.E)
+        self.map_idx = np.flatnonzero(finite & (self.lv >= 0))
+        self.map_pairs = np.stack([self.lv[self.map_idx], self.lv[self.map_idx]], 1)
+        self.map_w = np.zeros(len(self.map_idx))
+        self.sides = _contour_sides(int(contour_samples)) if contour else ()
+        self.side_ibug = [i[finite[i]] for i in (_CONTOUR_RIGHT_IBUG, _CONTOUR_LEFT_IBUG)] if contour else []
+        self.contour_weight = float(contour_weight)
+        S, E = self.S, self.E
+        self.lam = np.concatenate([np.zeros(7), np.full(S, lambda_shape), np.full(E, lambda_expression)])
+        self.unk = np.concatenate([np.ones(7, bool), self.free])  # pose (ds, omega, dt) + free coefficients
+        self.lo = np.concatenate([np.full(7 + S, -np.inf), np.zeros(E)])
+        self.hi = np.concatenate([np.full(7 + S, np.inf), np.full(E, float(expression_max))])
+
+    def model_points(self, pairs: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model-frame points (K, 3) mm of the correspondences and their basis rows."""
+        pm, pb = _gather(pairs, w, self.mean, self.basis)
+        return pm + pb @ self.coeffs, pb
+
+    def weights_for(self, ids: np.ndarray) -> np.ndarray:
+        return np.where(self.lv[ids] >= 0, 1.0, self.contour_weight)
+
+    def assemble(self, s: float, R: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Landmark ids, vertex pairs and weights with the contour re-chosen for a pose."""
+        ids, pairs, ws = [self.map_idx], [self.map_pairs], [self.map_w]
+        for (sp, sw), ib in zip(self.sides, self.side_ibug):
+            if not len(ib):
+                continue
+            pts, _ = self.model_points(sp, sw)
+            posed = s * (pts @ (R @ _F).T) + t  # (P, 3)
+            j = ((self.y[ib][:, None, :] - posed[None, :, :]) ** 2).sum(-1).argmin(1)
+            ids.append(ib)
+            pairs.append(sp[j])
+            ws.append(sw[j])
+        return np.concatenate(ids), np.concatenate(pairs), np.concatenate(ws)
+
+    def similarity(self, ids: np.ndarray, pairs: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        pts, _ = self.model_points(pairs, w)
+        return _umeyama(pts @ _F, self.y[ids], self.weights_for(ids))
+
+    def gauss_newton(
+        self, s: float, R: np.ndarray, t: np.ndarray, ids: np.ndarray, pairs: np.ndarray, ws: np.ndarray
+    ) -> tuple[float, np.ndarray, np.ndarray]:
+        """One joint Gauss-Newton step in pose and coefficients (updates the coefficients),
+        crop px residuals: posed_k = s q_k + t, q_k = R F (pm_k + pb_k c); rotation update
+        exp([omega]x) R."""
+        S, E = self.S, self.E
+        pm, pb = _gather(pairs, ws, self.mean, self.basis)
+        RF = R @ _F
+        q = (pm + pb @ self.coeffs) @ RF.T  # (K, 3) mm
+        K = len(ids)
+        J = np.empty((K, 3, 7 + S + E))
+        J[:, :, 0] = q
+        J[:, :, 1:4] = -s * _skew(q)
+        J[:, :, 4:7] = np.eye(3)
+        J[:, :, 7:] = s * np.einsum("ij,kjp->kip", RF, pb)
+        r = self.y[ids] - (s * q + t)
+        sw = np.sqrt(self.weights_for(ids))
+        J = (J * sw[:, None, None]).reshape(3 * K, -1)[:, self.unk]
+        r = (r * sw[:, None]).reshape(-1)
+        x = np.concatenate([np.zeros(7), self.coeffs])[self.unk]
+        lu = self.lam[self.unk]
+        lo, hi = self.lo[self.unk] - x, self.hi[self.unk] - x
+        step = _bounded_ridge(J.T @ J + np.diag(lu), J.T @ r - lu * x, lo, hi)
+        self.coeffs[self.free] += step[7:]
+        return s + step[0], _rodrigues(step[1:4]) @ R, t + step[4:7]
+
+    def result(self, s: float, R: np.ndarray, t: np.ndarray) -> SFMFit:
+        ids, pairs, ws = self.assemble(s, R, t)
+        verts = s * ((self.mean + self.basis @ self.coeffs) @ (R @ _F).T) + t
+        pts, _ = self.model_points(pairs, ws)
+        lm = np.full((68, 3), np.nan)
+        lm[ids] = s * (pts @ (R @ _F).T) + t
+        used = np.zeros(68, bool)
+        used[ids] = True
+        return SFMFit(
+            verts=verts.astype(np.float32),
+            tris=np.asarray(self.m.tris, np.int32),
+            R=R,
+            scale=float(s),
+            t=np.asarray(t, np.float64),
+            landmarks=lm.astype(np.float32),
+            shape_coeffs=self.coeffs[: self.S].astype(np.float32),
+            expression_coeffs=self.coeffs[self.S :].astype(np.float32),
+            residual=float(np.linalg.norm(lm[ids] - self.y[ids], axis=1).mean()),
+            used=used,
+        )
+
+
 def fit_sfm_to_landmarks(
     target: np.ndarray,
     model: SurreyFaceModel | None = None,
@@ -247,111 +378,10 @@ def fit_sfm_to_landmarks(
     """
     m = model or load_sfm()
     y = np.asarray(target, np.float64)
-    if y.shape != (68, 3):
-        raise ValueError(f"target landmarks must be (68, 3) crop px, got {y.shape}")
-    finite = np.isfinite(y).all(1)
-    lv = sfm_landmark_vertices(m)
-    mapped = finite & (lv >= 0)
-    if mapped.sum() < min_landmarks:
-        raise ValueError(
-            f"SFM fit needs at least {min_landmarks} finite landmarks among the {int((lv >= 0).sum())} "
-            f"the SFM maps, got {int(mapped.sum())} (NaN or missing landmarks)"
-        )
-    yc = y[mapped] - y[mapped].mean(0)
-    sv = np.linalg.svd(yc, compute_uv=False)
-    if sv[1] < 1e-6 * max(sv[0], 1e-12) or sv[0] < 1e-9:
-        raise ValueError("SFM fit: the target landmarks are degenerate (all equal or collinear)")
-
-    S, E = m.shape_basis.shape[1], m.expression_basis.shape[1]
-    mean, basis = _model_arrays(m)
-    fix_shape, fix_expr = not np.isfinite(lambda_shape), not np.isfinite(lambda_expression)
-    free = np.concatenate([np.full(S, not fix_shape), np.full(E, not fix_expr)])
-    coeffs = np.zeros(S + E)
-
-    # mapped landmarks: pairs (v, v) with weight 0
-    map_idx = np.flatnonzero(mapped)
-    map_pairs = np.stack([lv[map_idx], lv[map_idx]], 1)
-    map_w = np.zeros(len(map_idx))
-    sides = _contour_sides(int(contour_samples)) if contour else []
-    side_ibug = [i[finite[i]] for i in (_CONTOUR_RIGHT_IBUG, _CONTOUR_LEFT_IBUG)] if contour else []
-
-    def model_points(pairs: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pm, pb = _gather(pairs, w, mean, basis)
-        return pm + pb @ coeffs, pb
-
-    def assemble(s: float, R: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Landmark ids, vertex pairs and weights with the contour re-chosen for a pose."""
-        ids, pairs, ws = [map_idx], [map_pairs], [map_w]
-        for (sp, sw), ib in zip(sides, side_ibug):
-            if not len(ib):
-                continue
-            pts, _ = model_points(sp, sw)
-            posed = s * (pts @ (R @ _F).T) + t  # (P, 3)
-            d2 = ((y[ib][:, None, :] - posed[None, :, :]) ** 2).sum(-1)
-            j = d2.argmin(1)
-            ids.append(ib)
-            pairs.append(sp[j])
-            ws.append(sw[j])
-        return np.concatenate(ids), np.concatenate(pairs), np.concatenate(ws)
-
-    def similarity(ids: np.ndarray, pairs: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        pts, _ = model_points(pairs, w)
-        return _umeyama(pts @ _F, y[ids], weights_for(ids))
-
-    def weights_for(ids: np.ndarray) -> np.ndarray:
-        return np.where(lv[ids] >= 0, 1.0, float(contour_weight))
-
-    ids, pairs, ws = map_idx, map_pairs, map_w
-    s, R, t = similarity(ids, pairs, ws)
-    lam = np.concatenate([np.zeros(7), np.full(S, lambda_shape), np.full(E, lambda_expression)])
-    unk = np.concatenate([np.ones(7, bool), free])  # pose (ds, omega, dt) + free coefficients
-    lo = np.concatenate([np.full(7 + S, -np.inf), np.zeros(E)])
-    hi = np.concatenate([np.full(7 + S, np.inf), np.full(E, float(expression_max))])
+    _check_targets(y, sfm_landmark_vertices(m), min_landmarks)
+    prob = _LandmarkFit(m, y, lambda_shape, lambda_expression, expression_max, contour, contour_weight, contour_samples)
+    s, R, t = prob.similarity(prob.map_idx, prob.map_pairs, prob.map_w)
     for _ in range(max(1, int(iterations))):
-        ids, pairs, ws = assemble(s, R, t)
-        if not free.any():
-            s, R, t = similarity(ids, pairs, ws)
-            continue
-        # one joint Gauss-Newton step in pose and coefficients, crop px residuals:
-        # posed_k = s q_k + t, q_k = R F (pm_k + pb_k c); rotation update exp([omega]x) R
-        pm, pb = _gather(pairs, ws, mean, basis)
-        RF = R @ _F
-        q = (pm + pb @ coeffs) @ RF.T  # (K, 3) mm
-        K = len(ids)
-        J = np.empty((K, 3, 7 + S + E))
-        J[:, :, 0] = q
-        J[:, :, 1:4] = -s * _skew(q)
-        J[:, :, 4:7] = np.eye(3)
-        J[:, :, 7:] = s * np.einsum("ij,kjp->kip", RF, pb)
-        r = y[ids] - (s * q + t)
-        sw = np.sqrt(weights_for(ids))
-        J = (J * sw[:, None, None]).reshape(3 * K, -1)[:, unk]
-        r = (r * sw[:, None]).reshape(-1)
-        x = np.concatenate([np.zeros(7), coeffs])[unk]
-        lu = lam[unk]
-        step = _bounded_ridge(J.T @ J + np.diag(lu), J.T @ r - lu * x, lo[unk] - x, hi[unk] - x)
-        s += step[0]
-        R = _rodrigues(step[1:4]) @ R
-        t = t + step[4:7]
-        coeffs[free] += step[7:]
-    ids, pairs, ws = assemble(s, R, t)
-
-    verts = s * ((mean + basis @ coeffs) @ (R @ _F).T) + t
-    pts, _ = model_points(pairs, ws)
-    lm = np.full((68, 3), np.nan)
-    lm[ids] = s * (pts @ (R @ _F).T) + t
-    used = np.zeros(68, bool)
-    used[ids] = True
-    residual = float(np.linalg.norm(lm[ids] - y[ids], axis=1).mean())
-    return SFMFit(
-        verts=verts.astype(np.float32),
-        tris=np.asarray(m.tris, np.int32),
-        R=R,
-        scale=float(s),
-        t=np.asarray(t, np.float64),
-        landmarks=lm.astype(np.float32),
-        shape_coeffs=coeffs[:S].astype(np.float32),
-        expression_coeffs=coeffs[S:].astype(np.float32),
-        residual=residual,
-        used=used,
-    )
+        ids, pairs, ws = prob.assemble(s, R, t)
+        s, R, t = prob.similarity(ids, pairs, ws) if not prob.free.any() else prob.gauss_newton(s, R, t, ids, pairs, ws)
+    return prob.result(s, R, t)

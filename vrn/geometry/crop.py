@@ -97,6 +97,9 @@ def warp_crop(
     photo the crop (and, for the mirrored fills, its mirror image at the photo's edges)
     needs is resampled; the mirror is always taken at the photo's own edges, also on the
     area-averaged path (which shrinks the photo first and fills its border the same way).
+
+    (One function of ~65 lines on purpose: the sub-image window, the pre-shrink and the warp
+    all rewrite the same affine matrix; split, the matrix bookkeeping would be spread out.)
     """
     mode = _check_border(border)
     h_out, w_out = transform.size
