@@ -41,6 +41,8 @@ class Asset:
     url: str | None
     sha256: str | None
     description: str = ""
+    #: shipped inside the package (``vrn/pretrained/``): found there first, checked by sha256
+    bundled: bool = False
 
 
 class AssetNotFoundError(FileNotFoundError):
@@ -50,6 +52,11 @@ class AssetNotFoundError(FileNotFoundError):
 def _a(name: str, url: str | None, sha: str | None, desc: str = "") -> Asset:
     return Asset(name, url, sha, desc)
 
+
+#: sha256 of the shipped pretrained checkpoint (vrn/pretrained/vrn_medium_aflw.ckpt)
+PRETRAINED_SHA256 = None
+#: where bundled assets live (inside the installed package)
+BUNDLED_DIR = Path(__file__).resolve().parent
 
 REGISTRY: dict[str, Asset] = {
     a.name: a
@@ -148,6 +155,14 @@ REGISTRY: dict[str, Asset] = {
             "810810c457184526c7d54305ecbc5da764e2431b5e66025d921a7d424aebfac9",
             "68 iBUG landmarks -> SFM vertex ids",
         ),
+        # --- the project's own pretrained model, shipped in the package (vrn/pretrained/) ---
+        Asset(
+            "pretrained/vrn_medium_aflw.ckpt",
+            None,
+            PRETRAINED_SHA256,
+            "vrn_medium trained on 18,040 real AFLW faces (experiment=aflw_real); docs/benchmarks.md",
+            bundled=True,
+        ),
         _a(
             "sfm/sfm_model_contours.json",
             _EOS + "sfm_model_contours.json",
@@ -208,6 +223,15 @@ def _download(asset: Asset, dest: Path) -> None:
     atomic_write_from(dest, fetch)
 
 
+def _check_bundled(asset: Asset, p: Path) -> None:
+    """A bundled file must match its registered sha256 (a damaged install must not load)."""
+    if asset.sha256 is not None and sha256_of(p) != asset.sha256:
+        raise AssetNotFoundError(
+            f"Asset '{asset.name}' at {p} does not match its sha256 {asset.sha256}: the installed copy is "
+            f"damaged. Reinstall vrn (pip install --force-reinstall vrn), or pass an explicit checkpoint path."
+        )
+
+
 def resolve(name: str, path: str | os.PathLike | None = None, download: bool | None = None) -> Path:
     """Return a local path to the asset ``name``.
 
@@ -223,6 +247,12 @@ def resolve(name: str, path: str | os.PathLike | None = None, download: bool | N
         raise KeyError(f"Unknown asset '{name}'. Known: {', '.join(sorted(REGISTRY))}")
     asset = REGISTRY[name]
     tried: list[Path] = []
+    if asset.bundled and path is None:
+        p = BUNDLED_DIR / name
+        tried.append(p)
+        if p.is_file():
+            _check_bundled(asset, p)
+            return p
     if path is not None:
         p = Path(path).expanduser()
         if p.is_file():

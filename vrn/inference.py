@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vrn.assets import resolve as resolve_asset
 from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_checkpoint, save_network
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_FACTOR, VolumeLayout
 from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
@@ -60,8 +61,14 @@ from vrn.volume.mesh import export_mesh, volume_to_mesh
 
 log = logging.getLogger(__name__)
 
+#: the project's pretrained models: name -> asset registry name (:mod:`vrn.assets`)
+PRETRAINED_MODELS: dict[str, str] = {"vrn_medium_aflw": "pretrained/vrn_medium_aflw.ckpt"}
+DEFAULT_PRETRAINED = "vrn_medium_aflw"
+
 __all__ = [
     "Reconstructor",
+    "PRETRAINED_MODELS",
+    "DEFAULT_PRETRAINED",
     "FaceResult",
     "PreparedImage",
     "prepare_image",
@@ -383,11 +390,25 @@ class Reconstructor:
         )
 
     @classmethod
+    def from_pretrained(cls, name: str = DEFAULT_PRETRAINED, **kwargs: Any) -> Reconstructor:
+        """The project's pretrained model (shipped in the package, checked by sha256).
+
+        Args:
+            name: a registered pretrained model (:data:`PRETRAINED_MODELS`).
+            kwargs: :meth:`from_checkpoint` arguments (device, precision, detector, ...).
+        """
+        if name not in PRETRAINED_MODELS:
+            raise ValueError(f"Unknown pretrained model {name!r}; available: {', '.join(PRETRAINED_MODELS)}")
+        return cls.from_checkpoint(resolve_asset(PRETRAINED_MODELS[name]), **kwargs)
+
+    @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> Reconstructor:
-        """The network of a demo / evaluation config (keys ``ckpt``, ``device``, ``precision``,
-        ``threshold``, ``batch_size``), without a detector (the caller runs its own)."""
+        """The network of a demo / evaluation config (keys ``ckpt`` (null: the pretrained
+        model), ``device``, ``precision``, ``threshold``, ``batch_size``), without a detector
+        (the caller runs its own)."""
+        ckpt = cfg.get("ckpt")
         return cls.from_checkpoint(
-            str(cfg["ckpt"]),
+            str(ckpt) if ckpt not in (None, "", "pretrained") else resolve_asset(PRETRAINED_MODELS[DEFAULT_PRETRAINED]),
             device=str(cfg.get("device", "cpu")),
             precision=str(cfg.get("precision", "32")),
             detector=None,
