@@ -54,7 +54,7 @@ def _a(name: str, url: str | None, sha: str | None, desc: str = "") -> Asset:
 
 
 #: sha256 of the shipped pretrained checkpoint (vrn/pretrained/vrn_medium_aflw.ckpt)
-PRETRAINED_SHA256 = None
+PRETRAINED_SHA256 = "8cb17bdc66d54009b7c0b21012354dc83681fc364844c8648e24174204cd4595"
 #: where bundled assets live (inside the installed package)
 BUNDLED_DIR = Path(__file__).resolve().parent
 
