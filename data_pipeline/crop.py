@@ -23,8 +23,9 @@ Writes, per face ``<image id>_f<k>`` (k: faces left to right):
   the source image (relative to ``input_dir``), its size, the fraction of crop pixels
   that came from padding and (when not the default ``constant``) the margin fill ``border``.
 
-An image with no face (or one that cannot be read) is recorded in the manifest's
-``failures`` with reason ``no_face`` (``unreadable_image``).
+An image with no face (or one that cannot be read: missing, empty, a JPEG / PNG cut
+short, not decodable) is recorded in the manifest's ``failures`` with reason ``no_face``
+(``unreadable_image``).
 """
 
 from __future__ import annotations

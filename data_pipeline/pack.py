@@ -18,9 +18,11 @@ stage, ``depth_bins`` and ``depth_factor`` from the voxelize stage (whose ``size
 equal the crop's ``crop_size``, else :class:`~data_pipeline.stage.PipelineInputError`).
 
 Output: :class:`vrn.data.packed.PackedWriter`'s folder (``meta.json``, ``manifest.jsonl``,
-``index.npy``, ``images.bin``, ``targets.bin``), written under ``<output_dir>.partial``
-and renamed into place; crops stored as JPEG quality 95 by default (a sample, crop +
-target, stays well under 100 KB). Manifest rows carry provenance: id, split, subject,
+``index.npy`` with per-sample CRC-32s, ``images.bin``, ``targets.bin``), written under
+``<output_dir>.partial`` and renamed into place (a failed write removes the ``.partial``
+folder and reports its own error: a full disk stops the run with ``No space left on
+device``); crops stored as JPEG quality 95 by default (a sample, crop + target, stays
+well under 100 KB). Manifest rows carry provenance: id, split, subject,
 source image, detector and score, fit source, bfm_source, dense model, CropTransform,
 head rotation, the 68 fitted landmarks (crop px) and the crop's padding fraction.
 ``data=folder data.root=<output_dir>`` trains on it.

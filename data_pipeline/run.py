@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.runner import run_stage
-from data_pipeline.stage import PipelineInputError, Stage, StageConfigError
+from data_pipeline.stage import PipelineInputError, PipelineRunError, Stage, StageConfigError
 
 log = logging.getLogger("data_pipeline")
 
@@ -104,6 +104,11 @@ def run_single_stage(cfg: DictConfig, name: str, exit_on_error: bool = True) -> 
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except PipelineRunError as e:  # a run fault: one line, non-zero exit, a rerun resumes
+        if not exit_on_error:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
@@ -138,6 +143,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, PipelineInputError, StageConfigError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except PipelineRunError as e:  # a run fault: one line, non-zero exit, a rerun resumes
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,23 @@ redoes (same inputs, same bytes). Worker processes die with the runner (Linux
 the same folder while one is alive. Everything written is deterministic (sorted JSON,
 zip entries with fixed timestamps), so a killed and resumed run ends byte-identical to an
 uninterrupted one (``timing.json`` and Hydra's ``.logs/`` aside).
+
+Faults by kind. An *item* fault (this input is bad: :class:`~data_pipeline.stage.ItemFailure`
+or any other exception of ``Stage.process``) is recorded in the item's done-record and the
+run goes on. A *run* fault (:func:`run_fault`: disk full ``ENOSPC`` / quota ``EDQUOT``,
+permission, read-only filesystem, I/O error, out of memory, a missing or damaged asset
+:class:`vrn.assets.AssetNotFoundError`, a worker killed) stops the run with
+:class:`~data_pipeline.stage.PipelineRunError`, one line naming the cause; the item at hand
+gets no done-record and no manifest is written, so the same command, rerun once the cause
+is fixed, redoes it. Records that older runs wrote for run faults (``detail`` naming one)
+are redone too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -52,16 +63,60 @@ from data_pipeline.stage import (
     ItemContext,
     ItemFailure,
     PipelineInputError,
+    PipelineRunError,
     Stage,
     StageConfigError,
     dumps_json,
     load_manifest,
 )
+from vrn.assets import AssetNotFoundError
 from vrn.atomic_write import atomic_write
 
 log = logging.getLogger("data_pipeline")
 
-__all__ = ["run_stage"]
+__all__ = ["run_stage", "run_fault"]
+
+#: errno values that mean "the machine / filesystem", not "this input"
+RUN_FAULT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOMEM, errno.EIO}
+)
+#: texts of the same faults when a library re-raised them as another exception type
+RUN_FAULT_TEXTS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "out of memory")
+#: what a done-record's ``detail`` says when an older runner recorded a run fault as an item failure
+_OLD_RUN_FAULT_DETAILS = RUN_FAULT_TEXTS + ("[Errno 28]", "[Errno 122]", "MemoryError", "AssetNotFoundError")
+
+
+def run_fault(exc: BaseException) -> str | None:
+    """One line naming the cause when ``exc`` (or an exception it was raised from) is a run
+    fault (module doc); None for an item fault."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ItemFailure):
+            return None
+        if isinstance(e, AssetNotFoundError):
+            return f"{type(e).__name__}: {' '.join(str(e).split())}"
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            return f"out of memory ({type(e).__name__}: {' '.join(str(e).split()) or 'no detail'})"
+        if isinstance(e, OSError) and e.errno in RUN_FAULT_ERRNOS:
+            where = f" ({e.filename})" if e.filename else ""
+            return f"{e.strerror or os.strerror(e.errno)}{where} [errno {errno.errorcode.get(e.errno, e.errno)}]"
+        text = str(e)
+        for t in RUN_FAULT_TEXTS:
+            if t in text:
+                return f"{t} ({type(e).__name__}: {' '.join(text.split())})"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _stop(stage: Stage, cause: str, item_id: str | None = None) -> PipelineRunError:
+    at = f" at item '{item_id}' (not recorded)" if item_id is not None else ""
+    return PipelineRunError(
+        f"{stage.name}: the run stopped{at}: {cause.rstrip('.')}. Fix the cause (free disk space, check permissions / "
+        f"memory / assets) and rerun the same command: finished items are kept, the rest is redone."
+    )
+
 
 #: one finished item: (item id, its done-record, seconds spent in ``Stage.process``)
 ItemResult = tuple[str, dict[str, Any], float]
@@ -119,7 +174,13 @@ def _worker_init(stage: Stage, out_dir: str, torch_threads: int | None) -> None:
     """Pool initializer: die with the parent, ignore Ctrl-C, set the stage up once."""
     _set_pdeathsig()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    stage.setup()
+    try:
+        stage.setup()
+    except Exception as e:  # a run fault (missing asset, ...) reaches the parent with its cause
+        cause = run_fault(e)
+        if cause is None:
+            raise
+        _WORKER["setup_error"] = _stop(stage, cause)
     _set_torch_threads(torch_threads)
     _WORKER["stage"] = stage
     _WORKER["out_dir"] = Path(out_dir)
@@ -134,7 +195,10 @@ def _do_item(stage: Stage, out_dir: Path, item: Item) -> ItemResult:
         rec: dict[str, Any] = {"id": item.id, "ok": True, "reason": None, "detail": None, "samples": samples}
     except ItemFailure as e:
         rec = {"id": item.id, "ok": False, "reason": e.reason, "detail": e.detail, "samples": []}
-    except Exception as e:  # recorded, the run goes on
+    except Exception as e:  # an item fault is recorded and the run goes on; a run fault stops it
+        cause = run_fault(e)
+        if cause is not None:
+            raise _stop(stage, cause, item.id) from e
         rec = {
             "id": item.id,
             "ok": False,
@@ -151,6 +215,8 @@ def _do_item(stage: Stage, out_dir: Path, item: Item) -> ItemResult:
 
 
 def _worker_item(item: Item) -> ItemResult:
+    if "setup_error" in _WORKER:
+        raise _WORKER["setup_error"]
     return _do_item(_WORKER["stage"], _WORKER["out_dir"], item)
 
 
@@ -252,8 +318,8 @@ def _process_items(
             with executor as submit:
                 _run_pending(submit, pending, 1 if in_process else 4 * n_jobs, on_result)
     except BrokenProcessPool as e:
-        raise RuntimeError(
-            f"{stage.name}: a worker process died ({e}); finished items are kept, rerun the same command to resume"
+        raise _stop(
+            stage, f"a worker process died (killed for memory? its setup failed? see the log above): {e}"
         ) from e
     finally:
         bar.close()
@@ -343,7 +409,8 @@ def _list_items(stage: Stage, in_dir: Path, upstream: dict[str, Any] | None, out
 
 def _split_done(items: list[Item], out_dir: Path, retry_failed: bool) -> tuple[dict[str, dict[str, Any]], list[Item]]:
     """``(records of the items already done, items still to do)``: an item is done iff its
-    record parses, every file it lists exists and (with ``retry_failed``) it succeeded."""
+    record parses, every file it lists exists and (with ``retry_failed``) it succeeded; a
+    failure record whose ``detail`` names a run fault (written by older runners) is redone."""
     records: dict[str, dict[str, Any]] = {}
     pending: list[Item] = []
     for it in items:
@@ -352,6 +419,8 @@ def _split_done(items: list[Item], out_dir: Path, retry_failed: bool) -> tuple[d
         if rp.is_file():
             with contextlib.suppress(json.JSONDecodeError, OSError):
                 rec = json.loads(rp.read_text())
+        if rec is not None and not rec.get("ok") and any(t in str(rec.get("detail")) for t in _OLD_RUN_FAULT_DETAILS):
+            rec = None
         if rec is not None and _record_valid(rec, out_dir) and (rec["ok"] or not retry_failed):
             records[it.id] = rec
         else:
@@ -456,6 +525,7 @@ def run_stage(
     Raises:
         PipelineInputError: missing input folder / manifest.
         StageConfigError: ``output_dir`` holds a run with other parameters.
+        PipelineRunError: a run fault (:func:`run_fault`) stopped the run; rerun to resume.
     """
     in_dir = Path(os.path.expanduser(str(input_dir))).absolute()
     out_dir = Path(os.path.expanduser(str(output_dir))).absolute()
@@ -464,11 +534,21 @@ def run_stage(
     if out_dir == in_dir:
         raise PipelineInputError(f"output_dir must differ from input_dir ({in_dir}).")
     n_jobs = max(1, int(n_jobs))
-    if stage.kind == "reduce":
-        return _run_reduce(stage, in_dir, out_dir, progress, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(out_dir / LOCK_FILE):
-        manifest, timing = _run_map(stage, in_dir, out_dir, n_jobs, progress, overwrite, retry_failed, torch_threads)
+    try:
+        if stage.kind == "reduce":
+            return _run_reduce(stage, in_dir, out_dir, progress, overwrite)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(out_dir / LOCK_FILE):
+            manifest, timing = _run_map(
+                stage, in_dir, out_dir, n_jobs, progress, overwrite, retry_failed, torch_threads
+            )
+    except (PipelineRunError, PipelineInputError, StageConfigError):
+        raise
+    except Exception as e:  # setup, manifest, reduce: a run fault gets its one line, anything else goes up
+        cause = run_fault(e)
+        if cause is None:
+            raise
+        raise _stop(stage, cause) from e
     _log_run(stage, manifest, timing, out_dir)
     return manifest
 

@@ -52,6 +52,7 @@ __all__ = [
     "Stage",
     "StageConfigError",
     "PipelineInputError",
+    "PipelineRunError",
     "load_manifest",
     "dumps_json",
     "npz_bytes",
@@ -95,6 +96,12 @@ class StageConfigError(ValueError):
 
 class PipelineInputError(ValueError):
     """A missing or unusable input folder / manifest (message says what to do)."""
+
+
+class PipelineRunError(RuntimeError):
+    """A *run* fault (disk full, quota, permission, out of memory, a missing or damaged
+    asset): the run stops, the item at hand is not recorded, a plain rerun redoes it. Its
+    message is one line naming the cause."""
 
 
 # --------------------------------------------------------------------------------------
@@ -224,7 +231,9 @@ class Stage:
         """Do one item; write outputs through ``ctx``; return its samples (JSON-able).
 
         Raise :class:`ItemFailure` for an expected failure; any other exception is
-        recorded as ``"<stage>_error"``.
+        recorded as ``"<stage>_error"``, except a run fault (disk full, permission, out of
+        memory, a missing asset: see :mod:`data_pipeline.runner`), which stops the run with
+        :class:`PipelineRunError` and records nothing for the item.
         """
         raise NotImplementedError
 

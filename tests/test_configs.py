@@ -56,7 +56,9 @@ def test_default_is_synthetic_small_with_wandb(tmp_path):
     assert cfg.model.net.name == "vrn_small"
     assert "wandb" in cfg.logger
     cb = cfg.callbacks.model_checkpoint
-    assert cb.monitor == "val/iou" and cb.save_last and cb.auto_insert_metric_name is False
+    assert cb.monitor == "val/iou" and cb.auto_insert_metric_name is False
+    # last.ckpt is the latest state, written by its own callback whatever val/iou did
+    assert not cb.save_last and cfg.callbacks.last_checkpoint._target_ == "vrn.callbacks.LastCheckpoint"
 
 
 def test_gpus_alias_maps_to_accelerator_devices(tmp_path):

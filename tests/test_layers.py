@@ -42,7 +42,18 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("data", ["vrn.data"]),
-    ("run", ["vrn.lit_module", "vrn.builders", "vrn.callbacks", "vrn.train", "vrn.checkpoint", "vrn.inference"]),
+    (
+        "run",
+        [
+            "vrn.lit_module",
+            "vrn.builders",
+            "vrn.callbacks",
+            "vrn.train",
+            "vrn.checkpoint",
+            "vrn.inference",
+            "vrn.cli_errors",
+        ],
+    ),
     ("apps", ["vrn.demo", "vrn.demo_writer", "vrn.evaluate", "vrn.eval_datasets", "vrn.aflw_benchmark", "vrn"]),
     ("pipeline", ["data_pipeline"]),
 ]

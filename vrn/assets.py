@@ -12,11 +12,19 @@ Lookup order for an asset ``name`` (e.g. ``"3ddfa_v2/mb05_120x120.pth"``):
 Offline with nothing found, :class:`AssetNotFoundError` names the file, the URL and
 where to place it by hand. Nothing is ever half-written: downloads go to a temporary
 file that is renamed only after the checksum matches.
+
+Integrity. Every file found (1-4) is checked against its registry sha256 the first time a
+process uses it; a damaged or truncated copy raises :class:`AssetIntegrityError` naming
+the file, the expected hash and where to get a good copy. A verified file leaves a small
+stamp in ``<cache>/verified/`` keyed on its path, size and mtime, so later processes skip
+the hashing until the file changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import urllib.request
@@ -24,9 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from vrn.atomic_write import atomic_write_from
+from vrn.atomic_write import atomic_write, atomic_write_from
 
-__all__ = ["Asset", "AssetNotFoundError", "REGISTRY", "resolve", "cache_dir", "sha256_of"]
+__all__ = [
+    "Asset",
+    "AssetNotFoundError",
+    "AssetIntegrityError",
+    "REGISTRY",
+    "resolve",
+    "cache_dir",
+    "sha256_of",
+    "verify_file",
+    "verified_sha256",
+]
 
 _3DDFA_V2 = "https://github.com/cleardusk/3DDFA_V2/raw/master/"
 _3DDFA_V1 = "https://github.com/cleardusk/3DDFA/raw/master/"
@@ -47,6 +65,10 @@ class Asset:
 
 class AssetNotFoundError(FileNotFoundError):
     """Raised when an asset is neither present locally nor downloadable."""
+
+
+class AssetIntegrityError(AssetNotFoundError):
+    """A local copy of an asset whose sha256 differs from the registry's (damaged or truncated)."""
 
 
 def _a(name: str, url: str | None, sha: str | None, desc: str = "") -> Asset:
@@ -223,13 +245,55 @@ def _download(asset: Asset, dest: Path) -> None:
     atomic_write_from(dest, fetch)
 
 
-def _check_bundled(asset: Asset, p: Path) -> None:
-    """A bundled file must match its registered sha256 (a damaged install must not load)."""
-    if asset.sha256 is not None and sha256_of(p) != asset.sha256:
-        raise AssetNotFoundError(
-            f"Asset '{asset.name}' at {p} does not match its sha256 {asset.sha256}: the installed copy is "
-            f"damaged. Reinstall vrn (pip install --force-reinstall vrn), or pass an explicit checkpoint path."
+#: files verified by this process: (path, size, mtime_ns) -> sha256
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def _stamp_path(p: Path) -> Path:
+    """The verified-stamp file of ``p`` in the user cache (one small JSON per absolute path)."""
+    return cache_dir() / "verified" / f"{hashlib.sha1(str(p).encode()).hexdigest()[:20]}.json"
+
+
+def _where_to_get(asset: Asset) -> str:
+    if asset.bundled:
+        return "reinstall vrn (pip install --force-reinstall vrn), or pass an explicit checkpoint path"
+    src = f"download it again from {asset.url}" if asset.url else "copy it again from a vrn assets mirror"
+    return f"{src} into {cache_dir() / asset.name} (or a VRN_ASSETS_DIR folder), replacing the damaged copy"
+
+
+def verify_file(asset: Asset, path: str | os.PathLike) -> None:
+    """Check ``path`` against ``asset.sha256`` (no-op when the registry has no hash).
+
+    Hashes the file once per process and once per (path, size, mtime) across processes (a
+    stamp in ``<cache>/verified/``; the stamp is best effort, an unwritable cache only costs
+    the hashing).
+
+    Raises:
+        AssetIntegrityError: the file's sha256 differs (damaged, truncated or another
+            version), naming the file, its size, the expected hash and where to get it.
+    """
+    if asset.sha256 is None:
+        return
+    p = Path(path).absolute()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(key) == asset.sha256:
+        return
+    stamp = _stamp_path(p)
+    want = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": asset.sha256}
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(stamp.read_text()) == want:
+            _VERIFIED[key] = asset.sha256
+            return
+    got = sha256_of(p)
+    if got != asset.sha256:
+        raise AssetIntegrityError(
+            f"Asset '{asset.name}' at {p} is damaged or truncated ({st.st_size} bytes, sha256 {got}; expected "
+            f"sha256 {asset.sha256}). Fix: {_where_to_get(asset)}."
         )
+    _VERIFIED[key] = got
+    with contextlib.suppress(OSError):
+        atomic_write(stamp, json.dumps(want, sort_keys=True).encode(), fsync=False)
 
 
 def resolve(name: str, path: str | os.PathLike | None = None, download: bool | None = None) -> Path:
@@ -242,6 +306,7 @@ def resolve(name: str, path: str | os.PathLike | None = None, download: bool | N
 
     Raises:
         AssetNotFoundError: naming the file, the URL and where to put it.
+        AssetIntegrityError: the file found does not match the registry's sha256.
     """
     if name not in REGISTRY:
         raise KeyError(f"Unknown asset '{name}'. Known: {', '.join(sorted(REGISTRY))}")
@@ -251,21 +316,24 @@ def resolve(name: str, path: str | os.PathLike | None = None, download: bool | N
         p = BUNDLED_DIR / name
         tried.append(p)
         if p.is_file():
-            _check_bundled(asset, p)
+            verify_file(asset, p)
             return p
     if path is not None:
         p = Path(path).expanduser()
         if p.is_file():
+            verify_file(asset, p)
             return p
         raise AssetNotFoundError(_help(asset, [p], "the configured path does not exist"))
     for mirror in mirror_dirs():
         p = mirror / name
         tried.append(p)
         if p.is_file():
+            verify_file(asset, p)
             return p
     p = cache_dir() / name
     tried.append(p)
     if p.is_file():
+        verify_file(asset, p)
         return p
     if download is None:
         download = os.environ.get("VRN_OFFLINE", "0") not in ("1", "true", "yes")
@@ -277,13 +345,24 @@ def resolve(name: str, path: str | os.PathLike | None = None, download: bool | N
         raise
     except Exception as e:  # network errors: say what to do
         raise AssetNotFoundError(_help(asset, tried, f"download failed: {e}")) from e
+    verify_file(asset, p)  # checked while downloading: records the stamp
     return p
 
 
+def verified_sha256(name: str) -> str:
+    """The sha256 of asset ``name`` as resolved here: the registry's hash once the file is
+    verified (computed from the file when the registry has none). Raises like :func:`resolve`."""
+    p = resolve(name)
+    return REGISTRY[name].sha256 or sha256_of(p)
+
+
 def available(name: str) -> bool:
-    """True when the asset can be resolved without a download."""
+    """True when the asset can be resolved without a download (a damaged copy raises
+    :class:`AssetIntegrityError`: it is there, but must not be used)."""
     try:
         resolve(name, download=False)
         return True
+    except AssetIntegrityError:
+        raise
     except AssetNotFoundError:
         return False

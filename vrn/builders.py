@@ -9,14 +9,23 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 
+from vrn.cli_errors import UserError
 from vrn.wandb_logging import has_api_key, wandb_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_callbacks", "build_loggers", "build_trainer", "drop_logger_callbacks", "resolve_gpus_alias"]
+__all__ = [
+    "build_callbacks",
+    "build_loggers",
+    "build_trainer",
+    "check_accelerator",
+    "drop_logger_callbacks",
+    "resolve_gpus_alias",
+]
 
 
 def resolve_gpus_alias(trainer_cfg: DictConfig) -> DictConfig:
@@ -45,6 +54,28 @@ def resolve_gpus_alias(trainer_cfg: DictConfig) -> DictConfig:
             if n is not None and n > 1 and cfg.get("strategy", "auto") == "auto":
                 cfg.strategy = "ddp"
     return cfg
+
+
+def check_accelerator(tcfg: DictConfig, asked: str) -> None:
+    """Stop with one line when ``tcfg`` (a resolved trainer config) asks for GPUs this machine lacks.
+
+    ``asked``: how the user asked (``trainer.gpus=2`` or ``trainer.accelerator=gpu``), for the message.
+
+    Raises:
+        UserError: no CUDA GPU is available, or fewer than ``devices`` asks for.
+    """
+    if str(tcfg.get("accelerator", "auto")).lower() not in ("gpu", "cuda"):
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise UserError(
+            f"{asked} but no CUDA GPU is available on this machine (or torch is a CPU build): "
+            f"use trainer.accelerator=cpu (or trainer=cpu)"
+        )
+    devices = tcfg.get("devices", 1)
+    want = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else None
+    if want is not None and want > n:
+        raise UserError(f"{asked} asks for {want} GPUs but this machine has {n}: use trainer.devices={n} or fewer")
 
 
 def build_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
@@ -111,6 +142,10 @@ def build_trainer(
     (:func:`drop_logger_callbacks`) instead of failing when training starts.
     """
     tcfg = resolve_gpus_alias(cfg)
+    gpus = cfg.get("gpus", None)
+    check_accelerator(
+        tcfg, f"trainer.gpus={gpus}" if gpus is not None else f"trainer.accelerator={tcfg.get('accelerator')}"
+    )
     if logger is None or logger == []:
         logger = False
     callbacks = drop_logger_callbacks(callbacks or [], logger)

@@ -1,19 +1,183 @@
-"""Callbacks: preview panels and 3D point clouds of predictions at each validation epoch."""
+"""Callbacks: the latest state on disk (``last.ckpt``, also on SIGTERM / SIGINT), and preview
+panels and 3D point clouds of predictions at each validation epoch."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.image_io import write_image_rgb
 from vrn.volume.surface import front_depth, front_surface_points
 from vrn.wandb_logging import image_media, log_media, point_cloud_media
 
-__all__ = ["VolumePreviewLogger", "preview_panel", "surface_points"]
+log = logging.getLogger(__name__)
+
+__all__ = ["LastCheckpoint", "TrainingStopped", "VolumePreviewLogger", "preview_panel", "surface_points"]
+
+#: exit status of a run stopped by a signal: 128 + the signal number (SIGINT 130, SIGTERM 143)
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal after saving ``ckpt_path`` (None: nothing could be saved)."""
+
+    def __init__(self, signum: int, ckpt_path: str | None) -> None:
+        self.signum = int(signum)
+        self.ckpt_path = ckpt_path
+        name = signal.Signals(self.signum).name
+        where = f"checkpoint saved to {ckpt_path}" if ckpt_path else "no checkpoint saved"
+        super().__init__(f"training stopped by {name}; {where}")
+
+    @property
+    def exit_code(self) -> int:
+        return SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
+
+
+class LastCheckpoint(pl.Callback):
+    """Keeps ``<dirpath>/<filename>.ckpt`` the latest training state, whatever the monitored
+    metric did (the best checkpoints are a separate ``ModelCheckpoint``).
+
+    It is written (atomically: a temporary file, then a rename) at the end of every training
+    epoch, after every validation run inside an epoch (``trainer.val_check_interval``), every
+    ``every_n_train_steps`` optimizer steps when > 0, and at the end of training.
+
+    With ``handle_signals`` (default), SIGTERM (timeout, SLURM, Kubernetes) and SIGINT
+    (Ctrl-C) during training finish the current batch, save the checkpoint of that step and
+    stop with :class:`TrainingStopped` (``vrn.train`` prints the resume command and exits
+    143 / 130). A second Ctrl-C interrupts at once, saving nothing more.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike,
+        filename: str = "last",
+        every_n_train_steps: int = 0,
+        handle_signals: bool = True,
+    ) -> None:
+        if int(every_n_train_steps or 0) < 0:
+            raise ValueError(f"every_n_train_steps={every_n_train_steps} must be >= 0 (0: at epoch ends only)")
+        self.dirpath = Path(dirpath)
+        self.filename = str(filename)
+        self.every_n_train_steps = int(every_n_train_steps or 0)
+        self.handle_signals = bool(handle_signals)
+        #: the signal received during training (None: none)
+        self.signum: int | None = None
+        #: the checkpoint written for that signal
+        self.stop_path: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / f"{self.filename}.ckpt"
+
+    @property
+    def state_key(self) -> str:
+        return f"LastCheckpoint[{self.path.name}]"
+
+    # ---- saving -----------------------------------------------------------------------
+    def _can_save(self, trainer: pl.Trainer) -> bool:
+        return not trainer.fast_dev_run and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING
+
+    def save(self, trainer: pl.Trainer) -> Path:
+        """Write the checkpoint of the trainer's current state; returns its path."""
+        path = self.path
+        tmp = path.with_name(f".{path.name}.tmp")
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        trainer.strategy.barrier("LastCheckpoint.save")
+        return path
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        assert self.signum is not None
+        self.stop_path = str(self.save(trainer))
+        raise TrainingStopped(self.signum, self.stop_path)
+
+    # ---- signals ----------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if signum == signal.SIGINT:
+            # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if first:
+            log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint after the current batch")
+        previous = self._previous.get(signum)
+        if signum == signal.SIGTERM and callable(previous):
+            previous(signum, frame)  # Lightning's own handler (tells DDP workers)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.signum, self.stop_path = None, None
+        if not self.handle_signals:
+            return
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[s] = signal.getsignal(s)
+                signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread
+                return
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._can_save(trainer):
+            return
+        if self.signum is not None:
+            self._stop(trainer)
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self.save(trainer)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.signum is not None and self._can_save(trainer):
+            self._stop(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a validation inside the epoch (val_check_interval); the epoch's end saves in on_train_epoch_end
+        if self._can_save(trainer) and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._can_save(trainer):
+            self.save(trainer)
+            if self.signum is not None:
+                self._stop(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning stops on SIGTERM itself at some points (SIGTERMException): save there too
+        if isinstance(exception, SIGTERMException) and self.signum is not None and self.stop_path is None:
+            if self._can_save(trainer):
+                self.stop_path = str(self.save(trainer))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # (Lightning restores every handler in its own teardown; undo ours only if still in place)
+        for s, h in self._previous.items():
+            if signal.getsignal(s) == self._on_signal and h is not None:
+                try:
+                    signal.signal(s, h)
+                except ValueError:  # not the main thread
+                    pass
+        self._previous = {}
 
 
 def _depth_to_rgb(depth: np.ndarray, depth_bins: int) -> np.ndarray:

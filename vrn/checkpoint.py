@@ -8,6 +8,12 @@ the network is rebuilt from the spec with :func:`vrn.models.create_model` (no Hy
 :func:`save_network` writes a slim file of the same structure (spec + layout + network
 weights only). URLs are downloaded once into
 ``<vrn cache>/checkpoints/`` (``$VRN_CACHE_DIR`` or ``~/.cache/vrn``).
+
+Integrity: torch's checkpoint format is a zip archive with a CRC-32 per entry, which
+``torch.load`` never checks. :func:`verify_checkpoint` reads every entry and compares its
+CRC; :func:`load_network` and :func:`resolve_checkpoint` call it, so a damaged file is
+refused with :class:`CheckpointIntegrityError` (one line naming the file) instead of
+loading corrupted weights.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,45 @@ from vrn.models.torch7_import import is_torch7_file, load_torch7_vrn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["resolve_checkpoint", "load_network", "save_network", "layout_for_network", "check_network_layout"]
+__all__ = [
+    "resolve_checkpoint",
+    "load_network",
+    "save_network",
+    "layout_for_network",
+    "check_network_layout",
+    "verify_checkpoint",
+    "CheckpointIntegrityError",
+]
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint file whose bytes are damaged (zip CRC mismatch, truncated archive)."""
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check every entry of a torch zip checkpoint against its stored CRC-32.
+
+    Files that are not zip archives (torch's legacy format, Torch7 ``.t7``) are left to
+    their loaders.
+
+    Raises:
+        CheckpointIntegrityError: an entry's CRC differs or the archive is truncated, naming
+            the file and the entry.
+    """
+    p = Path(path)
+    fix = "restore it from a backup or another copy, or retrain / re-download it"
+    try:
+        if not zipfile.is_zipfile(p):
+            with open(p, "rb") as f:  # a truncated zip loses its end record: still "PK\x03\x04" at the start
+                if f.read(4) != b"PK\x03\x04":
+                    return
+            raise CheckpointIntegrityError(f"Checkpoint {p} is damaged (truncated zip archive): {fix}.")
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+        raise CheckpointIntegrityError(f"Checkpoint {p} is damaged ({type(e).__name__}: {e}): {fix}.") from e
+    if bad is not None:
+        raise CheckpointIntegrityError(f"Checkpoint {p} is damaged (entry '{bad}' fails its CRC check): {fix}.")
 
 
 def _is_url(s: str) -> bool:
@@ -47,6 +93,7 @@ def resolve_checkpoint(
         cache_dir: download folder (default ``<vrn cache>/checkpoints``).
     Raises:
         FileNotFoundError: a local path that does not exist.
+        CheckpointIntegrityError: the file is damaged (:func:`verify_checkpoint`).
     """
     s = str(path_or_url)
     if not _is_url(s):
@@ -56,6 +103,7 @@ def resolve_checkpoint(
                 f"Checkpoint not found: {p}. Pass ckpt=<path to a .ckpt file> "
                 f"(e.g. outputs/train/runs/<run>/checkpoints/last.ckpt) or an http(s) URL."
             )
+        verify_checkpoint(p)
         return p
     folder = Path(cache_dir) if cache_dir is not None else vrn_cache_dir() / "checkpoints"
     name = os.path.basename(s.split("?")[0].split("#")[0]) or "checkpoint.ckpt"
@@ -64,6 +112,7 @@ def resolve_checkpoint(
         log.info(f"Downloading checkpoint {s} -> {dest}")
         with atomic_path(dest) as tmp:
             torch.hub.download_url_to_file(s, str(tmp), progress=progress)
+    verify_checkpoint(dest)
     return dest
 
 
@@ -96,7 +145,9 @@ def load_network(
     Raises:
         vrn.conventions.LayoutMismatchError: the recorded layout's depth bins differ from the
             network's output channels.
+        CheckpointIntegrityError: the file is damaged (:func:`verify_checkpoint`).
     """
+    verify_checkpoint(path)
     if is_torch7_file(path):  # the authors' released Torch7 model (vrn-unguided.t7)
         net, spec = load_torch7_vrn(path)
         layout = layout_for_network(net)
@@ -105,13 +156,14 @@ def load_network(
     try:
         ckpt = torch.load(str(path), map_location=map_location, weights_only=weights_only)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and a hint
-        hint = (
-            " It holds objects beyond tensors and plain containers; if you trust the file, load it "
-            "with weights_only=False."
-            if weights_only
-            else ""
-        )
-        raise RuntimeError(f"Cannot load checkpoint {path}: {type(e).__name__}: {e}.{hint}") from e
+        if isinstance(e, pickle.UnpicklingError) and weights_only:
+            hint = (
+                " It holds Python objects beyond tensors and plain containers, which the safe loader refuses: "
+                "is it a vrn checkpoint (vrn.train's .ckpt, Reconstructor.save, or the released .t7)?"
+            )
+        else:
+            hint = " It is not a readable checkpoint: pass the .ckpt written by vrn.train or Reconstructor.save."
+        raise ValueError(f"Cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}.{hint}") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a vrn checkpoint (no 'state_dict')")
     hp = ckpt.get("hyper_parameters") or {}

@@ -13,8 +13,14 @@ sub-folders are mirrored):
 * ``<image>_face<k>_turntable.gif``: the coloured mesh turning about its vertical axis,
 * ``<image>_face<k>.vrnc`` (``save_volume=true``): the predicted occupancy, compact code.
 
-One summary line per image on stdout; images without a face and unreadable files are
-reported and skipped. ``summary.json`` in ``output_dir`` lists everything.
+Photos of one folder that share a stem (``face.jpg``, ``face.jpeg``) are told apart by their
+extension: ``face_jpg_face0.*``, ``face_jpeg_face0.*`` (only when stems collide).
+
+One summary line per image on stdout; images without a face and unreadable files (0-byte,
+truncated, not an image: reason ``unreadable_image``) are reported and skipped.
+``summary.json`` in ``output_dir`` lists everything. ``output_dir`` is checked writable
+before any work; the run exits 1 when no file could be written, and 2 with one line on
+an expected error (:mod:`vrn.cli_errors`), leaving no empty output folder behind.
 
 Throughput: images are decoded, detected and cropped in DataLoader worker processes; the
 main thread feeds the network ``batch_size`` faces at a time; marching cubes, colours,
@@ -27,6 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import tempfile
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -34,12 +42,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from vrn.atomic_write import atomic_write
+from vrn.cli_errors import UserError, check_device, run_cli
 from vrn.conventions import VolumeLayout
 from vrn.demo_writer import MESH_EXTS, FaceOutput, FaceWriter, face_outputs
 from vrn.detectors import get_detector
@@ -49,7 +59,15 @@ from vrn.wandb_logging import finish_run, image_media, is_active, log_media, mes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MESH_EXTS", "FaceOutput", "ImageReport", "face_outputs", "find_images", "run_demo"]
+__all__ = [
+    "MESH_EXTS",
+    "FaceOutput",
+    "ImageReport",
+    "face_outputs",
+    "find_images",
+    "output_stems",
+    "run_demo",
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -59,13 +77,17 @@ __all__ = ["MESH_EXTS", "FaceOutput", "ImageReport", "face_outputs", "find_image
 
 @dataclass
 class ImageReport:
-    """One input image: ``status`` is "ok", "no_face" or "unreadable"."""
+    """One input image: ``status`` is "ok", "no_face" or "unreadable"; ``reason`` says why an
+    image was skipped ("no_face", "unreadable_image"; "" when ok); ``output_stem``: the name its
+    files start with."""
 
     path: str
     status: str
     message: str
     faces: list[FaceOutput] = field(default_factory=list)
     seconds: float = 0.0
+    reason: str = ""
+    output_stem: str = ""
 
     def line(self) -> str:
         """The one-line summary printed for this image."""
@@ -107,6 +129,39 @@ def find_images(input_path: str | os.PathLike, recursive: bool = True) -> tuple[
     raise FileNotFoundError(f"input={p} does not exist: give an image file or a folder of images")
 
 
+#: the last bytes of a complete file, by its first bytes (a truncated download or copy lacks them)
+def output_stems(root: Path, paths: list[Path]) -> list[str]:
+    """The name each photo's files start with: its stem, or ``<stem>_<ext>`` when photos of
+    one folder share a stem (``face.jpg`` / ``face.jpeg`` -> ``face_jpg`` / ``face_jpeg``);
+    a remaining clash (``Face.JPG`` / ``Face.jpg``) gets ``_2``, ``_3``, ..."""
+
+    def key(p: Path, stem: str) -> tuple[str, str]:
+        parent = p.parent.relative_to(root).as_posix() if p.parent.is_relative_to(root) else ""
+        return parent, stem.casefold()
+
+    counts: dict[tuple[str, str], int] = {}
+    for p in paths:
+        counts[key(p, p.stem)] = counts.get(key(p, p.stem), 0) + 1
+    stems = [p.stem if counts[key(p, p.stem)] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths]
+    taken = {key(p, p.stem) for p in paths if counts[key(p, p.stem)] == 1}
+    out = []
+    for p, stem in zip(paths, stems):
+        name, n = stem, 1
+        if counts[key(p, p.stem)] > 1:  # a renamed photo must not take another photo's name
+            while key(p, name) in taken:
+                n += 1
+                name = f"{stem}_{n}"
+            taken.add(key(p, name))
+        out.append(name)
+    return out
+
+
+def _read_failure(path: Path, e: BaseException) -> str:
+    if isinstance(e, ImageReadError):
+        return str(e)
+    return f"{path}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())})"
+
+
 class _ImageDataset(Dataset):
     """Reads, detects and crops one photo per item (runs in DataLoader workers)."""
 
@@ -130,8 +185,8 @@ class _ImageDataset(Dataset):
         t0 = time.perf_counter()
         try:
             prep = prepare_image(path, self.detector, self.layout)
-        except ImageReadError as e:
-            return {"index": i, "path": str(path), "error": str(e), "t0": t0}
+        except (ImageReadError, cv2.error, OSError) as e:
+            return {"index": i, "path": str(path), "error": _read_failure(path, e), "t0": t0}
         return {"index": i, "path": str(path), "prep": prep, "t0": t0}
 
 
@@ -194,7 +249,14 @@ class _DemoRun:
     """
 
     def __init__(
-        self, cfg: DictConfig, rec: Reconstructor, writer: FaceWriter, root: Path, out_root: Path, detector_name: str
+        self,
+        cfg: DictConfig,
+        rec: Reconstructor,
+        writer: FaceWriter,
+        root: Path,
+        out_root: Path,
+        detector_name: str,
+        stems: list[str],
     ) -> None:
         self.cfg = cfg
         self.rec = rec
@@ -202,6 +264,9 @@ class _DemoRun:
         self.root = root
         self.out_root = out_root
         self.detector_name = detector_name
+        self.stems = stems
+        #: folders this run made (removed again when they stay empty)
+        self.made_dirs: list[Path] = []
         self.batch_size = max(1, int(cfg.batch_size))
         self.states: OrderedDict[int, _ImageState] = OrderedDict()
         self.queue: list[tuple[_ImageState, int]] = []
@@ -213,17 +278,18 @@ class _DemoRun:
         path = Path(item["path"])
         rel = path.relative_to(self.root) if path.is_relative_to(self.root) else Path(path.name)
         out_dir = self.out_root / rel.parent
-        report = ImageReport(path=rel.as_posix(), status="ok", message="")
-        st = _ImageState(report, item.get("prep"), path.stem, out_dir, t0=item["t0"])
+        stem = self.stems[item["index"]]
+        report = ImageReport(path=rel.as_posix(), status="ok", message="", output_stem=stem)
+        st = _ImageState(report, item.get("prep"), stem, out_dir, t0=item["t0"])
         self.states[item["index"]] = st
         if "error" in item:
-            report.status = "unreadable"
+            report.status, report.reason = "unreadable", "unreadable_image"
             report.message = f"unreadable image, skipped ({item['error']})"
         elif len(st.prep) == 0:  # type: ignore[arg-type]
-            report.status = "no_face"
+            report.status, report.reason = "no_face", "no_face"
             report.message = f"no face found (detector={self.detector_name}), skipped"
         else:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            self.made_dirs += _make_dirs(out_dir)
             self.n_faces += len(st.prep)  # type: ignore[arg-type]
             self.queue.extend((st, k) for k in range(len(st.prep)))  # type: ignore[arg-type]
         while len(self.queue) >= self.batch_size:
@@ -263,6 +329,52 @@ class _DemoRun:
             self.reports.append(st.report)
 
 
+def _make_dirs(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it made, deepest first."""
+    made = []
+    p = folder
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are empty."""
+    for d in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass  # not empty (or gone)
+
+
+def _prepare_output_dir(out_root: Path) -> list[Path]:
+    """Make ``output_dir`` and check it is writable, before any work; returns the folders made.
+
+    Raises:
+        UserError: it cannot be made or written to.
+    """
+    fix = "choose another output_dir= or fix its permissions"
+    if out_root.exists() and not out_root.is_dir():
+        raise UserError(f"output_dir={out_root} is a file, not a folder: {fix}")
+    try:
+        made = _make_dirs(out_root)
+    except OSError as e:
+        raise UserError(f"output_dir={out_root} cannot be created ({e.strerror or e}): {fix}") from e
+    try:
+        with tempfile.TemporaryFile(dir=out_root, prefix=".vrn_write_check_"):
+            pass
+    except OSError as e:
+        _remove_empty(made)
+        raise UserError(f"output_dir={out_root} is not writable ({e.strerror or e}): {fix}") from e
+    return made
+
+
+def _files_written(reports: list[ImageReport]) -> int:
+    return sum(len(f.files) for r in reports for f in r.faces)
+
+
 def _log_report_to_wandb(report: ImageReport) -> None:
     """Log an image's y-up meshes (Object3D) and overlays to the active W&B run, if any."""
     if report.status != "ok" or not is_active():
@@ -300,9 +412,18 @@ def run_demo(cfg: DictConfig) -> list[ImageReport]:
     active; with an active run, each face's y-up mesh and overlay are logged.
     """
     out_root = Path(os.path.expanduser(str(cfg.output_dir)))
-    out_root.mkdir(parents=True, exist_ok=True)
     root, paths = find_images(cfg.input, bool(cfg.get("recursive", True)))
     face_outputs(out_root, "x", 0, cfg)  # validates `formats` before any work
+    check_device(str(cfg.device))
+    made = _prepare_output_dir(out_root)
+    try:
+        return _run(cfg, out_root, root, paths)
+    except BaseException:
+        _remove_empty(made)  # no empty output folder after a failure
+        raise
+
+
+def _run(cfg: DictConfig, out_root: Path, root: Path, paths: list[Path]) -> list[ImageReport]:
     rec = Reconstructor.from_run_config(cfg)
     detector = _build_detector(cfg)
     log.info(f"{rec!r}; detector={detector.name}; {len(paths)} image(s) from {cfg.input}")
@@ -321,10 +442,13 @@ def run_demo(cfg: DictConfig) -> list[ImageReport]:
             max_backlog=max(2, 2 * batch_size),
             viewer_root=out_root if is_active() else None,
         ) as writer:
-            run = _DemoRun(cfg, rec, writer, root, out_root, detector.name)
-            for item in _image_loader(paths, detector, rec.layout, cfg):
-                run.add(item)
-            reports = run.finish()
+            run = _DemoRun(cfg, rec, writer, root, out_root, detector.name, output_stems(root, paths))
+            try:
+                for item in _image_loader(paths, detector, rec.layout, cfg):
+                    run.add(item)
+                reports = run.finish()
+            finally:
+                _remove_empty(run.made_dirs)
     finally:
         if started_wandb:
             finish_run()
@@ -337,9 +461,22 @@ def run_demo(cfg: DictConfig) -> list[ImageReport]:
     return reports
 
 
+def _main(cfg: DictConfig) -> None:
+    reports = run_demo(cfg)
+    if _files_written(reports) == 0:
+        skipped = {r.reason or r.status for r in reports}
+        print(
+            f"vrn.demo: nothing written for {len(reports)} image(s) ({', '.join(sorted(skipped))}); "
+            f"see {Path(os.path.expanduser(str(cfg.output_dir))) / 'summary.json'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo.yaml")
 def main(cfg: DictConfig) -> None:
-    run_demo(cfg)
+    run_cli("vrn.demo", lambda: _main(cfg))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vrn.aflw_benchmark import BENCHMARK_COLUMNS, benchmark_table, score_benchmark
 from vrn.atomic_write import atomic_write
+from vrn.cli_errors import check_device, run_cli
 from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.eval_datasets import AFLW2000Dataset, EvalSample, PackedEvalDataset, synthetic_test_set
 from vrn.inference import Reconstructor, volume_to_image_mesh
@@ -257,7 +258,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation of a composed ``conf/eval_data/evaluate.yaml``; returns the results
     dict (also written to ``output_dir/results.json`` and ``results.md``)."""
     out_dir = Path(os.path.expanduser(str(cfg.output_dir)))
+    check_device(str(cfg.device))
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _evaluate(cfg, out_dir)
+    except BaseException:
+        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # no empty output folder after a failure
+        raise
+
+
+def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     rec = Reconstructor.from_run_config(cfg)
     ds = build_dataset(cfg.data, rec.layout, cfg.get("max_samples"))
     log.info(f"Evaluating {rec!r} on data={cfg.data_name} ({len(ds)} samples)")
@@ -300,7 +312,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf/eval_data", config_name="evaluate.yaml")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_cli("vrn.evaluate", lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from torch import nn
 
 from vrn.assets import resolve as resolve_asset
 from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_checkpoint, save_network
+from vrn.cli_errors import UserError
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_FACTOR, VolumeLayout
 from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
 from vrn.geometry.crop import crop_face
@@ -270,10 +271,18 @@ def sample_vertex_colors(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def _to_input(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 / float [0, 1] (numpy or torch) -> float32 [0, 1] CPU tensor.
-    (B, H, W, 3) uint8 is accepted too (channels last, as crops come from OpenCV)."""
-    x = torch.as_tensor(crops)
+def _to_input(crops: np.ndarray | torch.Tensor, crop_size: int | None = None) -> torch.Tensor:
+    """(B, 3, S, S) uint8 / float [0, 1] (numpy or torch) -> float32 [0, 1] CPU tensor.
+    (B, S, S, 3) uint8 is accepted too (channels last, as crops come from OpenCV).
+
+    Raises:
+        ValueError: (one line) not an array of crops, another dtype (bool, int), float values
+            outside [0, 1] (e.g. [0, 255]) or not finite, or a side other than ``crop_size``.
+    """
+    try:
+        x = torch.as_tensor(crops)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"crops must be an array of RGB crops (numpy or torch), got {type(crops).__name__}") from e
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4:
@@ -282,9 +291,25 @@ def _to_input(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
     if x.shape[1] != 3:
         raise ValueError(f"crops must be (B, 3, H, W) RGB, got {tuple(x.shape)}")
+    if crop_size is not None and tuple(x.shape[-2:]) != (crop_size, crop_size):
+        raise ValueError(
+            f"crops must be {crop_size}x{crop_size} (this network's layout), got {x.shape[-2]}x{x.shape[-1]}: "
+            f"cut them with vrn.geometry.crop.crop_face (or Reconstructor.detect)"
+        )
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
-    return x.float()
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"crops must be uint8 [0, 255] or float [0, 1], got {x.dtype}: convert them first")
+    x = x.float()
+    if x.numel():
+        if not torch.isfinite(x).all():
+            raise ValueError("crops hold NaN or infinite values: pass finite values in [0, 1]")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            hint = "divide by 255 (or pass uint8)" if hi <= 255 + 1e-3 and lo >= 0 else "scale them to [0, 1]"
+            raise ValueError(f"float crops must be in [0, 1], got values in [{lo:g}, {hi:g}]: {hint}")
+        x = x.clamp_(0.0, 1.0)
+    return x
 
 
 class Reconstructor:
@@ -407,14 +432,20 @@ class Reconstructor:
         model), ``device``, ``precision``, ``threshold``, ``batch_size``), without a detector
         (the caller runs its own)."""
         ckpt = cfg.get("ckpt")
-        return cls.from_checkpoint(
-            str(ckpt) if ckpt not in (None, "", "pretrained") else resolve_asset(PRETRAINED_MODELS[DEFAULT_PRETRAINED]),
-            device=str(cfg.get("device", "cpu")),
-            precision=str(cfg.get("precision", "32")),
-            detector=None,
-            threshold=float(cfg.get("threshold", 0.5)),
-            batch_size=int(cfg.get("batch_size", 8)),
+        path = (
+            str(ckpt) if ckpt not in (None, "", "pretrained") else resolve_asset(PRETRAINED_MODELS[DEFAULT_PRETRAINED])
         )
+        try:
+            return cls.from_checkpoint(
+                path,
+                device=str(cfg.get("device", "cpu")),
+                precision=str(cfg.get("precision", "32")),
+                detector=None,
+                threshold=float(cfg.get("threshold", 0.5)),
+                batch_size=int(cfg.get("batch_size", 8)),
+            )
+        except (RuntimeError, ValueError, FileNotFoundError) as e:  # not a loadable checkpoint
+            raise UserError(f"ckpt={ckpt}: {' '.join(str(e).split())}") from e
 
     def save(self, path: str | os.PathLike) -> Path:
         """A slim checkpoint (model spec + layout + network weights; loads with :meth:`from_checkpoint`)."""
@@ -436,8 +467,11 @@ class Reconstructor:
         Returns:
             (B, D, S, S) float32 occupancy probabilities (sigmoid of the logits), on the
             CPU, index ``[b, d, r, c]`` in crop px.
+        Raises:
+            ValueError: (one line) another dtype, values outside [0, 1] (float) or not finite,
+                or a crop side other than ``layout.crop_size``.
         """
-        x = _to_input(crops)
+        x = _to_input(crops, self.layout.crop_size)
         out = []
         pin = self.device.type == "cuda"
         for i in range(0, len(x), self.batch_size):

@@ -28,18 +28,21 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from vrn.assets import verified_sha256
 from vrn.conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
+from vrn.data.packed import PackedWriter
+from vrn.face_models.sfm import SurreyFaceModel, load_sfm
 from vrn.geometry.normals import vertex_normals
 from vrn.geometry.raster import rasterize
 from vrn.geometry.transforms import euler_to_matrix
 from vrn.volume.codec import VolumeCode
 from vrn.volume.voxelize import solid_depth_shift, voxelize_face
-from vrn.data.packed import PackedWriter
-from vrn.face_models.sfm import SurreyFaceModel, load_sfm
 
 __all__ = ["SyntheticFaceConfig", "render_sample", "generate_packed", "cache_name"]
 
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+#: the asset files a synthetic set is made from (their sha256 is part of the cache key)
+SFM_ASSETS = ("sfm/sfm_shape_3448.bin", "sfm/expression_blendshapes_3448.bin", "sfm/ibug_to_sfm.txt")
 # iBUG landmark groups used to paint facial features into the albedo (1-based iBUG ids).
 _BROWS = list(range(18, 28))
 _EYES = list(range(37, 49))
@@ -54,20 +57,24 @@ class SyntheticFaceConfig:
     yaw_deg: float = 90.0
     pitch_deg: float = 30.0
     roll_deg: float = 20.0
-    px_per_mm: float = 0.55          # SFM mean ~148 mm wide -> ~81 crop px
-    scale_jitter: float = 0.08       # relative, uniform
-    translation_px: float = 6.0      # uniform, per axis
-    shape_std: float = 1.0           # in units of the model's standard deviations
+    px_per_mm: float = 0.55  # SFM mean ~148 mm wide -> ~81 crop px
+    scale_jitter: float = 0.08  # relative, uniform
+    translation_px: float = 6.0  # uniform, per axis
+    shape_std: float = 1.0  # in units of the model's standard deviations
     expression_max: float = 0.8
-    supersample: int = 2             # anti-aliasing factor of the photo render
+    supersample: int = 2  # anti-aliasing factor of the photo render
     bfm_version: str = "sfm_3448"
 
 
 def cache_name(cfg: SyntheticFaceConfig, counts: dict[str, int], seed: int) -> str:
-    """Folder name unique to the generation settings."""
+    """Folder name unique to the generation settings and the SFM files (their sha256,
+    verified through :mod:`vrn.assets`: a damaged model file raises here, before any
+    rendering, and another model version gets another folder)."""
     # v3: vertex normals in float64 (vrn.geometry.normals): 2 of 128 images differ by one grey level in one pixel
-    key = json.dumps({"cfg": asdict(cfg), "counts": counts, "seed": seed, "v": 3}, sort_keys=True)
-    return f"synthetic_{counts['train']}_{counts['val']}_{counts['test']}_s{seed}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    assets = {name: verified_sha256(name) for name in SFM_ASSETS}
+    key = json.dumps({"cfg": asdict(cfg), "counts": counts, "seed": seed, "v": 3, "assets": assets}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return f"synthetic_{counts['train']}_{counts['val']}_{counts['test']}_s{seed}_{digest}"
 
 
 @lru_cache(maxsize=1)
@@ -111,8 +118,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(bg, 0, 1)
 
 
-def render_sample(cfg: SyntheticFaceConfig, rng: np.random.Generator,
-                  model: SurreyFaceModel | None = None) -> tuple[np.ndarray, VolumeCode, dict[str, Any]]:
+def render_sample(
+    cfg: SyntheticFaceConfig, rng: np.random.Generator, model: SurreyFaceModel | None = None
+) -> tuple[np.ndarray, VolumeCode, dict[str, Any]]:
     """Draw and render one synthetic face.
 
     Returns:
@@ -147,9 +155,14 @@ def render_sample(cfg: SyntheticFaceConfig, rng: np.random.Generator,
     t = rng.uniform(-cfg.translation_px, cfg.translation_px, 2)
     # Centre the target *solid* (surface + back plane), not just the surface, in depth: at
     # large pitch the back plane tilts and would otherwise leave the volume.
-    offset = np.array([(cfg.size - 1) / 2 + t[0] - centre_xy[0], (cfg.size - 1) / 2 + t[1] - centre_xy[1],
-                       solid_depth_shift(posed, m.tris, R, depth_bins=cfg.depth_bins,
-                                         depth_factor=cfg.depth_factor)], dtype=np.float32)
+    offset = np.array(
+        [
+            (cfg.size - 1) / 2 + t[0] - centre_xy[0],
+            (cfg.size - 1) / 2 + t[1] - centre_xy[1],
+            solid_depth_shift(posed, m.tris, R, depth_bins=cfg.depth_bins, depth_factor=cfg.depth_factor),
+        ],
+        dtype=np.float32,
+    )
     posed = (posed + offset).astype(np.float32)
 
     # Photo: supersampled z-buffer render with interpolated normals, Lambert + ambient light.
@@ -183,8 +196,14 @@ def render_sample(cfg: SyntheticFaceConfig, rng: np.random.Generator,
     lms = np.full((68, 3), np.nan, dtype=np.float32)
     ok = lm_ids >= 0
     lms[ok] = posed[lm_ids[ok]]
-    meta = {"yaw": float(yaw), "pitch": float(pitch), "roll": float(roll), "px_per_mm": float(s),
-            "rotation": R.tolist(), "landmarks": np.round(lms, 3).tolist()}
+    meta = {
+        "yaw": float(yaw),
+        "pitch": float(pitch),
+        "roll": float(roll),
+        "px_per_mm": float(s),
+        "rotation": R.tolist(),
+        "landmarks": np.round(lms, 3).tolist(),
+    }
     return image, code, meta
 
 
@@ -195,19 +214,39 @@ def _render_one(args: tuple[SyntheticFaceConfig, int, str, int]) -> tuple[str, i
     return split, i, image, code, meta
 
 
-def generate_packed(root: str | os.PathLike, cfg: SyntheticFaceConfig, counts: dict[str, int], seed: int = 0,
-                    workers: int = 0, progress: bool = True) -> Path:
+def generate_packed(
+    root: str | os.PathLike,
+    cfg: SyntheticFaceConfig,
+    counts: dict[str, int],
+    seed: int = 0,
+    workers: int = 0,
+    progress: bool = True,
+) -> Path:
     """Render ``counts[split]`` faces per split into a packed folder at ``root`` (atomic)."""
     jobs = [(cfg, seed, split, i) for split in ("train", "val", "test") for i in range(int(counts.get(split, 0)))]
-    extra_meta = {"source": "synthetic-sfm", "generator": asdict(cfg), "seed": seed,
-                  "mesh": "Surrey Face Model 3448 (eos)"}
-    with PackedWriter(root, image_codec=".png", extra_meta=extra_meta, overwrite=True) as w, \
-            ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as ex:
+    extra_meta = {
+        "source": "synthetic-sfm",
+        "generator": asdict(cfg),
+        "seed": seed,
+        "mesh": "Surrey Face Model 3448 (eos)",
+    }
+    with (
+        PackedWriter(root, image_codec=".png", extra_meta=extra_meta, overwrite=True) as w,
+        ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as ex,
+    ):
         results = ex.map(_render_one, jobs, chunksize=8) if ex is not None else map(_render_one, jobs)
-        for split, i, image, code, meta in tqdm(results, total=len(jobs), disable=not progress,
-                                                desc="synthetic faces"):
-            w.add(image, code, {"id": f"{split}_{i:06d}", "split": split, "subject": f"{split}_{i:06d}",
-                                "source": "synthetic", **meta})
+        for split, i, image, code, meta in tqdm(results, total=len(jobs), disable=not progress, desc="synthetic faces"):
+            w.add(
+                image,
+                code,
+                {
+                    "id": f"{split}_{i:06d}",
+                    "split": split,
+                    "subject": f"{split}_{i:06d}",
+                    "source": "synthetic",
+                    **meta,
+                },
+            )
     return Path(root)
 
 
@@ -220,8 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0)
     a = p.parse_args(argv)
-    out = generate_packed(a.out, SyntheticFaceConfig(), {"train": a.train, "val": a.val, "test": a.test},
-                          seed=a.seed, workers=a.workers)
+    out = generate_packed(
+        a.out, SyntheticFaceConfig(), {"train": a.train, "val": a.val, "test": a.test}, seed=a.seed, workers=a.workers
+    )
     print(f"wrote {out}")
 
 
