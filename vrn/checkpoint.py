@@ -156,14 +156,13 @@ def load_network(
     try:
         ckpt = torch.load(str(path), map_location=map_location, weights_only=weights_only)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and a hint
-        if isinstance(e, pickle.UnpicklingError) and weights_only:
-            hint = (
-                " It holds Python objects beyond tensors and plain containers, which the safe loader refuses: "
-                "is it a vrn checkpoint (vrn.train's .ckpt, Reconstructor.save, or the released .t7)?"
-            )
+        fix = "pass the .ckpt written by vrn.train, a file of Reconstructor.save, or the released .t7"
+        if isinstance(e, pickle.UnpicklingError):
+            # torch's own text suggests weights_only=False: wrong advice for a file that is not ours
+            why = "not a checkpoint the safe loader accepts (a foreign pickle, or not a torch file at all)"
         else:
-            hint = " It is not a readable checkpoint: pass the .ckpt written by vrn.train or Reconstructor.save."
-        raise ValueError(f"Cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}.{hint}") from e
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+        raise ValueError(f"Cannot load checkpoint {path}: {why}; {fix}") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a vrn checkpoint (no 'state_dict')")
     hp = ckpt.get("hyper_parameters") or {}
