@@ -103,30 +103,57 @@ def test_point_to_mesh_distance_known_answers() -> None:
     np.testing.assert_allclose(point_to_mesh_distance(q, v, f, k=4), [3.0, 5.0, 5.0])
 
 
+def _bumpy_surface(n: int = 121, half: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """A face-sized height field z(x, y) with bumps (no rigid symmetry), as (verts, faces)."""
+    x, y = np.meshgrid(np.linspace(-half, half, n), np.linspace(-half, half, n))
+    z = 30.0 * np.exp(-(x**2 + y**2) / 1500.0) + 4.0 * np.sin(x / 7.0) * np.cos(y / 9.0) + 0.004 * x * y
+    verts = np.stack([x, y, z], -1).reshape(-1, 3)
+    i = np.arange(n * n).reshape(n, n)
+    a, b, c, d = i[:-1, :-1].ravel(), i[:-1, 1:].ravel(), i[1:, :-1].ravel(), i[1:, 1:].ravel()
+    faces = np.concatenate([np.stack([a, c, b], 1), np.stack([b, c, d], 1)])
+    return verts, faces
+
+
+def _points_on(verts: np.ndarray, seed: int = 0) -> np.ndarray:
+    """68 surface vertices of the central region (outer eye corners 36 / 45 set 40 px apart)."""
+    rng = np.random.default_rng(seed)
+    central = np.flatnonzero(np.abs(verts[:, :2]).max(1) < 35)
+    g = verts[rng.choice(central, 68, replace=False)].copy()
+    g[36] = verts[np.argmin(np.linalg.norm(verts[:, :2] - [-20, -10], axis=1))]
+    g[45] = verts[np.argmin(np.linalg.norm(verts[:, :2] - [20, -10], axis=1))]
+    return g
+
+
 def test_surface_metric_known_answers() -> None:
-    m = _sphere()
-    g = _face_points(m)
+    v, f = _bumpy_surface()
+    g = _points_on(v)
     iod = interocular_distance(g)
-    # on the surface, whatever the z origin and a small rotation: ~0
+    assert iod == pytest.approx(np.linalg.norm(g[36] - g[45]))
+    # on the surface, whatever the z origin: ~0 in both variants
+    r = surface_landmark_nme(g + np.array([0.0, 0.0, 40.0]), v, f)
+    assert r.icp_corr < 0.002 and r.rigid < 0.002
+    # a small rotation and an x, y shift: the rigid variant forgives them, the paper's (z only) does not
     c, s = np.cos(0.05), np.sin(0.05)
     R = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-    moved = g @ R.T + np.array([1.0, -2.0, 40.0])
-    assert surface_landmark_nme(moved, m.vertices, m.faces) < 0.002
-    # scaled: the same face at twice the size is still on the surface of the scaled sphere
-    assert surface_landmark_nme(2 * g, 2 * m.vertices, m.faces) < 0.002
-    # one point pushed off along the normal by 12 px: the rigid fit can only spread that error
-    # over the other points (least squares pulls the set toward the outlier), never remove it
+    moved = g @ R.T + np.array([1.5, -2.0, 40.0])
+    r = surface_landmark_nme(moved, v, f)
+    assert r.rigid < 0.01 and r.icp_corr > 4 * r.rigid  # ICP pairs with vertices 1 px apart: rigid ~0.3 px
+    # scaled: the same points at twice the size are on the surface scaled twice
+    assert surface_landmark_nme(2 * g, 2 * v, f).icp_corr < 0.002
+    # one point lifted 12 px off the surface: the rigid fit can only spread that error over the
+    # other points (least squares pulls the set toward the outlier), never remove it
     off = g.copy()
-    off[10] *= (60.0 + 12.0) / np.linalg.norm(off[10])
-    v = surface_landmark_nme(off, m.vertices, m.faces)
-    assert 0.8 * 12.0 / 68 / iod < v < 3 * 12.0 / 68 / iod
+    off[10, 2] += 12.0
+    r = surface_landmark_nme(off, v, f)
+    for value in (r.rigid, r.icp_corr):
+        assert 0.5 * 12.0 / 68 / iod < value < 3 * 12.0 / 68 / iod
     # depth at GT x, y: a constant offset is removed, a single 6 px depth error counts once
     dz = g.copy()
     dz[:, 2] += 25.0
-    assert depth_error_at_landmarks(dz, m.vertices, m.faces) < 0.002
+    assert depth_error_at_landmarks(dz, v, f) < 0.002
     dz[3, 2] += 6.0
-    assert depth_error_at_landmarks(dz, m.vertices, m.faces) == pytest.approx(6.0 / 68 / iod, rel=0.05)
-    assert np.isnan(surface_landmark_nme(g, np.zeros((0, 3)), np.zeros((0, 3), int)))
+    assert depth_error_at_landmarks(dz, v, f) == pytest.approx(6.0 / 68 / iod, rel=0.05)
+    assert np.isnan(surface_landmark_nme(g, np.zeros((0, 3)), np.zeros((0, 3), int)).rigid)
 
 
 def test_dataset_adds_benchmark_rows_and_table(sample_benchmark: Path) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from vrn.atomic_write import atomic_write
 from vrn.conventions import DEPTH_FACTOR
 
-__all__ = ["volume_to_mesh", "export_mesh", "MESH_FORMATS"]
+__all__ = ["volume_to_mesh", "export_mesh", "obj_text", "ply_bytes", "MESH_FORMATS"]
 
 MESH_FORMATS = (".obj", ".ply", ".glb")
 
@@ -74,6 +74,7 @@ def volume_to_mesh(
 
 
 def _colors_uint8(vertex_colors: np.ndarray, n: int) -> np.ndarray:
+    """(n, 3|4) uint8 or float [0, 1] colours -> (n, 4) uint8 RGBA (alpha 255 when absent)."""
     c = np.asarray(vertex_colors)
     if c.ndim != 2 or c.shape[0] != n or c.shape[1] not in (3, 4):
         raise ValueError(f"vertex_colors must be ({n}, 3) or ({n}, 4), got {c.shape}")
@@ -86,14 +87,143 @@ def _colors_uint8(vertex_colors: np.ndarray, n: int) -> np.ndarray:
     return c
 
 
+# ---- vectorised text: numbers -> ASCII bytes in (N, width) uint8 matrices ----------------
+# A 0 byte marks a padding position (a leading zero, an absent minus sign); the rows are
+# concatenated, flattened and the 0 bytes dropped, which leaves ordinary variable-width text.
+
+#: the largest |value| written by the fast text path (beyond it: Python's % formatting)
+_FAST_MAX = 1e9
+#: decimals of vertex coordinates in .obj files (trimesh writes 8; float32 holds ~7 digits)
+OBJ_DECIMALS = 6
+#: "%.6f" of c / 255 for c in 0..255, as an (256, 8) byte table (the .obj colour columns)
+_COLOR_TEXT = np.frombuffer("".join(f"{c / 255.0:.6f}" for c in range(256)).encode(), np.uint8).reshape(256, 8)
+
+
+def _int_digits(q: np.ndarray, min_width: int = 1) -> np.ndarray:
+    """(N,) non-negative int64 -> (N, W) uint8 decimal digits, leading zeros as 0 (padding)."""
+    width = max(min_width, len(str(int(q.max()))) if len(q) else 1)
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    digits = (q[:, None] // powers) % 10
+    out = (digits + 48).astype(np.uint8)
+    lead = q[:, None] < powers  # a digit above the number's highest one
+    lead[:, -1] = False  # "0" keeps its one digit
+    out[lead] = 0
+    return out
+
+
+def _float_digits(x: np.ndarray, decimals: int) -> np.ndarray:
+    """(N,) finite float, |x| < :data:`_FAST_MAX` -> (N, W) uint8 "%.<decimals>f" text with padding."""
+    scale = 10**decimals
+    q = np.rint(np.abs(x.astype(np.float64)) * scale).astype(np.int64)
+    ip, fp = np.divmod(q, scale)
+    sign = np.where((x < 0) & (q > 0), ord("-"), 0).astype(np.uint8)[:, None]
+    frac_powers = 10 ** np.arange(decimals - 1, -1, -1, dtype=np.int64)
+    frac = ((fp[:, None] // frac_powers) % 10 + 48).astype(np.uint8)
+    dot = np.full((len(x), 1), ord("."), np.uint8)
+    return np.concatenate([sign, _int_digits(ip), dot, frac], axis=1)
+
+
+def _rows_to_text(columns: list[np.ndarray]) -> bytes:
+    """Byte columns (each (N, w) uint8) side by side, one row per line, padding removed."""
+    block = np.concatenate(columns, axis=1).ravel()
+    return block[block != 0].tobytes()
+
+
+def _const(text: str, n: int) -> np.ndarray:
+    return np.tile(np.frombuffer(text.encode(), np.uint8), (n, 1))
+
+
+def obj_text(verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> bytes:
+    """The .obj text of a mesh, built with numpy (~20x faster than formatting it in Python).
+
+    Lines ``v x y z [r g b]`` (coordinates with :data:`OBJ_DECIMALS` decimals; colours as
+    floats in [0, 1] with 6 decimals, trimesh's convention) and ``f i j k`` (1-based).
+
+    Args:
+        verts: (V, 3) float.
+        faces: (F, 3) int, 0-based.
+        colors: optional (V, 4) uint8 RGBA (alpha not written: .obj has no place for it).
+    Returns:
+        the file's bytes (ASCII).
+    """
+    v = np.asarray(verts, dtype=np.float64).reshape(-1, 3)
+    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    head = b"# vrn (vrn.volume.mesh)\n"
+    if not (np.isfinite(v).all() and (np.abs(v) < _FAST_MAX).all()):  # rare: Python's formatting
+        rows = [" ".join(f"{x:.{OBJ_DECIMALS}f}" for x in row) for row in v]
+        if colors is not None:
+            rows = [r + " " + " ".join(f"{x / 255.0:.6f}" for x in c[:3]) for r, c in zip(rows, colors)]
+        vtext = "".join(f"v {r}\n" for r in rows).encode()
+    elif len(v):
+        cols = [_const("v", len(v))]
+        for k in range(3):
+            cols += [_const(" ", len(v)), _float_digits(v[:, k], OBJ_DECIMALS)]
+        if colors is not None:
+            for k in range(3):
+                cols += [_const(" ", len(v)), _COLOR_TEXT[colors[:, k]]]
+        cols.append(_const("\n", len(v)))
+        vtext = _rows_to_text(cols)
+    else:
+        vtext = b""
+    if len(f):
+        if f.min() < 0:
+            raise ValueError("faces hold negative vertex indices")
+        cols = [_const("f", len(f))]
+        for k in range(3):
+            cols += [_const(" ", len(f)), _int_digits(f[:, k] + 1)]
+        cols.append(_const("\n", len(f)))
+        ftext = _rows_to_text(cols)
+    else:
+        ftext = b""
+    return head + vtext + ftext
+
+
+def ply_bytes(verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> bytes:
+    """A binary little-endian .ply: vertex ``float x, y, z`` (+ ``uchar red, green, blue,
+    alpha``), face ``list uchar int vertex_indices`` (the layout trimesh writes).
+
+    Args:
+        verts: (V, 3) float (stored as float32).
+        faces: (F, 3) int, 0-based.
+        colors: optional (V, 4) uint8 RGBA.
+    Returns:
+        the file's bytes.
+    """
+    v = np.asarray(verts).reshape(-1, 3)
+    f = np.asarray(faces).reshape(-1, 3)
+    vfields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+    if colors is not None:
+        vfields += [("red", "u1"), ("green", "u1"), ("blue", "u1"), ("alpha", "u1")]
+    vrec = np.empty(len(v), dtype=np.dtype(vfields))
+    for k, name in enumerate("xyz"):
+        vrec[name] = v[:, k]
+    if colors is not None:
+        for k, name in enumerate(("red", "green", "blue", "alpha")):
+            vrec[name] = colors[:, k]
+    frec = np.empty(len(f), dtype=np.dtype([("n", "u1"), ("i", "<i4", (3,))]))
+    frec["n"] = 3
+    frec["i"] = f
+    props = "".join(f"property {'float' if t == '<f4' else 'uchar'} {n}\n" for n, t in vfields)
+    header = (
+        "ply\nformat binary_little_endian 1.0\ncomment vrn (vrn.volume.mesh)\n"
+        f"element vertex {len(v)}\n{props}"
+        f"element face {len(f)}\nproperty list uchar int vertex_indices\nend_header\n"
+    )
+    return header.encode("ascii") + vrec.tobytes() + frec.tobytes()
+
+
 def export_mesh(
     path: str | os.PathLike, verts: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None = None
 ) -> Path:
-    """Write a mesh with trimesh, atomically (temporary file in the same folder, then rename).
+    """Write a mesh atomically (temporary file in the same folder, then rename).
+
+    .obj and .ply are written by the numpy writers of this module (:func:`obj_text`,
+    :func:`ply_bytes`: ~10 ms and ~3 ms for a 62k-vertex face); .glb by trimesh.
 
     Args:
-        path: destination; the suffix picks the format: .obj, .ply (binary, per-vertex
-            red/green/blue(/alpha) uint8 properties) or .glb (COLOR_0 attribute).
+        path: destination; the suffix picks the format: .obj (``v x y z r g b`` lines, colours
+            as floats in [0, 1]), .ply (binary little endian, per-vertex red/green/blue/alpha
+            uint8 properties) or .glb (COLOR_0 attribute).
         verts: (V, 3) float crop px (x, y, z) -- written as is, no axis flip.
         faces: (F, 3) int.
         vertex_colors: optional (V, 3) or (V, 4) RGB(A), uint8 or float in [0, 1].
@@ -101,18 +231,29 @@ def export_mesh(
     Returns:
         the written path.
     """
-    import trimesh
-
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in MESH_FORMATS:
         raise ValueError(f"unsupported mesh format {ext!r}; use one of {MESH_FORMATS}")
-    v = np.asarray(verts, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
+    v = np.asarray(verts)
+    f = np.asarray(faces)
+    if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3:
+        raise ValueError(f"verts must be (V, 3) and faces (F, 3), got {v.shape} and {f.shape}")
+    if len(f) and f.max() >= len(v):
+        raise ValueError(f"faces index vertex {int(f.max())} but there are only {len(v)} vertices")
     colors = None if vertex_colors is None else _colors_uint8(vertex_colors, len(v))
-    mesh = trimesh.Trimesh(vertices=v, faces=f, vertex_colors=colors, process=False)
-    data = mesh.export(file_type=ext[1:])
-    if isinstance(data, str):
-        data = data.encode("utf-8")
+    if ext == ".obj":
+        data = obj_text(v, f, colors)
+    elif ext == ".ply":
+        data = ply_bytes(v, f, colors)
+    else:
+        import trimesh
+
+        mesh = trimesh.Trimesh(
+            vertices=v.astype(np.float64), faces=f.astype(np.int64), vertex_colors=colors, process=False
+        )
+        data = mesh.export(file_type=ext[1:])
+        if isinstance(data, str):
+            data = data.encode("utf-8")
     atomic_write(path, data)
     return path
