@@ -101,8 +101,8 @@ BENCHMARK_NOTES = (
     "as stored); 3DDFA_V2's published mb1 numbers: 2.63 / 3.42 / 4.48, mean 3.51 (our offline weights: mb05)\n"
     "- surface metrics: ICP pairs each of the 68 GT 3D points (`pt3d_68`) with its exact closest surface "
     "point; 'ICP corr.' (the VRN paper's protocol) measures that distance unaligned up to one z shift, 'rigid' "
-    "after the rigid alignment (forgives pose); / 3D outer interocular distance; depth error: surface z at the GT x, y vs "
-    "GT z (median offset removed), hidden points included (a floor for every method)\n"
+    "after the rigid alignment (forgives pose); / 3D outer interocular distance; depth error: surface z at "
+    "the GT x, y vs GT z (median offset removed), hidden points included (a floor for every method)\n"
     "- baselines: 'port mesh' = the 3DDFA_V2 port's dense mesh (offline: the stand-in, mean face + landmark "
     "spline); 'posed mean face' = the mean face with the port's pose and scale\n"
 )
