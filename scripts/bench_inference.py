@@ -2,10 +2,13 @@
 """Image -> mesh on the CPU, split by stage (detect, crop, network, marching cubes, colour, export).
 
     VRN_ASSETS_DIR=../shared/assets python scripts/bench_inference.py [--image PHOTO] [--model vrn_unguided]
-        [--detector tddfa] [--runs 5] [--threads N] [--export-only]
+        [--detector tddfa] [--runs 5] [--threads N] [--export-only] [--onnx [--ckpt CKPT]]
 
 ``--export-only``: only the mesh writers (no detector, no network), on the synthetic mesh
-with random colours.
+with random colours. ``--onnx``: only the network, torch vs onnxruntime (its ONNX export,
+:mod:`vrn.export`) on one crop (batch 1, fp32), with the largest probability difference and
+the fraction of voxels whose occupancy at 0.5 differs; ``--ckpt`` times a trained checkpoint
+instead of random weights.
 
 * detect / crop: the project's detector (``vrn.detectors``) and VRN crop
   (``vrn.geometry.crop.crop_face``) on a real photo, one face;
@@ -44,9 +47,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--export-only", action="store_true", help="time only the mesh writers")
+    ap.add_argument("--onnx", action="store_true", help="time only the network: torch vs onnxruntime")
+    ap.add_argument("--ckpt", default=None, help="with --onnx: a checkpoint instead of random weights")
     args = ap.parse_args()
     if args.export_only:
         bench_export(args.runs)
+        return
+    if args.onnx:
+        bench_onnx(args.model, args.ckpt, args.runs, args.threads)
         return
 
     import scipy.ndimage as ndi
@@ -147,6 +155,45 @@ def bench_export(runs: int) -> None:
         t_old, _ = median_ms(lambda e=ext: old(e), runs)
         t_new, _ = median_ms(lambda e=ext: export_mesh(tmp / f"face.{e}", verts, faces, colors), runs)
         print(f"| .{ext} | {t_old:.0f} | {t_new:.0f} |")
+
+
+def bench_onnx(model: str, ckpt: str | None, runs: int, threads: int) -> None:
+    """The network alone, batch 1, fp32: torch vs onnxruntime (same thread count)."""
+    import torch
+
+    from vrn.export import OnnxNetwork, compare_backends, onnx_bytes
+    from vrn.inference import Reconstructor
+    from vrn.models import create_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    if ckpt:
+        rec = Reconstructor.from_checkpoint(ckpt, detector=None)
+        net, spec, layout = rec.net, rec.model_spec, rec.layout
+    else:
+        torch.manual_seed(0)
+        net, spec = create_model(model).eval(), {"name": model}
+        layout = Reconstructor(net, detector=None).layout
+    s = layout.crop_size
+    onnx_net = OnnxNetwork(onnx_bytes(net, layout, spec))
+    rec_t = Reconstructor(net, detector=None, layout=layout, model_spec=spec)
+    rec_o = Reconstructor(onnx_net, detector=None)
+    x = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0))
+    t_torch, _ = median_ms(lambda: rec_t.reconstruct_crops(x), runs)
+    t_ort, _ = median_ms(lambda: rec_o.reconstruct_crops(x), runs)
+    d = compare_backends(net, onnx_net, torch.rand(4, 3, s, s, generator=torch.Generator().manual_seed(1)))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; "
+        f"{spec.get('name')} ({'weights ' + ckpt if ckpt else 'random weights'}), {s}x{s} crop, batch 1, fp32, "
+        f"median of {runs} runs\n"
+    )
+    print("| backend | network ms (incl. sigmoid) |\n|---|---:|")
+    print(f"| torch | {t_torch:.0f} |\n| onnxruntime | {t_ort:.0f} |")
+    print(
+        f"\n4 random crops: max |p_torch - p_ort| = {d['max_abs']:.2e}; occupancy (p > 0.5) differs at "
+        f"{d['flip_fraction']:.2e} of {int(d['voxels'])} voxels"
+    )
 
 
 if __name__ == "__main__":

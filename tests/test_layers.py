@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "vrn.checkpoint",
             "vrn.inference",
             "vrn.cli_errors",
+            "vrn.export",
         ],
     ),
     ("apps", ["vrn.demo", "vrn.demo_writer", "vrn.evaluate", "vrn.eval_datasets", "vrn.aflw_benchmark", "vrn"]),

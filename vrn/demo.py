@@ -1,7 +1,8 @@
 """Demo: every face in every photo -> mesh files, depth map, overlay and turntable.
 
 ``python -m vrn.demo input=PATH_OR_DIR ckpt=CKPT output_dir=OUT [device=cuda] [precision=bf16]
-[detector=tddfa] [formats=[obj,ply]] [glb=true] [turntable=false]`` (conf/demo.yaml).
+[detector=tddfa] [formats=[obj,ply]] [glb=true] [turntable=false] [backend=onnxruntime]``
+(conf/demo.yaml; ``ckpt=model.onnx`` from :mod:`vrn.export` runs with onnxruntime).
 
 Per face ``k`` of ``<image>`` (``k`` counts faces left to right), in ``output_dir`` (input
 sub-folders are mirrored):
@@ -16,7 +17,13 @@ sub-folders are mirrored):
 Photos of one folder that share a stem (``face.jpg``, ``face.jpeg``) are told apart by their
 extension: ``face_jpg_face0.*``, ``face_jpeg_face0.*`` (only when stems collide).
 
-One summary line per image on stdout; images without a face and unreadable files (0-byte,
+One summary line per image on stdout, with the image's own time split into ``detect`` (read,
+detect, crop), ``network`` (its faces' share of each batch's network time), ``post``
+(marching cubes, colours) and ``write`` (mesh files, renders, turntable, volume); the last
+line gives the run's wall-clock total. The stages of different images overlap in time
+(DataLoader workers, ``post_threads``), so the per-image totals add up to at most the run
+total only when nothing runs beside the main thread (``num_workers=0 post_threads=0``).
+Images without a face and unreadable files (0-byte,
 truncated, not an image: reason ``unreadable_image``) are reported and skipped.
 ``summary.json`` in ``output_dir`` lists everything. ``output_dir`` is checked writable
 before any work; the run exits 1 when no file could be written, and 2 with one line on
@@ -59,7 +66,21 @@ from vrn.wandb_logging import finish_run, image_media, is_active, log_media, mes
 
 log = logging.getLogger(__name__)
 
+#: the per-image time split of the report lines and summary.json (seconds)
+STAGES = ("detect", "network", "post", "write")
+#: FaceOutput.timings keys (vrn.demo_writer.write_face) -> stage
+_FACE_STAGE = {
+    "marching_cubes": "post",
+    "colour": "post",
+    "volume": "write",
+    "export": "write",
+    "render": "write",
+    "turntable": "write",
+    "viewer": "write",
+}
+
 __all__ = [
+    "STAGES",
     "MESH_EXTS",
     "FaceOutput",
     "ImageReport",
@@ -79,7 +100,9 @@ __all__ = [
 class ImageReport:
     """One input image: ``status`` is "ok", "no_face" or "unreadable"; ``reason`` says why an
     image was skipped ("no_face", "unreadable_image"; "" when ok); ``output_stem``: the name its
-    files start with."""
+    files start with. ``timings``: this image's own seconds per stage (:data:`STAGES`: detect,
+    network, post, write) and their sum ``total`` (= ``seconds``); ``latency``: wall seconds
+    from the start of its read to its last file written (queueing and overlap included)."""
 
     path: str
     status: str
@@ -88,12 +111,19 @@ class ImageReport:
     seconds: float = 0.0
     reason: str = ""
     output_stem: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    latency: float = 0.0
+
+    def time_split(self) -> str:
+        """``"1.23 s (detect 0.40, network 0.50, post 0.13, write 0.20)"``."""
+        parts = ", ".join(f"{k} {self.timings.get(k, 0.0):.2f}" for k in STAGES)
+        return f"{self.seconds:.2f} s ({parts})"
 
     def line(self) -> str:
         """The one-line summary printed for this image."""
         name = self.path
         if self.status != "ok":
-            return f"{name}: {self.message}"
+            return f"{name}: {self.message} in {self.time_split()}"
         parts = []
         for f in self.faces:
             if f.error:
@@ -102,7 +132,7 @@ class ImageReport:
                 parts.append(f"face{f.face_index}: {f.n_verts} verts")
             else:
                 parts.append(f"face{f.face_index}: no surface (empty volume), nothing written")
-        return f"{name}: {len(self.faces)} face(s) [{'; '.join(parts)}] in {self.seconds:.2f} s"
+        return f"{name}: {len(self.faces)} face(s) [{'; '.join(parts)}] in {self.time_split()}"
 
 
 # --------------------------------------------------------------------------------------
@@ -186,8 +216,9 @@ class _ImageDataset(Dataset):
         try:
             prep = prepare_image(path, self.detector, self.layout)
         except (ImageReadError, cv2.error, OSError) as e:
-            return {"index": i, "path": str(path), "error": _read_failure(path, e), "t0": t0}
-        return {"index": i, "path": str(path), "prep": prep, "t0": t0}
+            dt = time.perf_counter() - t0
+            return {"index": i, "path": str(path), "error": _read_failure(path, e), "t0": t0, "detect_s": dt}
+        return {"index": i, "path": str(path), "prep": prep, "t0": t0, "detect_s": time.perf_counter() - t0}
 
 
 def _first(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -195,7 +226,8 @@ def _first(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _image_loader(paths: list[Path], detector: Any, layout: VolumeLayout, cfg: DictConfig) -> DataLoader:
-    """One item per photo: ``{"index", "path", "t0"}`` plus ``"prep"`` or ``"error"``."""
+    """One item per photo: ``{"index", "path", "t0", "detect_s"}`` plus ``"prep"`` or ``"error"``
+    (``detect_s``: seconds to read, detect and crop it)."""
     nw = int(cfg.get("num_workers", 0))
     # (DataLoader workers run torch single-threaded already; do not touch OpenCV's thread pool in a
     # forked worker: reconfiguring it after fork can hang when the parent has used it)
@@ -238,6 +270,9 @@ class _ImageState:
     out_dir: Path
     futures: list[Future] = field(default_factory=list)
     t0: float = 0.0
+    #: seconds: read + detect + crop, and this image's share of the network batches
+    detect_s: float = 0.0
+    network_s: float = 0.0
 
 
 class _DemoRun:
@@ -280,7 +315,7 @@ class _DemoRun:
         out_dir = self.out_root / rel.parent
         stem = self.stems[item["index"]]
         report = ImageReport(path=rel.as_posix(), status="ok", message="", output_stem=stem)
-        st = _ImageState(report, item.get("prep"), stem, out_dir, t0=item["t0"])
+        st = _ImageState(report, item.get("prep"), stem, out_dir, t0=item["t0"], detect_s=item.get("detect_s", 0.0))
         self.states[item["index"]] = st
         if "error" in item:
             report.status, report.reason = "unreadable", "unreadable_image"
@@ -307,9 +342,12 @@ class _DemoRun:
         return self.reports
 
     def _run_batch(self, items: list[tuple[_ImageState, int]]) -> None:
+        t0 = time.perf_counter()
         crops = np.stack([st.prep.crops[k] for st, k in items])  # type: ignore[union-attr]
         probs = self.rec.reconstruct_crops(crops)
+        share = (time.perf_counter() - t0) / len(items)  # the batch's network time, shared by its faces
         for (st, k), p in zip(items, probs):
+            st.network_s += share
             files = face_outputs(st.out_dir, st.stem, k, self.cfg)
             st.futures.append(self.writer.submit(st.prep, k, p.numpy(), files))  # type: ignore[arg-type]
 
@@ -321,12 +359,26 @@ class _DemoRun:
             if not final and not all(f.done() for f in st.futures):
                 return
             st.report.faces = [f.result() for f in st.futures]
-            if st.futures:
-                st.report.seconds = time.perf_counter() - st.t0
+            _set_timings(st)
             self.states.popitem(last=False)
             print(st.report.line(), flush=True)
             _log_report_to_wandb(st.report)
             self.reports.append(st.report)
+
+
+def _set_timings(st: _ImageState) -> None:
+    """The image's own seconds per stage (its faces' post-processing and writes summed) -> its report."""
+    tm = dict.fromkeys(STAGES, 0.0)
+    tm["detect"] = st.detect_s
+    tm["network"] = st.network_s
+    for f in st.report.faces:
+        for key, sec in f.timings.items():
+            if key in _FACE_STAGE:
+                tm[_FACE_STAGE[key]] += sec
+    tm["total"] = sum(tm[k] for k in STAGES)
+    st.report.timings = tm
+    st.report.seconds = tm["total"]
+    st.report.latency = time.perf_counter() - st.t0
 
 
 def _make_dirs(folder: Path) -> list[Path]:
@@ -399,7 +451,9 @@ def _write_summary(
         "device": str(cfg.device),
         "precision": str(cfg.precision),
         "threshold": rec.threshold,
+        "backend": rec.backend,
         "seconds": seconds,
+        "stage_seconds": {k: sum(r.timings.get(k, 0.0) for r in reports) for k in STAGES},
         "images": [asdict(r) for r in reports],
     }
     atomic_write(out_root / "summary.json", json.dumps(summary, indent=2).encode())
@@ -438,7 +492,7 @@ def _run(cfg: DictConfig, out_root: Path, root: Path, paths: list[Path]) -> list
         with FaceWriter(
             rec,
             plain,
-            threads=int(cfg.get("post_threads", 2)),
+            threads=int(cfg.get("post_threads", 2)),  # 0: in the main thread (exact per-image timings)
             max_backlog=max(2, 2 * batch_size),
             viewer_root=out_root if is_active() else None,
         ) as writer:
@@ -454,8 +508,11 @@ def _run(cfg: DictConfig, out_root: Path, root: Path, paths: list[Path]) -> list
             finish_run()
     dt = time.perf_counter() - t_start
     ok = sum(r.status == "ok" for r in reports)
+    stages = ", ".join(f"{k} {sum(r.timings.get(k, 0.0) for r in reports):.2f}" for k in STAGES)
     print(
-        f"done: {len(reports)} image(s), {ok} with faces, {run.n_faces} face(s) in {dt:.1f} s -> {out_root}", flush=True
+        f"done: {len(reports)} image(s), {ok} with faces, {run.n_faces} face(s) in {dt:.2f} s total "
+        f"(stage seconds summed over images: {stages}) -> {out_root}",
+        flush=True,
     )
     _write_summary(out_root, cfg, rec, detector, reports, dt)
     return reports

@@ -135,8 +135,10 @@ def write_face(
         timings=tm,
     )
     if "volume" in files:
+        tv = time.perf_counter()
         atomic_write(files["volume"], to_bytes(encode(prob > rec.threshold)))
         out.files["volume"] = str(files["volume"])
+        tm["volume"] = time.perf_counter() - tv
     if not out.has_surface:
         return out
     t0 = time.perf_counter()
@@ -159,7 +161,9 @@ def write_face(
         out.files["turntable"] = str(files["turntable"])
         tm["turntable"] = time.perf_counter() - t2
     if viewer_dir is not None:
+        t3 = time.perf_counter()
         out.files["wandb_glb"] = str(_viewer_copy(viewer_dir, prep.path, k, verts, faces, colors))
+        tm["viewer"] = time.perf_counter() - t3
     return out
 
 
@@ -185,6 +189,9 @@ def write_face_safe(
 class FaceWriter:
     """Runs :func:`write_face_safe` in ``threads`` threads, at most ``max_backlog`` faces pending.
 
+    ``threads=0`` runs it in the calling thread (nothing overlaps the network: exact
+    per-image timings, for profiling).
+
     With ``viewer_root`` a temporary folder ``.wandb_meshes_*`` is made there for the y-up
     copies that W&B logs (W&B copies them into its run folder); :meth:`close` removes it.
     Use as a context manager, or call :meth:`close`.
@@ -201,6 +208,7 @@ class FaceWriter:
         self.rec = rec
         self.cfg = cfg
         self.max_backlog = max(1, int(max_backlog))
+        self.inline = int(threads) <= 0
         self.pool = ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="vrn-post")
         self.viewer_dir = Path(tempfile.mkdtemp(prefix=".wandb_meshes_", dir=viewer_root)) if viewer_root else None
         self._inflight: list[Future] = []
@@ -208,6 +216,10 @@ class FaceWriter:
     def submit(self, prep: PreparedImage, k: int, prob: np.ndarray, files: dict[str, Path]) -> Future:
         """Queue face ``k`` (prob: (D, H, W) float); blocks first while the backlog is full
         (bounds memory, ~30 MB per pending volume). The future yields a :class:`FaceOutput`."""
+        if self.inline:
+            done: Future = Future()
+            done.set_result(write_face_safe(self.rec, prep, k, prob, files, self.cfg, self.viewer_dir))
+            return done
         while len(self._inflight) >= self.max_backlog:
             self._inflight.pop(0).result()
         fut = self.pool.submit(write_face_safe, self.rec, prep, k, prob, files, self.cfg, self.viewer_dir)

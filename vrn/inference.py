@@ -32,6 +32,11 @@ layout in ``hyper_parameters["layout"]``; the network is rebuilt from the spec w
 scale (:mod:`vrn.checkpoint`). :meth:`Reconstructor.save` writes a slim file of the same
 structure (spec + layout + network weights only). URLs are downloaded
 once into ``<vrn cache>/checkpoints/`` (``$VRN_CACHE_DIR`` or ``~/.cache/vrn``).
+
+Backends: ``backend="torch"`` (default) runs the network with PyTorch; ``backend="onnxruntime"``
+runs its ONNX export (:mod:`vrn.export`; ``pip install "vrn[onnx]"``), float32 only.
+``Reconstructor.from_checkpoint("model.onnx")`` loads a file of ``python -m vrn.export``
+(spec and layout from its metadata) with the onnxruntime backend.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from vrn.checkpoint import check_network_layout, layout_for_network, load_networ
 from vrn.cli_errors import UserError
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_FACTOR, VolumeLayout
 from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
+from vrn.export import OnnxNetwork, is_onnx_file, onnx_bytes
 from vrn.geometry.crop import crop_face
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import check_rgb_image, read_image_rgb
@@ -76,7 +82,11 @@ __all__ = [
     "volume_to_image_mesh",
     "sample_vertex_colors",
     "PRECISIONS",
+    "BACKENDS",
 ]
+
+#: network runtimes: PyTorch, or the ONNX export run with onnxruntime (:mod:`vrn.export`)
+BACKENDS = ("torch", "onnxruntime")
 
 #: accepted ``precision`` values -> autocast dtype (None = plain float32)
 PRECISIONS: dict[str, torch.dtype | None] = {
@@ -316,7 +326,8 @@ class Reconstructor:
     """A trained VRN with its face detector and post-processing.
 
     Args:
-        net: the network (logits (B, D, H, W)).
+        net: the network (logits (B, D, H, W)), or a :class:`vrn.export.OnnxNetwork`
+            (probabilities; ``backend="onnxruntime"``).
         device: "cpu", "cuda", "cuda:1", ...
         precision: "32" or "bf16" (autocast; "16" on CUDA too); see :data:`PRECISIONS`.
         detector: a detector name ("tddfa", "fan", "dlib"; see
@@ -330,6 +341,8 @@ class Reconstructor:
         batch_size: crops per network call.
         detector_device: the detector's device (default: ``device``).
         model_spec: the spec the network was built from (kept for :meth:`save`).
+        backend: "torch", or "onnxruntime" (a torch ``net`` is exported to ONNX in memory;
+            precision "32" only). None: "onnxruntime" for an ``OnnxNetwork``, else "torch".
 
     Attributes:
         layout: the :class:`~vrn.conventions.VolumeLayout` in use.
@@ -348,6 +361,7 @@ class Reconstructor:
         detector_device: str | None = None,
         model_spec: dict[str, Any] | None = None,
         detector_kwargs: dict[str, Any] | None = None,
+        backend: str | None = None,
     ) -> None:
         precision = str(precision)
         if precision not in PRECISIONS:
@@ -362,17 +376,36 @@ class Reconstructor:
         self.autocast_dtype = PRECISIONS[precision]
         if self.autocast_dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("precision=16 needs a CUDA device; use bf16 or 32 on CPU")
+        if backend is None:
+            backend = "onnxruntime" if isinstance(net, OnnxNetwork) else "torch"
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        if layout is None and isinstance(net, OnnxNetwork):
+            layout = net.layout
         self.layout = layout_for_network(net, layout)
         check_network_layout(net, self.layout)
-        self.net = net.to(self.device).eval()
-        if self.device.type == "cuda":
+        #: the onnxruntime session wrapper (backend "onnxruntime"), else None
+        self.onnx: OnnxNetwork | None = None
+        if backend == "onnxruntime":
+            if self.autocast_dtype is not None:
+                raise ValueError(f"backend=onnxruntime runs float32 only: use precision=32, not {precision}")
+            if not isinstance(net, OnnxNetwork):
+                net = OnnxNetwork(onnx_bytes(net, self.layout, model_spec), device=str(self.device))
+            self.onnx = net
+            self.net: nn.Module | OnnxNetwork = net
+        elif isinstance(net, OnnxNetwork):
+            raise ValueError("an ONNX model runs with backend='onnxruntime' (or load the .ckpt for torch)")
+        else:
+            self.net = net.to(self.device).eval()
+        if self.device.type == "cuda" and self.onnx is None:
             torch.backends.cudnn.benchmark = True  # one input size (the crop): pick the fastest kernels once
         self.threshold = float(threshold)
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.depth_factor = self.layout.depth_factor
         self.batch_size = max(1, int(batch_size))
-        self.model_spec = dict(model_spec or {})
+        self.model_spec = dict(model_spec or (self.onnx.model_spec if self.onnx is not None else {}))
         if isinstance(detector, str):
             detector = get_detector(detector, device=detector_device or str(self.device), **(detector_kwargs or {}))
         self.detector = detector
@@ -390,17 +423,38 @@ class Reconstructor:
         threshold: float = 0.5,
         cache_dir: str | os.PathLike | None = None,
         weights_only: bool = True,
+        backend: str | None = None,
         **kwargs: Any,
     ) -> Reconstructor:
         """Load a checkpoint (file or URL) and build the network from its stored spec.
 
         Args:
-            path_or_url: ``.ckpt`` path or http(s) URL (downloaded once into the cache).
+            path_or_url: ``.ckpt`` path or http(s) URL (downloaded once into the cache), or
+                a ``.onnx`` file of :mod:`vrn.export` (spec and layout from its metadata).
             device, precision, detector, threshold: see the class.
             cache_dir: download folder for URLs.
             weights_only: see :func:`load_network`.
+            backend: "torch" or "onnxruntime"; None: "onnxruntime" for ``.onnx``, else "torch".
             kwargs: other :class:`Reconstructor` arguments (batch_size, detector_device, ...).
         """
+        if is_onnx_file(path_or_url):
+            if backend not in (None, "onnxruntime"):
+                raise ValueError(f"{path_or_url} is an ONNX model: it runs with backend=onnxruntime, not {backend}")
+            p = Path(os.path.expanduser(str(path_or_url)))
+            if not p.is_file():
+                raise FileNotFoundError(f"ONNX model not found: {p}. Write one with `python -m vrn.export ckpt=...`")
+            onnx_net = OnnxNetwork(p, device=device)
+            return cls(
+                onnx_net,
+                device=device,
+                precision=precision,
+                detector=detector,
+                threshold=threshold,
+                model_spec=onnx_net.model_spec,
+                layout=onnx_net.layout,
+                backend="onnxruntime",
+                **kwargs,
+            )
         path = resolve_checkpoint(path_or_url, cache_dir)
         net, spec, layout = load_network(path, "cpu", weights_only=weights_only)
         return cls(
@@ -411,6 +465,7 @@ class Reconstructor:
             threshold=threshold,
             model_spec=spec,
             layout=layout,
+            backend=backend,
             **kwargs,
         )
 
@@ -429,8 +484,8 @@ class Reconstructor:
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> Reconstructor:
         """The network of a demo / evaluation config (keys ``ckpt`` (null: the pretrained
-        model), ``device``, ``precision``, ``threshold``, ``batch_size``), without a detector
-        (the caller runs its own)."""
+        model), ``device``, ``precision``, ``threshold``, ``batch_size``, ``backend`` (null:
+        onnxruntime for a ``.onnx`` ckpt, else torch)), without a detector (the caller runs its own)."""
         ckpt = cfg.get("ckpt")
         path = (
             str(ckpt) if ckpt not in (None, "", "pretrained") else resolve_asset(PRETRAINED_MODELS[DEFAULT_PRETRAINED])
@@ -443,12 +498,17 @@ class Reconstructor:
                 detector=None,
                 threshold=float(cfg.get("threshold", 0.5)),
                 batch_size=int(cfg.get("batch_size", 8)),
+                backend=cfg.get("backend") or None,
             )
+        except ImportError as e:  # onnxruntime / onnx missing: the message says what to install
+            raise UserError(str(e)) from e
         except (RuntimeError, ValueError, FileNotFoundError) as e:  # not a loadable checkpoint
             raise UserError(f"ckpt={ckpt}: {' '.join(str(e).split())}") from e
 
     def save(self, path: str | os.PathLike) -> Path:
         """A slim checkpoint (model spec + layout + network weights; loads with :meth:`from_checkpoint`)."""
+        if self.onnx is not None:
+            raise ValueError("this Reconstructor runs an ONNX model: it has no torch weights to save (copy the .onnx)")
         return save_network(path, self.net, self.model_spec, self.layout)
 
     # ---- stages -------------------------------------------------------------------------
@@ -473,6 +533,12 @@ class Reconstructor:
         """
         x = _to_input(crops, self.layout.crop_size)
         out = []
+        if self.onnx is not None:
+            for i in range(0, len(x), self.batch_size):
+                out.append(torch.from_numpy(self.onnx(x[i : i + self.batch_size].numpy())))
+            if not out:
+                return torch.zeros((0, self.layout.depth_bins) + tuple(x.shape[-2:]))
+            return torch.cat(out)
         pin = self.device.type == "cuda"
         for i in range(0, len(x), self.batch_size):
             xb = x[i : i + self.batch_size]
@@ -601,5 +667,5 @@ class Reconstructor:
         det = getattr(self.detector, "name", None)
         return (
             f"Reconstructor(model={self.model_spec.get('name', type(self.net).__name__)}, device={self.device}, "
-            f"precision={self.precision}, detector={det}, threshold={self.threshold})"
+            f"precision={self.precision}, backend={self.backend}, detector={det}, threshold={self.threshold})"
         )
