@@ -182,7 +182,8 @@ REGISTRY: dict[str, Asset] = {
             "pretrained/vrn_medium_aflw.ckpt",
             None,
             PRETRAINED_SHA256,
-            "vrn_medium trained on 18,040 real AFLW faces (experiment=aflw_real, step 2999, val IoU 0.618); docs/benchmarks.md",
+            "vrn_medium trained on 18,040 real AFLW faces (experiment=aflw_real, step 2999, "
+            "val IoU 0.618); docs/benchmarks.md",
             bundled=True,
         ),
         _a(
