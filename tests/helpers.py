@@ -80,3 +80,11 @@ def compose_pipeline(config_name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR / "pipeline")):
         return compose(config_name=config_name, overrides=overrides)
+
+
+def compose_demo(
+    input_dir: Path, ckpt: Path | str, out: Path | str, *extra: str, set_output: bool = False
+) -> DictConfig:
+    """Compose ``conf/demo.yaml`` for an offline run (``detector=tddfa``) on ``input_dir``."""
+    overrides = [f"input={input_dir}", f"ckpt={ckpt}", f"output_dir={out}", "detector=tddfa", *extra]
+    return compose_config("demo", overrides, output_dir=Path(out) if set_output else None)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import trimesh
 
-from tests.helpers import compose_config, tiny_train_overrides
+from tests.helpers import compose_config, compose_demo, tiny_train_overrides
 from vrn.geometry.transforms import CropTransform
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
@@ -83,19 +83,7 @@ def photos(tmp_path_factory) -> Path:
 
 
 def _demo_cfg(input_dir: Path, ckpt: Path, out: Path, *extra: str):
-    return compose_config(
-        "demo",
-        [
-            f"input={input_dir}",
-            f"ckpt={ckpt}",
-            f"output_dir={out}",
-            "detector=tddfa",
-            "turntable_frames=4",
-            "turntable_size=96",
-            *extra,
-        ],
-        output_dir=out,
-    )
+    return compose_demo(input_dir, ckpt, out, "turntable_frames=4", "turntable_size=96", *extra, set_output=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import compose_config, tiny_train_overrides
+from tests.helpers import compose_config, compose_demo, tiny_train_overrides
 from vrn.cli_errors import UserError, run_cli
 from vrn.demo import run_demo
 from vrn.image_io import read_image_rgb
@@ -152,19 +152,8 @@ def slab_ckpt(stalled_run: Path) -> Path:
 
 
 def _demo_cfg(input_dir: Path, ckpt: Path | str, out: Path | str, *extra: str):
-    return compose_config(
-        "demo",
-        [
-            f"input={input_dir}",
-            f"ckpt={ckpt}",
-            f"output_dir={out}",
-            "detector=tddfa",
-            "formats=[ply]",
-            "depth=false",
-            "turntable=false",
-            "num_workers=0",
-            *extra,
-        ],
+    return compose_demo(
+        input_dir, ckpt, out, "formats=[ply]", "depth=false", "turntable=false", "num_workers=0", *extra
     )
 
 
