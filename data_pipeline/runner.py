@@ -33,7 +33,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import itertools
 import json
 import logging
@@ -69,7 +68,7 @@ from data_pipeline.stage import (
     dumps_json,
     load_manifest,
 )
-from vrn.assets import AssetNotFoundError
+from vrn.assets import AssetNotFoundError, sha256_of
 from vrn.atomic_write import atomic_write
 
 log = logging.getLogger("data_pipeline")
@@ -585,10 +584,6 @@ def _run_map(
     return manifest, timing
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _run_reduce(stage: Stage, in_dir: Path, out_dir: Path, progress: bool, overwrite: bool) -> dict[str, Any]:
     """A reduce stage writes ``out_dir`` as a whole (atomically, by its own writer); it is
     done when ``out_dir/meta.json`` records the same input manifest hash and parameters."""
@@ -597,7 +592,7 @@ def _run_reduce(stage: Stage, in_dir: Path, out_dir: Path, progress: bool, overw
         "stage": stage.name,
         "version": stage.version,
         "params": stage.params(),
-        "input_manifest_sha256": _sha256(in_dir / MANIFEST),
+        "input_manifest_sha256": sha256_of(in_dir / MANIFEST),
     }
     lock = out_dir.parent / f".{out_dir.name}{LOCK_FILE}"
     with _folder_lock(lock):

@@ -9,11 +9,10 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 
-from vrn.cli_errors import UserError
+from vrn.cli_errors import UserError, cuda_device_count
 from vrn.wandb_logging import has_api_key, wandb_mode
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ def check_accelerator(tcfg: DictConfig, asked: str) -> None:
     """
     if str(tcfg.get("accelerator", "auto")).lower() not in ("gpu", "cuda"):
         return
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = cuda_device_count()
     if n == 0:
         raise UserError(
             f"{asked} but no CUDA GPU is available on this machine (or torch is a CPU build): "

@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import MissingMandatoryValue
 
-__all__ = ["EXPECTED", "EXIT_USER_ERROR", "UserError", "check_device", "one_line", "run_cli"]
+__all__ = ["EXPECTED", "EXIT_USER_ERROR", "UserError", "check_device", "cuda_device_count", "one_line", "run_cli"]
 
 T = TypeVar("T")
 
@@ -52,6 +52,11 @@ def one_line(e: BaseException) -> str:
     return " ".join(part.strip() for part in msg.splitlines() if part.strip())
 
 
+def cuda_device_count() -> int:
+    """CUDA GPUs this process can use (0 with a CPU build of torch)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def check_device(device: str, key: str = "device") -> None:
     """Stop with one line when ``device`` (``cpu``, ``cuda``, ``cuda:N``) names a GPU this machine lacks.
 
@@ -61,7 +66,7 @@ def check_device(device: str, key: str = "device") -> None:
     d = str(device).strip().lower()
     if not d.startswith("cuda"):
         return
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = cuda_device_count()
     index = int(d.split(":", 1)[1]) if ":" in d and d.split(":", 1)[1].isdigit() else 0
     if n == 0:
         raise UserError(f"{key}={device} but no CUDA GPU is available (or torch is a CPU build): use {key}=cpu")

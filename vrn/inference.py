@@ -56,7 +56,7 @@ from torch import nn
 
 from vrn.assets import resolve as resolve_asset
 from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_checkpoint, save_network
-from vrn.cli_errors import UserError
+from vrn.cli_errors import UserError, check_device
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_FACTOR, VolumeLayout
 from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
 from vrn.export import OnnxNetwork, is_onnx_file, onnx_bytes
@@ -366,12 +366,8 @@ class Reconstructor:
         precision = str(precision)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        check_device(str(device))
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device={device} but CUDA is not available (a CPU build of torch, or no GPU); "
-                f"use device=cpu, or install a CUDA build of torch"
-            )
         self.precision = precision
         self.autocast_dtype = PRECISIONS[precision]
         if self.autocast_dtype == torch.float16 and self.device.type == "cpu":

@@ -81,9 +81,13 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     return None
 
 
+def _last_checkpoint(trainer: pl.Trainer | None) -> LastCheckpoint | None:
+    return next((cb for cb in (trainer.callbacks if trainer else []) if isinstance(cb, LastCheckpoint)), None)
+
+
 def _stopped(trainer: pl.Trainer | None, default_signum: int) -> TrainingStopped:
     """The :class:`TrainingStopped` of a run that Lightning stopped itself (SIGTERMException)."""
-    last = next((cb for cb in (trainer.callbacks if trainer else []) if isinstance(cb, LastCheckpoint)), None)
+    last = _last_checkpoint(trainer)
     signum = last.signum if last is not None and last.signum is not None else default_signum
     return TrainingStopped(signum, last.stop_path if last is not None else None)
 
@@ -108,7 +112,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         if cfg.get("train", True):
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-            last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+            last = _last_checkpoint(trainer)
             if last is not None and last.signum is not None:  # a signal after the last check: state is saved
                 raise TrainingStopped(last.signum, str(last.path))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
