@@ -1,4 +1,6 @@
-"""Errors a user can act on, for the command lines (``vrn.train``, ``vrn.demo``, ``vrn.evaluate``).
+"""Errors a user can act on, for the command lines (``vrn.train``, ``vrn.demo``, ``vrn.evaluate``),
+and their output folders: checked before any work, no empty folder left after a failure
+(:func:`prepare_output_dir`, :func:`remove_empty`).
 
 :func:`run_cli` runs a command's body; an expected error (:data:`EXPECTED`: a bad config value,
 a missing or damaged file, no GPU, a wrong checkpoint, an unreadable input) prints one line
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -19,7 +23,17 @@ from hydra.errors import InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import MissingMandatoryValue
 
-__all__ = ["EXPECTED", "EXIT_USER_ERROR", "UserError", "check_device", "cuda_device_count", "one_line", "run_cli"]
+__all__ = [
+    "EXPECTED",
+    "EXIT_USER_ERROR",
+    "UserError",
+    "check_device",
+    "cuda_device_count",
+    "one_line",
+    "prepare_output_dir",
+    "remove_empty",
+    "run_cli",
+]
 
 T = TypeVar("T")
 
@@ -83,3 +97,45 @@ def run_cli(command: str, body: Callable[[], T]) -> T:
             raise
         print(f"{command}: error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+
+
+def make_dirs(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it made, deepest first."""
+    made = []
+    p = folder
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are empty."""
+    for d in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass  # not empty (or gone)
+
+
+def prepare_output_dir(out_root: Path) -> list[Path]:
+    """Make ``output_dir`` and check it is writable, before any work; returns the folders made.
+
+    Raises:
+        UserError: it cannot be made or written to.
+    """
+    fix = "choose another output_dir= or fix its permissions"
+    if out_root.exists() and not out_root.is_dir():
+        raise UserError(f"output_dir={out_root} is a file, not a folder: {fix}")
+    try:
+        made = make_dirs(out_root)
+    except OSError as e:
+        raise UserError(f"output_dir={out_root} cannot be created ({e.strerror or e}): {fix}") from e
+    try:
+        with tempfile.TemporaryFile(dir=out_root, prefix=".vrn_write_check_"):
+            pass
+    except OSError as e:
+        remove_empty(made)
+        raise UserError(f"output_dir={out_root} is not writable ({e.strerror or e}): {fix}") from e
+    return made

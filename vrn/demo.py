@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -56,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from vrn.atomic_write import atomic_write
-from vrn.cli_errors import UserError, check_device, run_cli
+from vrn.cli_errors import check_device, make_dirs, prepare_output_dir, remove_empty, run_cli
 from vrn.conventions import VolumeLayout
 from vrn.demo_writer import MESH_EXTS, FaceOutput, FaceWriter, face_outputs
 from vrn.detectors import get_detector
@@ -324,7 +323,7 @@ class _DemoRun:
             report.status, report.reason = "no_face", "no_face"
             report.message = f"no face found (detector={self.detector_name}), skipped"
         else:
-            self.made_dirs += _make_dirs(out_dir)
+            self.made_dirs += make_dirs(out_dir)
             self.n_faces += len(st.prep)  # type: ignore[arg-type]
             self.queue.extend((st, k) for k in range(len(st.prep)))  # type: ignore[arg-type]
         while len(self.queue) >= self.batch_size:
@@ -381,48 +380,6 @@ def _set_timings(st: _ImageState) -> None:
     st.report.latency = time.perf_counter() - st.t0
 
 
-def _make_dirs(folder: Path) -> list[Path]:
-    """``mkdir -p folder``; returns the folders it made, deepest first."""
-    made = []
-    p = folder
-    while not p.exists():
-        made.append(p)
-        p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    return made
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove those of ``folders`` (deepest first) that are empty."""
-    for d in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
-        try:
-            d.rmdir()
-        except OSError:
-            pass  # not empty (or gone)
-
-
-def _prepare_output_dir(out_root: Path) -> list[Path]:
-    """Make ``output_dir`` and check it is writable, before any work; returns the folders made.
-
-    Raises:
-        UserError: it cannot be made or written to.
-    """
-    fix = "choose another output_dir= or fix its permissions"
-    if out_root.exists() and not out_root.is_dir():
-        raise UserError(f"output_dir={out_root} is a file, not a folder: {fix}")
-    try:
-        made = _make_dirs(out_root)
-    except OSError as e:
-        raise UserError(f"output_dir={out_root} cannot be created ({e.strerror or e}): {fix}") from e
-    try:
-        with tempfile.TemporaryFile(dir=out_root, prefix=".vrn_write_check_"):
-            pass
-    except OSError as e:
-        _remove_empty(made)
-        raise UserError(f"output_dir={out_root} is not writable ({e.strerror or e}): {fix}") from e
-    return made
-
-
 def _files_written(reports: list[ImageReport]) -> int:
     return sum(len(f.files) for r in reports for f in r.faces)
 
@@ -469,11 +426,11 @@ def run_demo(cfg: DictConfig) -> list[ImageReport]:
     root, paths = find_images(cfg.input, bool(cfg.get("recursive", True)))
     face_outputs(out_root, "x", 0, cfg)  # validates `formats` before any work
     check_device(str(cfg.device))
-    made = _prepare_output_dir(out_root)
+    made = prepare_output_dir(out_root)
     try:
         return _run(cfg, out_root, root, paths)
     except BaseException:
-        _remove_empty(made)  # no empty output folder after a failure
+        remove_empty(made)  # no empty output folder after a failure
         raise
 
 
@@ -502,7 +459,7 @@ def _run(cfg: DictConfig, out_root: Path, root: Path, paths: list[Path]) -> list
                     run.add(item)
                 reports = run.finish()
             finally:
-                _remove_empty(run.made_dirs)
+                remove_empty(run.made_dirs)
     finally:
         if started_wandb:
             finish_run()

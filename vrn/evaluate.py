@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vrn.aflw_benchmark import BENCHMARK_COLUMNS, benchmark_table, score_benchmark
 from vrn.atomic_write import atomic_write
-from vrn.cli_errors import check_device, run_cli
+from vrn.cli_errors import check_device, prepare_output_dir, remove_empty, run_cli
 from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.eval_datasets import AFLW2000Dataset, EvalSample, PackedEvalDataset, synthetic_test_set
 from vrn.inference import Reconstructor, volume_to_image_mesh
@@ -260,13 +260,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dict (also written to ``output_dir/results.json`` and ``results.md``)."""
     out_dir = Path(os.path.expanduser(str(cfg.output_dir)))
     check_device(str(cfg.device))
-    made = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    made = prepare_output_dir(out_dir)
     try:
         return _evaluate(cfg, out_dir)
     except BaseException:
-        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # no empty output folder after a failure
+        remove_empty(made)  # no empty output folders after a failure
         raise
 
 
