@@ -88,17 +88,18 @@ def test_torch_net_with_onnxruntime_backend(onnx_extra: None) -> None:
         Reconstructor(net, detector=None, layout=layout, backend="onnxruntime", precision="bf16")
 
 
+def _export_cli(*overrides: str) -> subprocess.CompletedProcess:
+    """``python -m vrn.export <overrides>`` from the repo root."""
+    return subprocess.run(
+        [sys.executable, "-m", "vrn.export", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
 def test_export_cli_and_errors(onnx_extra: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     layout = replace(DEFAULT_LAYOUT, crop_size=64, depth_bins=16, face_size=30)
     ckpt, _ = _saved(tmp_path, "vrn_tiny", layout, depth_bins=16)
     out = tmp_path / "m.onnx"
-    r = subprocess.run(
-        [sys.executable, "-m", "vrn.export", f"ckpt={ckpt}", "format=onnx", f"out={out}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = _export_cli(f"ckpt={ckpt}", "format=onnx", f"out={out}")
     assert r.returncode == 0, r.stderr
     assert out.is_file() and "max |p_torch - p_ort|" in r.stdout
     net = OnnxNetwork(out)
@@ -119,13 +120,7 @@ def test_export_cli_and_errors(onnx_extra: None, tmp_path: Path, monkeypatch: py
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r'pip install "vrn\[onnx\]"'):
         OnnxNetwork(out)
-    r = subprocess.run(
-        [sys.executable, "-m", "vrn.export", f"ckpt={ckpt}", "format=tflite", f"out={out}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = _export_cli(f"ckpt={ckpt}", "format=tflite", f"out={out}")
     assert r.returncode == 2 and "format=tflite is not supported" in r.stderr
 
 
