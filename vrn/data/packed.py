@@ -46,6 +46,7 @@ from vrn.volume.codec import VolumeCode, from_bytes, to_bytes
 
 __all__ = [
     "PackedWriter",
+    "write_subset",
     "PackedReader",
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
@@ -138,8 +139,13 @@ class PackedWriter:
             raise ValueError(
                 f"sample does not match the dataset layout {self.layout}: image {image_rgb.shape}, volume {code.shape}"
             )
-        ib = encode_image_rgb(image_rgb, self.image_codec, self.jpeg_quality)
-        tb = to_bytes(code)
+        self.add_encoded(encode_image_rgb(image_rgb, self.image_codec, self.jpeg_quality), to_bytes(code), row)
+
+    def add_encoded(self, ib: bytes | np.ndarray, tb: bytes, row: dict[str, Any]) -> None:
+        """Append one sample already encoded: ``ib`` the crop in this writer's ``image_codec``,
+        ``tb`` a :func:`vrn.volume.codec.to_bytes` blob (copied as they are, e.g. from
+        :meth:`PackedReader.encoded`); row: manifest fields."""
+        ib = bytes(ib)
         io_, to_ = self._img.tell(), self._tgt.tell()
         self._img.write(ib)
         self._tgt.write(tb)
@@ -341,7 +347,13 @@ class PackedReader:
             f"Restore the dataset from a good copy or {_REBUILD}."
         )
 
-    def __getitem__(self, i: int) -> PackedSample:
+    def encoded(self, i: int) -> tuple[np.ndarray, bytes, dict[str, Any]]:
+        """Sample ``i`` as stored: (encoded image bytes (uint8 array), target codec bytes, manifest row),
+        checked against its CRC-32s (version 2).
+
+        Raises:
+            PackedSampleError: the bytes fail their checksums.
+        """
         row = self.rows[i]
         entry = self.index[row["index"]]
         io_, ib, to_, tb = (int(v) for v in entry[:4])
@@ -353,6 +365,10 @@ class PackedReader:
                 raise self._damaged(row, "its image bytes in images.bin fail their CRC-32 check")
             if _crc32(tgt_bytes) != int(entry[5]):
                 raise self._damaged(row, "its target bytes in targets.bin fail their CRC-32 check")
+        return img_bytes, tgt_bytes, row
+
+    def __getitem__(self, i: int) -> PackedSample:
+        img_bytes, tgt_bytes, row = self.encoded(i)
         try:
             check_encoded_complete(img_bytes)
             image = decode_image_rgb(img_bytes)
@@ -366,3 +382,48 @@ class PackedReader:
 
     def bytes_per_sample(self) -> float:
         return float(self.index[:, 1].sum() + self.index[:, 3].sum()) / max(1, len(self.index))
+
+
+def write_subset(
+    src: str | os.PathLike, dst: str | os.PathLike, counts: dict[str, int], seed: int = 0, overwrite: bool = False
+) -> Path:
+    """Copy a random subset of a packed folder into a new one, bytes unchanged.
+
+    For moving a training set somewhere with a size limit (a rented GPU machine, a laptop):
+    ``counts`` gives the samples to keep per split (more than a split has keeps all of it);
+    the layout, image codec and pipeline provenance are kept, ``meta.json["subset_of"]``
+    records the source and seed. The output is written in the current format version.
+
+    Raises:
+        PackedFormatError: ``src`` is not a readable packed folder.
+        ValueError: a split in ``counts`` is not in ``src``.
+    """
+    reader = PackedReader(src)
+    rng = np.random.default_rng(seed)
+    by_split: dict[str, list[int]] = {}
+    for i, row in enumerate(reader.rows):
+        by_split.setdefault(str(row["split"]), []).append(i)
+    unknown = sorted(set(counts) - set(by_split))
+    if unknown:
+        raise ValueError(f"{src} has no split {unknown[0]!r}; its splits: {sorted(by_split)}")
+    keep: list[int] = []
+    for split, n in counts.items():
+        idx = np.asarray(by_split[split])
+        keep.extend(sorted(rng.choice(idx, size=min(int(n), len(idx)), replace=False).tolist()))
+    extra = {
+        k: v
+        for k, v in reader.meta.items()
+        if k not in {"format", "version", "layout", "image_codec", "num_samples", "splits"}
+    }
+    extra["subset_of"] = {"root": str(Path(src).absolute()), "seed": seed, "counts": dict(counts)}
+    with PackedWriter(
+        dst,
+        image_codec=reader.meta.get("image_codec", ".png"),
+        extra_meta=extra,
+        overwrite=overwrite,
+        layout=reader.layout,
+    ) as w:
+        for i in keep:
+            ib, tb, row = reader.encoded(i)
+            w.add_encoded(ib, tb, {k: v for k, v in row.items() if k != "index"})
+    return Path(dst)
