@@ -13,16 +13,26 @@ from torch import nn
 from vrn.checkpoint import check_network_layout, layout_for_network
 from vrn.conventions import VolumeLayout
 from vrn.losses import volume_bce_loss
-from vrn.metrics import front_depth_mae, voxel_iou
+from vrn.metrics import GlobalVoxelIoU, SumRatio, front_depth_error_sums
 from vrn.models import create_model
 from vrn.volume.codec import decode_torch
 
-__all__ = ["VRNLitModule", "volume_bce_loss", "batch_targets"]
+__all__ = ["VRNLitModule", "volume_bce_loss", "batch_targets", "epoch_metrics"]
+
+#: the stages whose epoch metrics the module keeps
+STAGES = ("train", "val", "test")
 
 
 def batch_targets(batch: dict[str, Any], depth_bins: int) -> torch.Tensor:
     """Decode the batch's compact targets to a dense (B, D, H, W) bool volume on its device."""
     return decode_torch(batch["lo"], batch["hi"], batch.get("extra"), depth_bins)
+
+
+def epoch_metrics() -> nn.ModuleDict:
+    """One stage's epoch metrics, each a sum over the epoch reduced across DDP ranks
+    (:mod:`vrn.metrics`): ``loss`` (sample mean), ``iou`` (sum of intersections / sum of
+    unions) and ``depth_mae`` (front-depth error, pixel mean)."""
+    return nn.ModuleDict({"loss": SumRatio(), "iou": GlobalVoxelIoU(), "depth_mae": SumRatio()})
 
 
 class VRNLitModule(pl.LightningModule):
@@ -39,6 +49,14 @@ class VRNLitModule(pl.LightningModule):
         train_metrics_every_n_steps: training IoU / depth error are computed on every n-th
             batch only (they cost about as much as a small model's step on CPU); validation
             and test compute them on every batch.
+
+    Logged metrics (``<stage>`` = train, val, test): ``<stage>/loss``, ``<stage>/iou``,
+    ``<stage>/depth_mae``. Epoch values are exact over the whole split under DDP (sums
+    reduced across ranks, :mod:`vrn.metrics`, docs/ddp.md): loss = mean over samples, IoU =
+    sum of voxel intersections / sum of voxel unions over all samples (voxel-weighted, not a
+    mean of per-sample IoUs), depth MAE = mean |front depth error| in depth bins over all
+    pixels where prediction and target both have a surface. Training's per-step values
+    (``train/*_step``) are the batch's, on each rank.
         layout: the crop / volume layout (:class:`vrn.conventions.VolumeLayout` or its dict);
             None = :data:`~vrn.conventions.DEFAULT_LAYOUT` with the network's depth bins.
             Saved in the checkpoint as ``hyper_parameters["layout"]`` (a plain dict) and
@@ -80,6 +98,16 @@ class VRNLitModule(pl.LightningModule):
         if compile:
             self.net = torch.compile(self.net)
         self.val_preview: dict[str, torch.Tensor] | None = None
+        # torchmetrics states are not saved in checkpoints (persistent=False)
+        self.train_metrics = epoch_metrics()
+        self.val_metrics = epoch_metrics()
+        self.test_metrics = epoch_metrics()
+
+    def stage_metrics(self, stage: str) -> nn.ModuleDict:
+        """The epoch metrics of ``stage`` ("train", "val" or "test")."""
+        if stage not in STAGES:
+            raise ValueError(f"stage {stage!r} not one of {STAGES}")
+        return getattr(self, f"{stage}_metrics")
 
     def setup(self, stage: str) -> None:
         """Check the datamodule's layout (when it has one) against the model's.
@@ -99,22 +127,29 @@ class VRNLitModule(pl.LightningModule):
         """image: (B, 3, H, W) float32 RGB [0, 1] -> logits (B, D, H, W)."""
         return self.net(image)
 
+    def _record(self, stage: str, name: str, *update_args: Any) -> None:
+        """Add a batch to the epoch metric ``<stage>/<name>`` and log it (the epoch value is
+        computed, reduced across ranks, at the epoch's end). Training also logs the batch's
+        own value per step (``Metric.forward``)."""
+        metric = self.stage_metrics(stage)[name]
+        on_step = stage == "train"
+        if on_step:
+            metric(*update_args)
+        else:
+            metric.update(*update_args)
+        self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name != "depth_mae")
+
     def _step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> torch.Tensor:
         logits = self(batch["image"])
         target = batch_targets(batch, self.depth_bins)
         loss = volume_bce_loss(logits, target.float(), self.hparams.pos_weight)
-        bs = logits.shape[0]
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs)
+        self._record(stage, "loss", loss.detach() * logits.shape[0], logits.shape[0])
         every = max(1, int(self.hparams.get("train_metrics_every_n_steps", 1)))
         if stage != "train" or batch_idx % every == 0:
             with torch.no_grad():
                 pred = logits > 0  # sigmoid(logit) > 0.5
-                iou = voxel_iou(pred, target).mean()
-                mae = front_depth_mae(pred, target).nanmean()
-            self.log(f"{stage}/iou", iou, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs)
-            if not torch.isnan(mae):
-                self.log(f"{stage}/depth_mae", mae, on_step=on_step, on_epoch=True, batch_size=bs)
+                self._record(stage, "iou", pred, target)
+                self._record(stage, "depth_mae", *front_depth_error_sums(pred, target))
         if stage == "val" and self.val_preview is None:
             self.val_preview = {
                 "image": batch["image"][:4].detach().cpu(),
