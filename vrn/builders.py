@@ -9,21 +9,25 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import WandbLogger
 
 from vrn.cli_errors import UserError, cuda_device_count
-from vrn.wandb_logging import has_api_key, wandb_mode
+from vrn.wandb_logging import flatten_config, has_api_key, run_identity, wandb_mode
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FlatWandbLogger",
     "build_callbacks",
     "build_loggers",
     "build_trainer",
     "check_accelerator",
     "drop_logger_callbacks",
     "resolve_gpus_alias",
+    "resolve_precision",
 ]
 
 
@@ -59,22 +63,53 @@ def check_accelerator(tcfg: DictConfig, asked: str) -> None:
     """Stop with one line when ``tcfg`` (a resolved trainer config) asks for GPUs this machine lacks.
 
     ``asked``: how the user asked (``trainer.gpus=2`` or ``trainer.accelerator=gpu``), for the message.
+    Without any GPU, the message names ``trainer=cpu``, and also ``trainer=ddp_cpu`` (DDP on 2 CPU
+    processes) when the config asks for DDP (a ``ddp*`` strategy or ``devices`` > 1).
 
     Raises:
         UserError: no CUDA GPU is available, or fewer than ``devices`` asks for.
     """
     if str(tcfg.get("accelerator", "auto")).lower() not in ("gpu", "cuda"):
         return
-    n = cuda_device_count()
-    if n == 0:
-        raise UserError(
-            f"{asked} but no CUDA GPU is available on this machine (or torch is a CPU build): "
-            f"use trainer.accelerator=cpu (or trainer=cpu)"
-        )
     devices = tcfg.get("devices", 1)
     want = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else None
+    n = cuda_device_count()
+    if n == 0:
+        ddp = "ddp" in str(tcfg.get("strategy", "auto")).lower() or (want is not None and want > 1)
+        cpu_ddp = " or trainer=ddp_cpu (DDP on 2 CPU processes)" if ddp else ""
+        raise UserError(
+            f"{asked} but no CUDA GPU is available on this machine (or torch is a CPU build): "
+            f"use trainer.accelerator=cpu (or trainer=cpu){cpu_ddp}"
+        )
     if want is not None and want > n:
         raise UserError(f"{asked} asks for {want} GPUs but this machine has {n}: use trainer.devices={n} or fewer")
+
+
+#: ``trainer.precision`` value that picks the mixed precision the GPU supports (resolve_precision)
+AUTO_MIXED = "auto-mixed"
+
+
+def resolve_precision(tcfg: DictConfig) -> DictConfig:
+    """Replace ``precision: auto-mixed`` in a resolved trainer config by a Lightning value.
+
+    On CUDA GPUs (``accelerator`` gpu / cuda, or auto with a GPU present): ``bf16-mixed`` when
+    the GPU supports bfloat16 (Ampere and newer), else ``16-mixed``. On CPU: ``32-true``
+    (CPU autocast is slower than float32 for these convolutions). Any other value is kept.
+    Returns a copy.
+    """
+    cfg = OmegaConf.create(OmegaConf.to_container(tcfg, resolve=True))
+    if str(cfg.get("precision")) != AUTO_MIXED:
+        return cfg
+    accel = str(cfg.get("accelerator", "auto")).lower()
+    on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and cuda_device_count() > 0)
+    if on_gpu:
+        chosen = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    else:
+        chosen = "32-true"
+    log.info(f"trainer.precision={AUTO_MIXED}: using {chosen}")
+    with open_dict(cfg):
+        cfg.precision = chosen
+    return cfg
 
 
 def build_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
@@ -87,11 +122,39 @@ def build_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
     return out
 
 
-def _wandb_logger_cfg(lg: DictConfig) -> DictConfig:
+class FlatWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` logging the hyperparameters flat (``model.optimizer.lr``
+    keys, :func:`vrn.wandb_logging.flatten_config`), so W&B tables and sweeps can filter and
+    group by any config value."""
+
+    def log_hyperparams(self, params: Any) -> None:  # noqa: D102 - see the class
+        if isinstance(params, DictConfig):
+            params = OmegaConf.to_container(params, resolve=True)
+        if isinstance(params, dict):
+            params = flatten_config(params)
+        super().log_hyperparams(params)
+
+
+def _wandb_logger_cfg(lg: DictConfig, resume_run_id: str | None = None) -> DictConfig:
     """A resolved copy of a ``WandbLogger`` config with ``offline: null`` decided by
     :func:`vrn.wandb_logging.wandb_mode` (offline without an API key; ``mode: disabled``
-    under ``WANDB_MODE=disabled``); creates ``save_dir``."""
+    under ``WANDB_MODE=disabled``); creates ``save_dir``.
+
+    ``group: null`` / ``name: null`` become :func:`vrn.wandb_logging.run_identity` (a multirun's
+    group, a name from the swept overrides); values set by the user are kept. With
+    ``resume_run_id`` (the id kept in the checkpoint being resumed) the run continues that W&B
+    run (``id``, ``resume: allow``) and keeps its own group and name unless set here.
+    """
     lg = OmegaConf.create(OmegaConf.to_container(lg, resolve=True))
+    with open_dict(lg):
+        if resume_run_id and not lg.get("id"):
+            lg.id, lg.resume = str(resume_run_id), "allow"
+        else:
+            group, name = run_identity(lg.get("job_type"))
+            if lg.get("group") is None:
+                lg.group = group
+            if lg.get("name") is None:
+                lg.name = name
     if lg.get("offline") is None:
         mode = wandb_mode()
         with open_dict(lg):
@@ -104,8 +167,9 @@ def _wandb_logger_cfg(lg: DictConfig) -> DictConfig:
     return lg
 
 
-def build_loggers(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate loggers; a W&B logger with ``offline: null`` goes offline without an API key."""
+def build_loggers(cfg: DictConfig | None, resume_run_id: str | None = None) -> list[Any]:
+    """Instantiate loggers; a W&B logger with ``offline: null`` goes offline without an API key,
+    and continues the W&B run ``resume_run_id`` when given (see :func:`_wandb_logger_cfg`)."""
     out: list[Any] = []
     if not cfg:
         return out
@@ -113,7 +177,7 @@ def build_loggers(cfg: DictConfig | None) -> list[Any]:
         if not (isinstance(lg, DictConfig) and "_target_" in lg):
             continue
         if "Wandb" in str(lg._target_):
-            lg = _wandb_logger_cfg(lg)
+            lg = _wandb_logger_cfg(lg, resume_run_id)
         out.append(hydra.utils.instantiate(lg))
     return out
 
@@ -139,12 +203,14 @@ def build_trainer(
 
     Without a logger (``logger=none``) the callbacks that need one are dropped
     (:func:`drop_logger_callbacks`) instead of failing when training starts.
+    ``precision: auto-mixed`` is resolved by :func:`resolve_precision`.
     """
     tcfg = resolve_gpus_alias(cfg)
     gpus = cfg.get("gpus", None)
     check_accelerator(
         tcfg, f"trainer.gpus={gpus}" if gpus is not None else f"trainer.accelerator={tcfg.get('accelerator')}"
     )
+    tcfg = resolve_precision(tcfg)
     if logger is None or logger == []:
         logger = False
     callbacks = drop_logger_callbacks(callbacks or [], logger)

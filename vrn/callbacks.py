@@ -1,9 +1,12 @@
-"""Callbacks: the latest state on disk (``last.ckpt``, also on SIGTERM / SIGINT), and preview
-panels and 3D point clouds of predictions at each validation epoch."""
+"""Callbacks: the latest state on disk (``last.ckpt``, also on SIGTERM / SIGINT), preview
+panels and 3D point clouds of predictions at each validation epoch, and the per-run record of
+validation metrics (best / final) that ``python -m vrn.runs compare`` reads."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -16,14 +19,23 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from vrn.atomic_write import atomic_write
 from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.image_io import write_image_rgb
 from vrn.volume.surface import front_depth, front_surface_points
-from vrn.wandb_logging import image_media, log_media, point_cloud_media
+from vrn.wandb_logging import CHECKPOINT_RUN_ID_KEY, image_media, log_media, point_cloud_media
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LastCheckpoint", "TrainingStopped", "VolumePreviewLogger", "preview_panel", "surface_points"]
+__all__ = [
+    "LastCheckpoint",
+    "RunSummary",
+    "TrainingStopped",
+    "VolumePreviewLogger",
+    "preview_panel",
+    "surface_points",
+    "wandb_loggers",
+]
 
 #: exit status of a run stopped by a signal: 128 + the signal number (SIGINT 130, SIGTERM 143)
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -245,11 +257,11 @@ class VolumePreviewLogger(pl.Callback):
             return
         panel = preview_panel(preview["image"], preview["prob"], preview["target"])
         epoch = trainer.current_epoch
-        wandb_loggers = [lg for lg in trainer.loggers if lg.__class__.__name__ == "WandbLogger"]
-        if wandb_loggers:
+        wandb_lgs = wandb_loggers(trainer)
+        if wandb_lgs:
             depth_factor = self.layout_of(pl_module).depth_factor
             pts = surface_points(preview["prob"][0], depth_factor, self.num_points)
-            for lg in wandb_loggers:
+            for lg in wandb_lgs:
                 log_media(
                     {
                         "val/preview": image_media(panel, "input | predicted front depth | target front depth"),
@@ -261,3 +273,107 @@ class VolumePreviewLogger(pl.Callback):
         else:
             out = Path(trainer.default_root_dir) / "previews" / f"epoch_{epoch:03d}.png"
             write_image_rgb(out, panel)
+
+
+def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
+    """The trainer's W&B loggers (Lightning's ``WandbLogger`` and subclasses, by class name so
+    that wandb need not be installed)."""
+    return [lg for lg in trainer.loggers if any(c.__name__ == "WandbLogger" for c in type(lg).__mro__)]
+
+
+class RunSummary(pl.Callback):
+    """The record of a run that comparing runs needs, whatever logger is configured.
+
+    After every validation (not the sanity check) rank 0 rewrites, in ``dirpath``:
+
+    * ``metrics.jsonl``: one JSON object per validation so far, ``{"epoch", "step", "val/...": ...}``
+      (every scalar ``val/`` metric of ``trainer.callback_metrics``);
+    * ``summary.json``: ``{"metric", "mode", "best": {"value", "epoch", "step"}, "final": {...},
+      "validations"}`` for the monitored metric (``final`` is the latest validation);
+
+    and sets ``best/<metric with / as _>`` (``best/val_iou``), ``best/epoch`` and ``best/step``
+    in the summary of each W&B run. The history and the best are part of the checkpoint, so a
+    resumed run's files cover the whole training. Checkpoints also keep the W&B run id
+    (:data:`vrn.wandb_logging.CHECKPOINT_RUN_ID_KEY`), which ``vrn.train`` uses to continue
+    that run on resume.
+
+    Args:
+        dirpath: the run folder.
+        monitor: the metric to rank by (``optimized_metric``; the best checkpoint's monitor).
+        mode: ``max`` (IoU) or ``min`` (a loss).
+    """
+
+    METRICS_FILE = "metrics.jsonl"
+    SUMMARY_FILE = "summary.json"
+
+    def __init__(self, dirpath: str | os.PathLike, monitor: str = "val/iou", mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"RunSummary mode={mode!r} must be 'max' or 'min'")
+        self.dirpath = Path(dirpath)
+        self.monitor = str(monitor)
+        self.mode = mode
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+
+    @property
+    def summary_key(self) -> str:
+        """W&B summary key of the best value: ``best/val_iou`` for ``val/iou``."""
+        return "best/" + self.monitor.replace("/", "_")
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best["value"] if self.mode == "max" else value < self.best["value"]
+
+    def summary(self) -> dict[str, Any]:
+        """What ``summary.json`` holds (see the class)."""
+        last = self.history[-1] if self.history else None
+        final = None
+        if last is not None and self.monitor in last:
+            final = {"value": last[self.monitor], "epoch": last["epoch"], "step": last["step"]}
+        return {
+            "metric": self.monitor,
+            "mode": self.mode,
+            "best": self.best,
+            "final": final,
+            "validations": len(self.history),
+        }
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        record: dict[str, Any] = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+        for k, v in sorted(trainer.callback_metrics.items()):
+            if k.startswith("val/") and (not torch.is_tensor(v) or v.numel() == 1):
+                record[k] = None if math.isnan(float(v)) else float(v)  # NaN: no value (strict JSON null)
+        self.history.append(record)
+        value = record.get(self.monitor)
+        if value is not None and self._better(value):
+            self.best = {"value": value, "epoch": record["epoch"], "step": record["step"]}
+        if not trainer.is_global_zero:
+            return
+        lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write(self.dirpath / self.METRICS_FILE, lines.encode(), fsync=False)
+        summary = json.dumps(self.summary(), indent=2) + "\n"
+        atomic_write(self.dirpath / self.SUMMARY_FILE, summary.encode(), fsync=False)
+        if self.best is not None:
+            b = self.best
+            best = {self.summary_key: b["value"], "best/epoch": b["epoch"], "best/step": b["step"]}
+            for lg in wandb_loggers(trainer):
+                lg.experiment.summary.update(best)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        run_id = next((lg.version for lg in wandb_loggers(trainer) if lg.version), None)
+        if run_id:
+            checkpoint[CHECKPOINT_RUN_ID_KEY] = str(run_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "best": self.best, "monitor": self.monitor}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("monitor", self.monitor) != self.monitor:
+            return  # ranked by another metric before: start this record afresh
+        self.history = list(state_dict.get("history", []))
+        self.best = state_dict.get("best")

@@ -17,7 +17,6 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -25,42 +24,14 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vrn.builders import build_callbacks, build_loggers, build_trainer
 from vrn.callbacks import LastCheckpoint, TrainingStopped
-from vrn.checkpoint import verify_checkpoint
-from vrn.cli_errors import UserError, run_cli
-from vrn.wandb_logging import finish_run
+from vrn.cli_errors import run_cli
+from vrn.ddp_jobs import ddp_children_run_this_job, end_ddp_job
+from vrn.resume import check_resume_checkpoint, resume_checkpoint
+from vrn.wandb_logging import finish_run, run_id_from_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_resume_checkpoint", "resume_command", "train"]
-
-#: what a checkpoint of vrn.train holds (Lightning's trainer state)
-_TRAINER_KEYS = ("state_dict", "epoch", "global_step")
-
-
-def check_resume_checkpoint(ckpt_path: str | None) -> Path | None:
-    """The ``ckpt_path=`` to resume from, checked before any work.
-
-    Raises:
-        UserError: the file is missing, damaged, or not a checkpoint written by ``vrn.train``.
-    """
-    if ckpt_path in (None, ""):
-        return None
-    p = Path(str(ckpt_path)).expanduser()
-    hint = "give a .ckpt file written by vrn.train (e.g. outputs/train/runs/<run>/checkpoints/last.ckpt)"
-    if not p.is_file():
-        raise UserError(f"ckpt_path={p} does not exist: {hint}, or drop ckpt_path= to start afresh")
-    try:
-        verify_checkpoint(p)
-        state = torch.load(str(p), map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read it means the same thing to the user
-        raise UserError(f"ckpt_path={p} cannot be read as a checkpoint ({type(e).__name__}: {e}): {hint}") from e
-    missing = [k for k in _TRAINER_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise UserError(
-            f"ckpt_path={p} is not a training checkpoint (no {', '.join(missing)}; a slim model file of "
-            f"Reconstructor.save cannot resume training): {hint}"
-        )
-    return p
+__all__ = ["check_resume_checkpoint", "resume_checkpoint", "resume_command", "train"]  # the first two: vrn.resume
 
 
 def resume_command(ckpt_path: str | Path) -> str:
@@ -98,17 +69,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         TrainingStopped: SIGTERM / SIGINT during training (the checkpoint of that step is saved).
     """
-    ckpt_path = check_resume_checkpoint(cfg.get("ckpt_path")) if cfg.get("train", True) else cfg.get("ckpt_path")
+    ckpt_path = check_resume_checkpoint(resume_checkpoint(cfg)) if cfg.get("train", True) else cfg.get("ckpt_path")
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = build_callbacks(cfg.get("callbacks"))
-    loggers = build_loggers(cfg.get("logger"))
+    # resuming training continues the W&B run whose id the checkpoint keeps (vrn.callbacks.RunSummary)
+    resumed_run = run_id_from_checkpoint(ckpt_path) if cfg.get("train", True) else None
+    loggers = build_loggers(cfg.get("logger"), resume_run_id=resumed_run)
     trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers)
     run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(run_cfg, resolve=True))
+    ddp_before = ddp_children_run_this_job()
     try:
         if cfg.get("train", True):
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -133,6 +107,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         # Hydra's basic launcher runs multirun jobs in one process: close each W&B run.
         finish_run()
+        end_ddp_job(trainer, ddp_before)
 
 
 def _report_stop(stop: TrainingStopped) -> None:

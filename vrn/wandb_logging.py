@@ -1,9 +1,14 @@
-"""Weights & Biases in one place: the offline rule, run start/finish and media helpers.
+"""Weights & Biases in one place: the offline rule, run start/finish, run naming and media helpers.
 
 Training (:mod:`vrn.builders`, :mod:`vrn.train`, :mod:`vrn.callbacks`), the demo and the
 evaluation all go through this module, so the rule for "online, offline or disabled" is
 written once (:func:`wandb_mode`). ``wandb`` itself is imported lazily inside the functions:
 importing this module never needs the package.
+
+Run naming (:func:`run_identity`): every job of a Hydra multirun / sweep is one W&B *group*
+named ``<task>-<sweep folder name>``, each job *named* from the overrides that the sweep varies
+(``lr=0.003``); a single run is named after its run folder. The W&B run id of a training run
+is kept in its checkpoints (:data:`CHECKPOINT_RUN_ID_KEY`), so resuming continues that run.
 
 Coordinates: point clouds and meshes given here are logged as they are; callers flip them
 to y-up for 3D viewers (image px are y-down, :mod:`vrn.conventions`).
@@ -14,17 +19,25 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CHECKPOINT_RUN_ID_KEY",
     "MODES",
     "current_run",
     "finish_run",
+    "flatten_config",
     "has_api_key",
     "image_media",
     "is_active",
@@ -34,11 +47,19 @@ __all__ = [
     "log_point_cloud",
     "mesh_media",
     "point_cloud_media",
+    "run_id_from_checkpoint",
+    "run_identity",
+    "run_name_from_overrides",
     "start_run",
+    "swept_keys",
     "wandb_mode",
 ]
 
 MODES = ("online", "offline", "disabled")
+
+#: where a training checkpoint keeps the id of its W&B run (written by
+#: :class:`vrn.callbacks.RunSummary`, read by ``vrn.train`` on resume)
+CHECKPOINT_RUN_ID_KEY = "wandb_run_id"
 
 
 def _available() -> bool:
@@ -121,6 +142,111 @@ def finish_run() -> None:
 
     if wandb.run is not None:
         wandb.finish()
+
+
+# --------------------------------------------------------------------------------------
+# run naming, flat config, resume
+# --------------------------------------------------------------------------------------
+
+
+def flatten_config(cfg: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
+    """Nested mappings flattened to one level: ``{"model": {"optimizer": {"lr": 1e-3}}}`` ->
+    ``{"model.optimizer.lr": 1e-3}``. Lists stay values; an empty mapping stays an empty dict."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{sep}{k}" if prefix else str(k)
+            if isinstance(v, Mapping) and v:
+                walk(v, key)
+            else:
+                out[key] = v
+
+    walk(cfg, "")
+    return out
+
+
+def _override_key(text: str) -> str:
+    """``+model.optimizer.lr=3e-3`` -> ``model.optimizer.lr``."""
+    return text.split("=", 1)[0].lstrip("+~")
+
+
+def swept_keys(sweep_overrides: Iterable[str], sweeper_params: Iterable[str] = ()) -> list[str]:
+    """The config keys a multirun varies, in order: the command-line sweep overrides
+    (``lr=1e-4,3e-4``, ``range(...)``, ``choice(...)``) and the sweeper's ``params`` keys."""
+    keys: list[str] = []
+    parsed = OverridesParser.create().parse_overrides(list(sweep_overrides))
+    for o in parsed:
+        key = _override_key(o.get_key_element())
+        if o.is_sweep_override() and key not in keys:
+            keys.append(key)
+    for k in sweeper_params:
+        if _override_key(str(k)) not in keys:
+            keys.append(_override_key(str(k)))
+    return keys
+
+
+def run_name_from_overrides(overrides: Sequence[str], keys: Sequence[str] | None = None) -> str:
+    """A short run name from a job's overrides: ``["model.optimizer.lr=0.003", "data=folder"]`` with
+    ``keys=["model.optimizer.lr"]`` -> ``"lr=0.003"``.
+
+    Only ``keys`` (None: all overrides) are used, each shown by its last dotted part unless two
+    keys share it (then in full); pairs are joined with ``,``. Empty string when nothing matches.
+    """
+    pairs = [(_override_key(o), o.split("=", 1)[1] if "=" in o else "") for o in overrides]
+    if keys is not None:
+        wanted = set(keys)
+        pairs = [(k, v) for k, v in pairs if k in wanted]
+    tails = [k.rsplit(".", 1)[-1] for k, _ in pairs]
+    shown = [t if tails.count(t) == 1 else k for t, (k, _) in zip(tails, pairs)]
+    return ",".join(f"{s}={v}" for s, (_, v) in zip(shown, pairs))
+
+
+def _sweep_overrides(sweep_dir: Path) -> list[str]:
+    """The multirun's command-line overrides, from the sweep folder's ``multirun.yaml``
+    (written by Hydra's basic sweeper); [] when there is none."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return []
+    try:
+        return [str(o) for o in OmegaConf.load(path).hydra.overrides.task]
+    except Exception:  # noqa: BLE001 - another sweeper's file: fall back to the job's overrides
+        return []
+
+
+def run_identity(task_name: str | None = None) -> tuple[str | None, str | None]:
+    """``(group, name)`` for the W&B run of this Hydra job.
+
+    * Multirun / sweep job: group ``<task>-<sweep folder name>`` (e.g.
+      ``train-2026-11-27_19-40-00``), name from the overrides the sweep varies
+      (:func:`swept_keys`, :func:`run_name_from_overrides`), else ``job<num>``.
+    * Single run: no group, name = the run folder's name.
+    * Not under Hydra: ``(None, None)``.
+
+    ``task_name`` defaults to Hydra's job name.
+    """
+    if not HydraConfig.initialized():
+        return None, None
+    hc = HydraConfig.get()
+    task = task_name or hc.job.name
+    if hc.mode != RunMode.MULTIRUN:
+        out = hc.runtime.get("output_dir")
+        return None, (Path(str(out)).name if out else None)
+    sweep_dir = Path(str(hc.sweep.dir))
+    params = hc.sweeper.get("params") or {}
+    keys = swept_keys(_sweep_overrides(sweep_dir), list(params.keys()))
+    name = run_name_from_overrides(list(hc.overrides.task), keys) if keys else ""
+    return f"{task}-{sweep_dir.name}", name or f"job{hc.job.num}"
+
+
+def run_id_from_checkpoint(path: str | os.PathLike | None) -> str | None:
+    """The W&B run id kept in a training checkpoint (:data:`CHECKPOINT_RUN_ID_KEY`), or None
+    (no path, or a checkpoint written without a W&B run)."""
+    if path in (None, ""):
+        return None
+    state = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+    run_id = state.get(CHECKPOINT_RUN_ID_KEY) if isinstance(state, dict) else None
+    return str(run_id) if run_id else None
 
 
 # --------------------------------------------------------------------------------------

@@ -13,8 +13,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from vrn.conventions import VolumeLayout
 from vrn.data.augment import AugmentConfig, augment_sample
+from vrn.data.epoch_sampling import EpochClock, EpochShuffleSampler, ResumableLoader, trainer_progress
 from vrn.data.packed import PackedReader
+from vrn.data.sharding import eval_shard_sampler
 from vrn.data.synthetic import SyntheticFaceConfig, cache_name, generate_packed
+
+try:  # POSIX file locks: one process builds a shared synthetic cache, the others wait for it
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["VolumeDataset", "collate_volumes", "PackedDataModule", "SyntheticDataModule"]
 
@@ -25,13 +32,17 @@ class VolumeDataset(Dataset):
     Each item is a dict: ``image`` (3, H, W) float32 RGB [0, 1]; ``lo``/``hi`` (H, W) uint8
     first depth run per column; ``extra`` (K, 3) int64 further runs (pixel, lo, hi); ``id`` str.
     Dense targets are decoded on the training device (see ``vrn.lit_module.batch_targets``).
+
+    Augmentation of sample ``i`` draws from ``default_rng([seed, epoch, i])`` with the epoch of
+    ``epoch_clock`` (set by :class:`vrn.data.epoch_sampling.EpochShuffleSampler`): the same in
+    a run resumed at an epoch boundary as in an uninterrupted one, different every epoch.
     """
 
     def __init__(self, reader: PackedReader, augment: AugmentConfig | None = None, seed: int = 0) -> None:
         self.reader = reader
         self.augment = augment
         self.seed = seed
-        self._draws = 0
+        self.epoch_clock = EpochClock()
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -41,8 +52,7 @@ class VolumeDataset(Dataset):
         image = s.image.astype(np.float32) / 255.0
         code = s.code
         if self.augment is not None and self.augment.enabled:
-            self._draws += 1
-            rng = np.random.default_rng([self.seed, i, self._draws])
+            rng = np.random.default_rng([self.seed, self.epoch_clock.get(), i])
             image, code = augment_sample(image, code, self.augment, rng)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
@@ -123,8 +133,21 @@ class PackedDataModule(pl.LightningDataModule):
 
     def _loader(self, key: str, shuffle: bool) -> DataLoader:
         ds = self._sets[key]
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, collate_fn=collate_volumes,
+        # val / test under DDP: each rank its own block, no padded duplicates (vrn.data.sharding);
+        # training: shuffled by (seed, epoch), sharded over DDP ranks (vrn.data.epoch_sampling)
+        if key == "train":
+            trainer = self.trainer
+            world, rank = (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
+            epoch_fn = (lambda: int(trainer.current_epoch)) if trainer is not None else None
+            sampler = EpochShuffleSampler(ds, int(self.seed or 0), world, rank, epoch_fn) if shuffle else None
+        else:
+            sampler = eval_shard_sampler(ds, self.trainer, f"split '{self.splits[key]}'")
+        # the training loader's place in the epoch goes into checkpoints (exact mid-epoch resume)
+        loader_cls, extra = DataLoader, {}
+        if isinstance(sampler, EpochShuffleSampler) and self.trainer is not None:
+            loader_cls, extra = ResumableLoader, {"progress_fn": lambda: trainer_progress(self.trainer)}
+        return loader_cls(ds, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler, **extra,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_volumes,
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
@@ -163,8 +186,17 @@ class SyntheticDataModule(PackedDataModule):
         super().__init__(root=str(root), **kw)
 
     def prepare_data(self) -> None:
-        if not (Path(self.root) / "meta.json").is_file():
-            generate_packed(self.root, self.gen_cfg, self.counts, seed=self.gen_seed, workers=self.num_gen_workers)
+        root = Path(self.root)
+        if (root / "meta.json").is_file():
+            return
+        # jobs of a parallel sweep (cluster=local / SLURM arrays) and the nodes of a multi-node run
+        # share the cache: the first one generates it under an exclusive lock, the others wait
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.with_name(root.name + ".lock"), "w") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / "meta.json").is_file():
+                generate_packed(root, self.gen_cfg, self.counts, seed=self.gen_seed, workers=self.num_gen_workers)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # idempotent; covers direct use without a Trainer
