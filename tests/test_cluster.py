@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import pytest
@@ -19,8 +20,10 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning import Callback
 from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.trainer.states import TrainerFn
 
 from tests.helpers import compose_config, tiny_train_overrides
+from vrn.callbacks import LastCheckpoint, TrainingStopped
 from vrn.cli_errors import UserError
 from vrn.data.datamodule import SyntheticDataModule
 from vrn.train import resume_checkpoint, train
@@ -195,6 +198,136 @@ def test_parallel_jobs_build_one_synthetic_cache(tmp_path):
     assert (cache / "meta.json").is_file() and not list(tmp_path.glob("*.partial"))
 
 
+# ---- SIGUSR2 (submitit's requeue signal): save the current step first, then hand over ---------
+
+USR2 = getattr(signal, "SIGUSR2", None)
+needs_usr2 = pytest.mark.skipif(USR2 is None, reason="no SIGUSR2 on this platform")
+
+
+class FakeSubmititHandler:
+    """Stands in for submitit's ``checkpoint_and_try_requeue``: records each call and whether
+    last.ckpt was complete by then; ``exits``: raise SystemExit(-1) like submitit's rank 0."""
+
+    def __init__(self, last: Path, exits: bool) -> None:
+        self.last, self.exits = last, exits
+        self.calls: list[tuple[int, bytes | None]] = []
+
+    def __call__(self, signum: int, frame) -> None:
+        self.calls.append((signum, self.last.read_bytes() if self.last.is_file() else None))
+        if self.exits:
+            raise SystemExit(-1)
+
+
+def _fake_trainer(step: int, world_size: int = 1, others_noted: int = 0) -> SimpleNamespace:
+    """What LastCheckpoint uses of a Trainer; ``save_checkpoint`` writes ``step=<n>``. Under
+    "DDP" (world_size > 1) the all-reduce returns the max of this rank's and ``others_noted``."""
+    reduced: list[str] = []
+
+    def reduce(t: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        reduced.append(reduce_op)
+        return torch.maximum(t, torch.tensor([others_noted], dtype=t.dtype))
+
+    return SimpleNamespace(
+        fast_dev_run=False,
+        sanity_checking=False,
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+        is_global_zero=True,
+        world_size=world_size,
+        global_step=step,
+        save_checkpoint=lambda path: Path(path).write_bytes(f"step={step}".encode()),
+        strategy=SimpleNamespace(barrier=lambda name: None, root_device=torch.device("cpu"), reduce=reduce),
+        reduced=reduced,
+    )
+
+
+@pytest.fixture
+def usr2_handler():
+    """Restores the process's SIGUSR2 handler after the test."""
+    before = signal.getsignal(USR2)
+    yield
+    signal.signal(USR2, before)
+
+
+@needs_usr2
+@pytest.mark.parametrize("exits", [True, False], ids=["rank0-exits", "rank1-returns"])
+def test_usr2_saves_the_current_step_then_hands_over(tmp_path, usr2_handler, exits):
+    cb = LastCheckpoint(tmp_path, every_n_train_steps=500)
+    fake = FakeSubmititHandler(cb.path, exits=exits)
+    signal.signal(USR2, fake)
+    cb.on_train_start(_fake_trainer(0), None)
+    assert signal.getsignal(USR2) == cb._on_signal
+    signal.raise_signal(USR2)
+    # noted only: the job neither exits nor requeues in the middle of the batch
+    assert cb.signum == USR2 and fake.calls == [] and not cb.path.exists()
+    trainer = _fake_trainer(7)  # step 7: no every_n_train_steps save due
+    if exits:  # submitit's rank 0: requeue, sys.exit
+        with pytest.raises(SystemExit):
+            cb.on_train_batch_end(trainer, None, None, None, 6)
+    else:  # submitit's other ranks return: this rank stops (exit 140)
+        with pytest.raises(TrainingStopped) as e:
+            cb.on_train_batch_end(trainer, None, None, None, 6)
+        assert (e.value.signum, e.value.ckpt_path, e.value.exit_code) == (USR2, str(cb.path), 140)
+    # the handler ran once, after last.ckpt of step 7 was complete (tmp + rename)
+    assert fake.calls == [(USR2, b"step=7")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    cb.teardown(trainer, None, "fit")
+    assert signal.getsignal(USR2) is fake
+
+
+@needs_usr2
+def test_usr2_without_a_previous_handler_is_left_alone(tmp_path, usr2_handler):
+    for disposition in (signal.SIG_DFL, signal.SIG_IGN):
+        signal.signal(USR2, disposition)
+        cb = LastCheckpoint(tmp_path)
+        cb.on_train_start(_fake_trainer(0), None)
+        assert signal.getsignal(USR2) == disposition
+        cb.teardown(_fake_trainer(0), None, "fit")
+    signal.raise_signal(USR2)  # ignored (SIG_IGN): not noted, training goes on
+    assert cb.signum is None
+    cb.on_train_batch_end(_fake_trainer(3), None, None, None, 2)
+    assert not cb.path.exists()
+
+
+@needs_usr2
+def test_usr2_after_training_goes_straight_to_the_previous_handler(tmp_path, usr2_handler):
+    cb = LastCheckpoint(tmp_path)
+    fake = FakeSubmititHandler(cb.path, exits=False)
+    signal.signal(USR2, fake)
+    cb.on_train_start(_fake_trainer(0), None)
+    cb.on_train_end(_fake_trainer(9), None)  # no signal pending: nothing saved
+    assert not cb.path.exists()
+    signal.raise_signal(USR2)  # no batch end comes any more: submitit acts at once
+    assert fake.calls == [(USR2, None)] and cb.signum is None
+
+
+@needs_usr2
+def test_usr2_noted_after_the_last_batch_is_saved_and_handed_over_at_train_end(tmp_path, usr2_handler):
+    cb = LastCheckpoint(tmp_path)
+    fake = FakeSubmititHandler(cb.path, exits=True)
+    signal.signal(USR2, fake)
+    cb.on_train_start(_fake_trainer(0), None)
+    signal.raise_signal(USR2)
+    with pytest.raises(SystemExit):
+        cb.on_train_end(_fake_trainer(12), None)
+    assert fake.calls == [(USR2, b"step=12")]
+
+
+@needs_usr2
+def test_ddp_ranks_agree_on_the_step_to_stop_at(tmp_path, usr2_handler):
+    """A rank whose SIGUSR2 has not arrived yet stops at the same step as one that has it (the
+    all-reduce), so every rank reaches the save's barrier."""
+    cb = LastCheckpoint(tmp_path)
+    fake = FakeSubmititHandler(cb.path, exits=False)
+    signal.signal(USR2, fake)
+    cb.on_train_start(_fake_trainer(0, world_size=2), None)
+    quiet = _fake_trainer(4, world_size=2, others_noted=0)
+    cb.on_train_batch_end(quiet, None, None, None, 3)  # no rank noted a signal: go on
+    assert quiet.reduced == ["max"] and cb.signum is None and not cb.path.exists()
+    with pytest.raises(TrainingStopped):
+        cb.on_train_batch_end(_fake_trainer(5, world_size=2, others_noted=int(USR2)), None, None, None, 4)
+    assert cb.signum == USR2 and fake.calls == [(USR2, b"step=5")]
+
+
 # ---- real submitit jobs on this machine (hydra/launcher=submitit_local) -----------------------
 
 
@@ -272,31 +405,63 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's process in /proc")
-def test_preempted_local_job_is_requeued_and_resumes(synthetic_packed, tmp_path):
-    """submitit's preemption signal (SIGUSR2) mid-training: the launcher requeues the job, which
-    runs again in the same folder and continues from its last.ckpt up to max_steps."""
+class PreemptionProbe(Callback):
+    """For the requeue test, inside the job: appends the global step each fit starts from to
+    ``log`` (one line each); the first time the batch that ends at global step ``at + 1``
+    begins, writes ``<log>.ready`` (this process id) and waits until LastCheckpoint noted the
+    test's SIGUSR2 (a process without the fix is requeued by submitit during that wait)."""
+
+    def __init__(self, log: str, at: int) -> None:
+        self.starts, self.at = Path(log), int(at)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        with self.starts.open("a") as f:
+            f.write(f"{trainer.global_step}\n")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        ready = self.starts.with_name(self.starts.name + ".ready")
+        if trainer.global_step != self.at or ready.exists() or not trainer.is_global_zero:
+            return
+        ready.write_text(str(os.getpid()))
+        (last,) = [cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)]
+        deadline = time.monotonic() + 600
+        while last.signum is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@pytest.mark.slow  # two job starts: ~40 s on 2 busy cores
+@pytest.mark.skipif(USR2 is None or not Path("/proc").is_dir(), reason="SIGUSR2; finds the job's process in /proc")
+def test_preempted_local_job_is_requeued_and_resumes_from_the_signals_step(synthetic_packed, tmp_path):
+    """submitit's preemption signal (SIGUSR2) mid-epoch, long before any periodic save: the job
+    saves last.ckpt at the end of the batch it arrived in, the launcher requeues it, and it runs
+    again in the same folder from exactly that step up to max_steps (without the hand-over it
+    would start again at step 0: nothing saved yet)."""
     sweep = tmp_path / "sweep"
-    max_steps = 60
+    probe = tmp_path / "starts.txt"
+    at, max_steps = 3, 8  # 12 samples, batch 2: epoch 0 ends at step 6
     cmd = _local_sweep_cmd(
         synthetic_packed,
         sweep,
         f"trainer.max_steps={max_steps}",
         "trainer.max_epochs=100",
-        "trainer.limit_train_batches=4",
         "trainer.check_val_every_n_epoch=100",
-        "callbacks.last_checkpoint.every_n_train_steps=1",
+        "callbacks.last_checkpoint.every_n_train_steps=500",
+        "+callbacks.probe._target_=tests.test_cluster.PreemptionProbe",
+        f"+callbacks.probe.log={probe}",
+        f"+callbacks.probe.at={at}",
     )
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ready = tmp_path / "starts.txt.ready"
     last = sweep / "0" / "checkpoints" / "last.ckpt"
     try:
         deadline = time.monotonic() + 600
-        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        while not ready.is_file() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert last.is_file(), "the job wrote no last.ckpt"
+        assert ready.is_file(), "the job never reached the probe's step"
+        assert not last.exists(), "a periodic save came first: the test proves nothing"
+        # the job's task process, as a user finds it (docs/cluster.md), is the one that trains
         tasks = [p for p in _children(proc.pid) if "submitit.core._submit" in _cmdline(p)]
-        assert len(tasks) == 1, tasks
+        assert tasks == [int(ready.read_text())], tasks
         os.kill(tasks[0], signal.SIGUSR2)  # what SLURM sends signal_delay_s before the limit
         out, _ = proc.communicate(timeout=600)
     finally:
@@ -306,5 +471,11 @@ def test_preempted_local_job_is_requeued_and_resumes(synthetic_packed, tmp_path)
     logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_0_log.*"))
     assert "Requeued job" in logs
     train_log = (sweep / "0" / "train.log").read_text()
+    assert "handing over to the job's own SIGUSR2 handler" in train_log
     assert "resume=auto: continuing from this run's" in train_log
+    # the requeued run starts at the step the signal arrived in (that batch finished), not at 0
+    assert [int(x) for x in probe.read_text().split()] == [0, at + 1]
     assert _step(last) == max_steps
+    (result,) = (sweep / ".submitit").glob("*/*_0_result.pkl")
+    status, ret = pickle.loads(result.read_bytes())
+    assert status == "success" and ret.status.name == "COMPLETED", ret

@@ -232,7 +232,7 @@ def test_train_with_a_missing_ckpt_path_names_it(synthetic_packed: Path, tmp_pat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without GPU")
 def test_train_gpus_without_gpu_suggests_cpu(synthetic_packed: Path, tmp_path: Path) -> None:
     r = _cli("vrn.train", *_run_overrides(synthetic_packed, "trainer.gpus=2"), cwd=tmp_path)
-    _assert_one_line(r, "trainer.gpus=2", "no CUDA GPU", "trainer.accelerator=cpu")
+    _assert_one_line(r, "trainer.gpus=2", "no CUDA GPU", "trainer.accelerator=cpu", "trainer=ddp_cpu")
 
 
 def test_run_cli_reports_an_expected_error_in_one_line(capsys, monkeypatch) -> None:

@@ -40,6 +40,11 @@ __all__ = [
 #: exit status of a run stopped by a signal: 128 + the signal number (SIGINT 130, SIGTERM 143)
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
+#: signals that :class:`LastCheckpoint` defers only when the job already handles them: submitit's
+#: checkpoint-and-requeue signal (SIGUSR2, sent by SLURM ``--signal=USR2@<s>`` before the time
+#: limit, or by ``kill -USR2`` to a ``cluster=local`` job); not on Windows
+HAND_OVER_SIGNALS: tuple[int, ...] = tuple(s for s in (getattr(signal, "SIGUSR2", None),) if s is not None)
+
 
 class TrainingStopped(Exception):
     """Training stopped on a signal after saving ``ckpt_path`` (None: nothing could be saved)."""
@@ -68,6 +73,21 @@ class LastCheckpoint(pl.Callback):
     (Ctrl-C) during training finish the current batch, save the checkpoint of that step and
     stop with :class:`TrainingStopped` (``vrn.train`` prints the resume command and exits
     143 / 130). A second Ctrl-C interrupts at once, saving nothing more.
+
+    SIGUSR2 (:data:`HAND_OVER_SIGNALS`) is taken over only when a Python handler for it is
+    already installed, i.e. in a submitit job (``cluster=slurm`` / ``cluster=local``), whose
+    handler requeues the job and exits at once. Then the signal is noted, the current batch
+    finishes, ``last.ckpt`` of that step is written (complete: tmp + rename) and only then is
+    the previous handler called: submitit requeues and exits (``sys.exit`` on rank 0), and the
+    requeued job resumes from exactly that step. Where that handler returns (submitit on ranks
+    other than 0), training stops with :class:`TrainingStopped` (exit 140). Without a previous
+    handler SIGUSR2 is left alone.
+
+    DDP: SLURM signals every task of the job step, so each rank's handler notes the signal,
+    but not necessarily during the same batch. So with more than one process the ranks agree
+    at each training batch end (one scalar all-reduce, the largest signal number noted on any
+    rank) and all of them reach the save (which ends with a barrier) at the same step; a
+    signal during validation is then acted on at the next training batch end or epoch end.
     """
 
     def __init__(
@@ -88,6 +108,10 @@ class LastCheckpoint(pl.Callback):
         #: the checkpoint written for that signal
         self.stop_path: str | None = None
         self._previous: dict[int, Any] = {}
+        #: the HAND_OVER_SIGNALS handled now (their previous handler runs after the save)
+        self._hand_over: set[int] = set()
+        #: training is running and a signal can wait for the current batch's end
+        self._deferring = False
 
     @property
     def path(self) -> Path:
@@ -114,40 +138,77 @@ class LastCheckpoint(pl.Callback):
         return path
 
     def _stop(self, trainer: pl.Trainer) -> None:
+        """Save the current step; then hand a HAND_OVER_SIGNALS signal to the job's previous
+        handler (submitit: requeue and ``sys.exit``), or stop with :class:`TrainingStopped`."""
         assert self.signum is not None
+        signum = self.signum
         self.stop_path = str(self.save(trainer))
-        raise TrainingStopped(self.signum, self.stop_path)
+        previous = self._previous.get(signum) if signum in self._hand_over else None
+        if callable(previous):
+            name = signal.Signals(signum).name
+            log.warning(
+                f"{name}: {self.stop_path} saved at global step {trainer.global_step}; "
+                f"handing over to the job's own {name} handler (submitit: requeue)"
+            )
+            self._deferring = False
+            previous(signum, None)  # may exit (SystemExit): the checkpoint is complete by now
+        raise TrainingStopped(signum, self.stop_path)
+
+    def _pending(self, trainer: pl.Trainer) -> int | None:
+        """The signal to stop for at this point, the same on every rank: under DDP the largest
+        signal number any rank noted (a rank that noted none adopts it). Every rank must call
+        this at the same point (an all-reduce when ``trainer.world_size`` > 1)."""
+        if self.handle_signals and trainer.world_size > 1:
+            noted = torch.tensor([self.signum or 0], dtype=torch.int32, device=trainer.strategy.root_device)
+            agreed = int(trainer.strategy.reduce(noted, reduce_op="max").item())
+            if agreed and self.signum is None:
+                self.signum = agreed  # another rank's signal: stop at the same step
+            return agreed or None
+        return self.signum
 
     # ---- signals ----------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum in self._hand_over and not self._deferring:
+            # training is over (or cannot save here): what the job would have done without us
+            self._previous[signum](signum, frame)
+            return
         first = self.signum is None
-        self.signum = signum
+        if self.signum not in self._hand_over:  # a pending requeue wins over a later stop signal
+            self.signum = signum
         if signum == signal.SIGINT:
             # a second Ctrl-C interrupts at once
             signal.signal(signal.SIGINT, signal.default_int_handler)
         if first:
-            log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint after the current batch")
+            then = " (then the job's own handler)" if signum in self._hand_over else ""
+            log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint after the current batch{then}")
         previous = self._previous.get(signum)
         if signum == signal.SIGTERM and callable(previous):
             previous(signum, frame)  # Lightning's own handler (tells DDP workers)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.signum, self.stop_path = None, None
+        self._deferring = not trainer.fast_dev_run
         if not self.handle_signals:
             return
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
                 self._previous[s] = signal.getsignal(s)
                 signal.signal(s, self._on_signal)
-            except ValueError:  # not the main thread
-                return
+            for s in HAND_OVER_SIGNALS:
+                previous = signal.getsignal(s)
+                if callable(previous):  # submitit's checkpoint_and_try_requeue; else left alone
+                    self._previous[s] = previous
+                    self._hand_over.add(s)
+                    signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread
+            return
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self._can_save(trainer):
             return
-        if self.signum is not None:
+        if self._pending(trainer) is not None:
             self._stop(trainer)
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self.save(trainer)
@@ -161,7 +222,9 @@ class LastCheckpoint(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.signum is not None and self._can_save(trainer):
+        # (under DDP the ranks may run different numbers of validation batches: no all-reduce
+        # here, the next training batch end or epoch end acts on the signal)
+        if self.signum is not None and trainer.world_size == 1 and self._can_save(trainer):
             self._stop(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -172,8 +235,15 @@ class LastCheckpoint(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._can_save(trainer):
             self.save(trainer)
-            if self.signum is not None:
+            if self._pending(trainer) is not None:
                 self._stop(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a requeue signal noted after the last batch: hand it over now (state saved first). The
+        # condition depends on nothing rank-specific: under DDP every rank reaches the all-reduce.
+        if self._can_save(trainer) and self._pending(trainer) in HAND_OVER_SIGNALS:
+            self._stop(trainer)
+        self._deferring = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning stops on SIGTERM itself at some points (SIGTERMException): save there too
@@ -189,7 +259,7 @@ class LastCheckpoint(pl.Callback):
                     signal.signal(s, h)
                 except ValueError:  # not the main thread
                     pass
-        self._previous = {}
+        self._previous, self._hand_over, self._deferring = {}, set(), False
 
 
 def _depth_to_rgb(depth: np.ndarray, depth_bins: int) -> np.ndarray:
