@@ -1,0 +1,116 @@
+"""scripts/gpu_check.sh and scripts/bench_gpu.py: the prepared GPU check, run here on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bg():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = mod  # dataclasses look the module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_sh_parses_and_is_strict():
+    sh = ROOT / "scripts" / "gpu_check.sh"
+    proc = subprocess.run(["bash", "-n", str(sh)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = sh.read_text()
+    assert "set -euo pipefail" in text
+    assert 'pip install --quiet -e ".[dev]"' in text and "VRN_SKIP_INSTALL" in text
+    assert "timeout " in text and "scripts/bench_gpu.py --device cuda" in text
+    assert "${VRN_ASSETS_DIR:-../shared/assets}" in text
+
+
+def test_centre_crop_batch_matches_full_targets(bg, synthetic_packed):
+    from vrn.volume.codec import decode_torch
+
+    cpu = torch.device("cpu")
+    full = bg.device_batch(synthetic_packed, 3, cpu)
+    crop = bg.device_batch(synthetic_packed, 3, cpu, crop=64)
+    assert full["image"].shape == (3, 3, 192, 192) and crop["image"].shape == (3, 3, 64, 64)
+    vf = decode_torch(full["lo"], full["hi"], full["extra"], 200)
+    vc = decode_torch(crop["lo"], crop["hi"], crop["extra"], 200)
+    assert vc.any()
+    assert torch.equal(vf[..., 64:128, 64:128], vc)
+    assert torch.equal(full["image"][..., 64:128, 64:128], crop["image"])
+
+
+def test_a_failing_measurement_is_a_row(bg):
+    rows = []
+    budget = bg.Budget(60)
+
+    def boom():
+        raise RuntimeError("torch.compile is not available\nsecond line")
+
+    bg.guarded(rows, "train x", budget, boom)
+    bg.guarded(rows, "train y", bg.Budget(0), lambda: bg.Row("train y", 1, 2.0))
+    assert rows[0].name == "train x" and rows[0].note.startswith("error: RuntimeError: torch.compile is not available")
+    assert "\n" not in rows[0].note
+    assert rows[1].note.startswith("skipped: time budget") and rows[1].samples_per_s is None
+    table = bg.markdown_table(rows)
+    assert table.count("\n") == 3 and "| train x |" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_gpu_says_so():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cuda"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert proc.returncode == 2
+    assert "sees no CUDA device" in proc.stderr and "--device cpu" in proc.stderr
+
+
+@pytest.mark.slow
+def test_quick_cpu_run_prints_every_row(bg, synthetic_packed, tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--quick",
+        "--budget-s",
+        "1200",
+        "--packed",
+        str(synthetic_packed),
+        "--aflw",
+        str(synthetic_packed),
+        "--aflw-steps",
+        "2",
+        "--json",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "machine: device=cpu" in proc.stdout and "torch=" in proc.stdout
+    assert "| row | batch | samples/s | peak GPU mem (GiB) | wall (s) | note |" in proc.stdout
+    names = bg.row_names(bg.Plan.make(True, None))
+    for name in names:
+        assert f"| {name} |" in proc.stdout, name
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == names
+    for name, r in rows.items():
+        assert not r["note"].startswith(("error", "skipped")), (name, r["note"])
+    for name in names:
+        if name.startswith(("train", "dataloader")):
+            assert rows[name]["samples_per_s"] > 0, name
+    assert "compile backend=eager" in rows["train bf16-mixed+channels_last+compile bs2"]["note"]
+    assert rows["aflw_real"]["samples_per_s"] > 0
+    assert "1 faces" in rows["demo batched"]["note"]
+    assert (tmp_path / "work" / "fast_dev_run.log").is_file()
