@@ -264,7 +264,9 @@ def test_evaluate_synthetic_test_split(slab_ckpt: Path, tmp_path: Path) -> None:
         output_dir=tmp_path / "run",
     )
     evaluate(cfg)
-    res = _check_results(tmp_path / "run", 3, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "iou"])
+    res = _check_results(
+        tmp_path / "run", 3, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "nme_lmk_3d_fit", "iou"]
+    )
     # only the test split was rendered (no training cache there)
     assert len(list((tmp_path / "synthetic").glob("synthetic_0_0_3_*/meta.json"))) == 1
     assert all(0.0 <= r["iou"] < 0.5 for r in res["samples"])  # a slab is not a face
@@ -278,7 +280,7 @@ def test_evaluate_packed_folder(slab_ckpt: Path, synthetic_packed: Path, tmp_pat
     )
     assert cfg.data_name == "folder"
     res = evaluate(cfg)
-    _check_results(tmp_path, 2, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "iou"])
+    _check_results(tmp_path, 2, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "nme_lmk_3d_fit", "iou"])
     assert res["layout"] == DEFAULT_LAYOUT.to_dict()
 
 
@@ -307,9 +309,11 @@ def test_evaluate_aflw2000_3d(slab_ckpt: Path, tmp_path: Path) -> None:
         pytest.fail(f"shared AFLW2000-3D samples not found at {AFLW}")
     base = [f"ckpt={slab_ckpt}", "data=aflw2000_3d", f"data.root={AFLW}", "data.crop=gt"]
     evaluate(compose_eval(base, output_dir=tmp_path / "lmk"))
-    _check_results(tmp_path / "lmk", 6, ["nme_lmk_3d", "nme_lmk_3d_51"])
+    _check_results(tmp_path / "lmk", 6, ["nme_lmk_3d", "nme_lmk_3d_51", "nme_lmk_3d_fit"])
     res = evaluate(compose_eval(base + ["data.bfm_path=standin"], output_dir=tmp_path / "dense"))
-    _check_results(tmp_path / "dense", 6, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "iou"])
+    _check_results(
+        tmp_path / "dense", 6, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "nme_lmk_3d_fit", "iou"]
+    )
     assert {r["bucket"] for r in res["samples"]} == {"[0, 30]", "(30, 60]", "(60, 90]"}
     assert res["summary"]["all"]["nme_rigid"] <= res["summary"]["all"]["nme_icp"]
 

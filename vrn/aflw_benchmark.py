@@ -21,6 +21,10 @@ Metrics (image px throughout; x right, y down, z toward the camera):
 * :func:`depth_error_at_landmarks`: the front surface's depth at each ground-truth (x, y)
   against the ground-truth z (common z offset removed, the median), / the same distance.
   Hidden points (the far jaw in profile) have surface in front of them: this error has a floor.
+* :func:`pose_errors`: head pose error in degrees, |predicted - ``Pose_Para``| per angle
+  (yaw, pitch, roll, wrapped to [0, 180]) and their mean, for VRN's template fit
+  (:mod:`vrn.pose_landmarks`) and the 3DDFA_V2 port's camera (same convention,
+  :mod:`vrn.geometry.head_pose`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from scipy.spatial import cKDTree
 
 from tddfa_v2 import BFMModel, TDDFAResult, similar_transform, split_param
 from vrn.face_models.bfm import dense_model_shape
+from vrn.geometry.head_pose import pose_angles_from_rotation, rotation_angle_deg, rotation_from_pose_angles
 from vrn.nme import bucket_names, icp, interocular_distance, surface_depth_at
 
 __all__ = [
@@ -51,6 +56,8 @@ __all__ = [
     "benchmark_table",
     "BENCHMARK_COLUMNS",
     "BENCHMARK_FILE",
+    "pose_errors",
+    "POSE_ANGLES",
 ]
 
 BENCHMARK_FILE = "benchmark.npz"
@@ -304,7 +311,49 @@ BENCHMARK_COLUMNS: list[tuple[str, str, str, float, int]] = [
     ("bench_depth_vrn", "VRN (this checkpoint)", "depth error at GT x, y (% IOD)", 100.0, 2),
     ("bench_depth_port_mesh", "3DDFA_V2 port mesh", "depth error at GT x, y (% IOD)", 100.0, 2),
     ("bench_depth_posed_mean_face", "posed mean face", "depth error at GT x, y (% IOD)", 100.0, 2),
+    *[
+        (f"bench_pose_{a}_{key}", method, f"pose error, {a} (deg)", 1.0, 2)
+        for key, method in (
+            ("vrn", "VRN (this checkpoint)"),
+            ("port", "3DDFA_V2 port (mb05)"),
+            ("gtvol", "pose fit on the GT volume (check)"),
+        )
+        for a in ("yaw", "pitch", "roll", "mean", "rotation")
+    ],
 ]
+
+#: the angles of a ``(pitch, yaw, roll)`` pose vector, in that order (``Pose_Para``)
+POSE_ANGLES = ("pitch", "yaw", "roll")
+
+
+def pose_errors(pred_deg: np.ndarray | None, gt_deg: np.ndarray | None, key: str) -> dict[str, float | None]:
+    """Absolute pose errors of one face, degrees.
+
+    Args:
+        pred_deg, gt_deg: (3,) pitch, yaw, roll in degrees (``Pose_Para`` convention), or None.
+        key: the method's column suffix ("vrn", "port", "gtvol": the same fit as "vrn" on the
+            ground-truth volume, where the data has one: checks the computation on real faces).
+    Returns:
+        ``{"bench_pose_<angle>_<key>": |difference| wrapped to [0, 180], ...}`` for yaw, pitch,
+        roll and their ``mean``, both poses first brought to the one Euler triple of their
+        rotation with |yaw| <= 90 (:func:`vrn.geometry.head_pose.pose_angles_from_rotation`),
+        and ``rotation``: the angle of the rotation between the two (geodesic; free of the
+        gimbal lock that makes pitch and roll trade off near |yaw| 90); Nones when either pose
+        is missing.
+    """
+    out: dict[str, float | None] = {f"bench_pose_{a}_{key}": None for a in (*POSE_ANGLES, "mean", "rotation")}
+    if pred_deg is None or gt_deg is None or not np.isfinite(np.r_[pred_deg, gt_deg]).all():
+        return out
+    # one representative per rotation (|yaw| <= 90): a few fits store e.g. yaw -103 deg
+    Rp, Rg = rotation_from_pose_angles(*pred_deg), rotation_from_pose_angles(*gt_deg)
+    p, g = np.array(pose_angles_from_rotation(Rp)), np.array(pose_angles_from_rotation(Rg))
+    d = p - g
+    err = np.abs((d + 180.0) % 360.0 - 180.0)
+    for a, e in zip(POSE_ANGLES, err):
+        out[f"bench_pose_{a}_{key}"] = float(e)
+    out[f"bench_pose_mean_{key}"] = float(err.mean())
+    out[f"bench_pose_rotation_{key}"] = rotation_angle_deg(Rp, Rg)
+    return out
 
 
 def benchmark_table(summary: dict[str, dict[str, Any]]) -> str:

@@ -33,6 +33,7 @@ from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_c
 from vrn.face_models.mat_fit import angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points
 from vrn.face_models.tddfa_models import load_tddfa
 from vrn.geometry.crop import crop_face
+from vrn.geometry.head_pose import pose_angles_from_rotation
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
 from vrn.nme import yaw_from_rotation
@@ -65,6 +66,8 @@ class EvalSample:
         error: set when the sample could not be prepared (then it is counted and skipped).
         benchmark: 3DDFA's benchmark arrays of this face and the port's baselines
             (:func:`vrn.aflw_benchmark.score_benchmark`), or None.
+        pose_deg: (3,) ground-truth head pose (pitch, yaw, roll) degrees, ``Pose_Para``
+            convention (:mod:`vrn.geometry.head_pose`), or None.
     """
 
     id: str
@@ -79,6 +82,7 @@ class EvalSample:
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     benchmark: dict[str, Any] | None = None
+    pose_deg: np.ndarray | None = None
 
 
 class PackedEvalDataset(Dataset):
@@ -259,6 +263,7 @@ class AFLW2000Dataset(Dataset):
                 self._port = load_tddfa()
             res = self._port.from_roi_boxes(image, [self.arrays.roi_box[i]])[0]
             bench["port_pts68"] = res.pts68
+            bench["port_pose_deg"] = np.array(pose_angles_from_rotation(res.R, model_frame=True))
             bench["meshes"] = port_meshes(res, self._port.bfm)
         return bench
 
@@ -317,6 +322,7 @@ class AFLW2000Dataset(Dataset):
             pred_landmarks_xy=xy,
             landmarks_xy_from=xy_from,
             info={"image": path.name, "crop": crop_info},
+            pose_deg=np.degrees(pose[:3]),
         )
         if self.bfm_path is not None:
             self._add_dense_gt(s, mat, pose, image.shape[0])

@@ -12,6 +12,10 @@ Metrics per sample (the math is in :mod:`vrn.nme`):
   vertices that the cheek often hides, so a front-surface depth is wrong for them even
   with a perfect volume);
 * ``iou``: voxel IoU of ``p > threshold`` with the ground-truth volume (:func:`vrn.metrics.voxel_iou`).
+* ``nme_lmk_3d_fit``: the 68-landmark 3D NME of :mod:`vrn.pose_landmarks`' landmarks (z from the
+  surface where visible, from the fitted mean face where hidden);
+* ``bench_pose_*`` (where the ground truth has ``Pose_Para``): head pose error in degrees of
+  VRN's template fit and of the 3DDFA_V2 port (:func:`vrn.aflw_benchmark.pose_errors`).
 
 Config: ``conf/eval_data/evaluate.yaml`` (evaluation has its own config folder, so that its
 ``data`` group is ``conf/eval_data/data/``; ``paths``, ``hydra`` and ``train_data`` there are
@@ -52,7 +56,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from vrn.aflw_benchmark import BENCHMARK_COLUMNS, benchmark_table, score_benchmark
+from vrn.aflw_benchmark import BENCHMARK_COLUMNS, benchmark_table, pose_errors, score_benchmark
 from vrn.atomic_write import atomic_write
 from vrn.cli_errors import check_device, prepare_output_dir, remove_empty, run_cli
 from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
@@ -69,6 +73,7 @@ from vrn.nme import (
     surface_nme,
     yaw_bucket,
 )
+from vrn.pose_landmarks import estimate_pose_landmarks
 from vrn.volume.codec import decode
 from vrn.wandb_logging import finish_run, start_run
 
@@ -92,6 +97,7 @@ METRICS: list[tuple[str, str, float, int]] = [
     ("nme_lmk_2d", "68-lmk NME 2D (%)", 100.0, 2),
     ("nme_lmk_3d", "68-lmk NME 3D (%)", 100.0, 2),
     ("nme_lmk_3d_51", "51-lmk NME 3D, no jaw (%)", 100.0, 2),
+    ("nme_lmk_3d_fit", "68-lmk NME 3D, hidden z from the pose fit (%)", 100.0, 2),
     ("iou", "voxel IoU", 1.0, 3),
 ]
 
@@ -105,6 +111,12 @@ BENCHMARK_NOTES = (
     "the GT x, y vs GT z (median offset removed), hidden points included (a floor for every method)\n"
     "- baselines: 'port mesh' = the 3DDFA_V2 port's dense mesh (offline: the stand-in, mean face + landmark "
     "spline); 'posed mean face' = the mean face with the port's pose and scale\n"
+    "- pose error: |predicted - `Pose_Para`| in degrees per angle (wrapped), AFLW2000-3D's convention; VRN: "
+    "the BFM mean face fitted to the predicted front surface, seeded by the crop's landmarks "
+    "(docs/pose_and_landmarks.md); port: the 3DDFA_V2 port's camera rotation on 3DDFA's `roi_box`; 'pose fit "
+    "on the GT volume' (with `data.bfm_path`): the same fit on the .mat fit's volume, a check of the computation; "
+    "near |yaw| 90 pitch and roll trade off (gimbal lock), so the (60, 90] Euler errors overstate the error; "
+    "'rotation' is the angle of the rotation between predicted and true pose, free of that\n"
 )
 
 
@@ -155,6 +167,7 @@ def score_sample(
     if s.benchmark is not None and s.gt_landmarks is not None:
         mesh = (verts, faces) if len(faces) else None
         row.update(score_benchmark(s.gt_landmarks, mesh, s.benchmark, int((icp or {}).get("max_iterations", 50))))
+    _score_pose(row, s, prob, threshold, depth_factor, len(faces) > 0)
     if len(faces) == 0:
         return row
     iod = interocular_distance(s.gt_landmarks) if s.gt_landmarks is not None else float("nan")
@@ -174,6 +187,36 @@ def score_sample(
             if s.landmarks_xy_from != "ground truth":
                 row["nme_lmk_2d"] = _f(landmark_nme(xy, s.gt_landmarks[:, :2], norm))
     return row
+
+
+def _score_pose(
+    row: dict[str, Any], s: EvalSample, prob: np.ndarray, threshold: float, depth_factor: float, surface: bool
+) -> None:
+    """Pose errors (VRN's template fit, the port's camera, and the same fit on the ground-truth
+    volume where there is one) against ``s.pose_deg``, and the 68-landmark 3D NME of the fit's
+    landmarks (:mod:`vrn.pose_landmarks`), into ``row``."""
+    marks = None
+    if surface and s.pred_landmarks_xy is not None and s.transform is not None:
+        occ = np.asarray(prob) > threshold
+        marks = estimate_pose_landmarks(occ, s.transform, s.pred_landmarks_xy, depth_factor=depth_factor)
+    pred = None if marks is None else np.array([marks.pose.pitch, marks.pose.yaw, marks.pose.roll])
+    port = (s.benchmark or {}).get("port_pose_deg")
+    if s.pose_deg is not None:
+        row.update(pose_errors(pred, s.pose_deg, "vrn"))
+        row.update(pose_errors(port, s.pose_deg, "port"))
+        row["pose_gt_deg"] = [round(float(v), 2) for v in s.pose_deg]
+    if pred is not None:
+        row["pose_vrn_deg"] = [round(float(v), 2) for v in pred]
+    if port is not None:
+        row["pose_port_deg"] = [round(float(v), 2) for v in port]
+    if s.pose_deg is not None and s.gt_code is not None and s.pred_landmarks_xy is not None and s.transform is not None:
+        check = estimate_pose_landmarks(decode(s.gt_code), s.transform, s.pred_landmarks_xy, depth_factor=depth_factor)
+        gt_fit = None if check is None else np.array([check.pose.pitch, check.pose.yaw, check.pose.roll])
+        row.update(pose_errors(gt_fit, s.pose_deg, "gtvol"))
+    if marks is not None and s.gt_landmarks is not None:
+        norm = landmark_box_size(s.gt_landmarks)
+        if math.isfinite(norm) and norm > 0:
+            row["nme_lmk_3d_fit"] = _f(landmark_nme(marks.landmarks_3d, s.gt_landmarks, norm))
 
 
 def _collate(batch: list[EvalSample]) -> list[EvalSample]:
