@@ -6,13 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from data_pipeline.stage import load_npz
+from vrn.checkpoint import save_network
+from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE, VolumeLayout
 from vrn.geometry.raster import rasterize
+from vrn.models import create_model
 from vrn.volume.codec import from_bytes
 from vrn.volume.surface import front_depth_of_code
 
@@ -34,6 +38,21 @@ def compose_config(
             cfg.paths.output_dir = str(output_dir)
             cfg.paths.log_dir = str(output_dir)
     return cfg
+
+
+def slab_checkpoint(path: Path, crop_size: int = 64, depth_bins: int = 48, slab: tuple[int, int] = (20, 28)) -> Path:
+    """A fast stand-in model: ``vrn_tiny`` on a small layout (``crop_size`` px crops,
+    ``depth_bins`` bins, the default face size scaled) whose last convolution is a constant
+    (weights 0, bias +8 on bins ``slab``, -8 elsewhere): every face gets a slab-shaped mesh."""
+    torch.manual_seed(0)
+    net = create_model("vrn_tiny", depth_bins=depth_bins)
+    head = net.head[1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-8.0)
+        head.bias[slab[0] : slab[1]] = 8.0
+    layout = VolumeLayout(crop_size, CROP_FACE_SIZE * crop_size / CROP_SIZE, depth_bins, depth_bins / crop_size)
+    return save_network(path, net, {"name": "vrn_tiny", "depth_bins": depth_bins}, layout)
 
 
 def tiny_train_overrides(packed_root: Path, logger: str) -> list[str]:

@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["vrn.conventions", "vrn.image_io", "vrn.atomic_write", "vrn.assets", "vrn.bench_timing"]),
+    ("base", ["vrn.conventions", "vrn.image_io", "vrn.atomic_write", "vrn.assets", "vrn.bench_timing", "vrn.video_io"]),
     (
         "domain",
         [
@@ -39,6 +39,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "vrn.nme",
             "vrn.render",
             "vrn.wandb_logging",
+            "vrn.tracking",
+            "vrn.pose_landmarks",
         ],
     ),
     ("data", ["vrn.data"]),
@@ -49,13 +51,27 @@ LAYERS: list[tuple[str, list[str]]] = [
             "vrn.builders",
             "vrn.callbacks",
             "vrn.train",
+            "vrn.resume",
+            "vrn.ddp_jobs",
             "vrn.checkpoint",
             "vrn.inference",
             "vrn.cli_errors",
             "vrn.export",
         ],
     ),
-    ("apps", ["vrn.demo", "vrn.demo_writer", "vrn.evaluate", "vrn.eval_datasets", "vrn.aflw_benchmark", "vrn"]),
+    (
+        "apps",
+        [
+            "vrn.demo",
+            "vrn.demo_writer",
+            "vrn.demo_video",
+            "vrn.evaluate",
+            "vrn.eval_datasets",
+            "vrn.aflw_benchmark",
+            "vrn.runs",
+            "vrn",
+        ],
+    ),
     ("pipeline", ["data_pipeline"]),
 ]
 

@@ -4,15 +4,24 @@
 [detector=tddfa] [formats=[obj,ply]] [glb=true] [turntable=false] [backend=onnxruntime]``
 (conf/demo.yaml; ``ckpt=model.onnx`` from :mod:`vrn.export` runs with onnxruntime).
 
+A video ``input`` (``.mp4``, ``.avi``, ``.mov``, ``.mkv``, ``.webm``, ...) gives
+``<video>_overlay.mp4`` and ``<video>_video.json`` (faces per frame with identities) instead:
+:func:`_run_video`, docs/video_and_confidence.md.
+
 Per face ``k`` of ``<image>`` (``k`` counts faces left to right), in ``output_dir`` (input
 sub-folders are mirrored):
 
-* ``<image>_face<k>.obj`` / ``.ply`` (per-vertex colour) / ``.glb``: the mesh in image px
+* ``<image>_face<k>.obj`` / ``.ply`` (per-vertex colour; .ply also ``quality`` = the vertex's
+  confidence, :mod:`vrn.volume.confidence`) / ``.glb``: the mesh in image px
   (x right, y down, z toward the camera; :mod:`vrn.conventions`),
 * ``<image>_face<k>_depth.png``: front-surface depth of the face's window (near = bright),
 * ``<image>_face<k>_overlay.png``: the shaded mesh drawn over the photo,
 * ``<image>_face<k>_turntable.gif``: the coloured mesh turning about its vertical axis,
-* ``<image>_face<k>.vrnc`` (``save_volume=true``): the predicted occupancy, compact code.
+* ``<image>_face<k>.vrnc`` (``save_volume=true``): the predicted occupancy, compact code,
+* ``<image>_face<k>_confidence.png`` (``confidence_map=true``): the mesh coloured by confidence,
+* in ``summary.json`` (``pose_landmarks=true``, the default): the head pose (yaw, pitch, roll)
+  and 68 3D landmarks of each face (:mod:`vrn.pose_landmarks`); ``draw_landmarks=true`` draws
+  them and the pose axes on the overlay.
 
 Photos of one folder that share a stem (``face.jpg``, ``face.jpeg``) are told apart by their
 extension: ``face_jpg_face0.*``, ``face_jpeg_face0.*`` (only when stems collide).
@@ -43,7 +52,9 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,12 +66,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from vrn.atomic_write import atomic_write
-from vrn.cli_errors import check_device, make_dirs, prepare_output_dir, remove_empty, run_cli
+from vrn.cli_errors import UserError, check_device, make_dirs, prepare_output_dir, remove_empty, run_cli
 from vrn.conventions import VolumeLayout
+from vrn.demo_video import VideoSink
 from vrn.demo_writer import MESH_EXTS, FaceOutput, FaceWriter, face_outputs
 from vrn.detectors import get_detector
 from vrn.image_io import IMAGE_EXTS, ImageReadError, list_image_files
 from vrn.inference import PreparedImage, Reconstructor, prepare_image
+from vrn.tracking import IouTracker
+from vrn.video_io import (
+    FrameReader,
+    VideoInfo,
+    VideoReadError,
+    frame_blocks,
+    is_video_file,
+    open_video_writer,
+    probe_video,
+)
 from vrn.wandb_logging import finish_run, image_media, is_active, log_media, mesh_media, start_run
 
 log = logging.getLogger(__name__)
@@ -71,6 +93,8 @@ STAGES = ("detect", "network", "post", "write")
 _FACE_STAGE = {
     "marching_cubes": "post",
     "colour": "post",
+    "confidence": "post",
+    "pose": "post",
     "volume": "write",
     "export": "write",
     "render": "write",
@@ -202,8 +226,17 @@ class _ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _source(self, i: int) -> Path | np.ndarray:
+        """What :func:`prepare_image` gets for item ``i``: the photo's path (it reads it)."""
+        return self.paths[i]
+
+    def _describe(self, i: int) -> dict[str, Any]:
+        """The item's ``index`` and ``path`` (and, for video frames, ``frame``)."""
+        return {"index": i, "path": str(self.paths[i])}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        path = self.paths[i]
+        item = self._describe(i)
+        path = Path(item["path"])
         try:
             self.detector.setup()
         except Exception as e:  # noqa: BLE001 - a model that cannot load stops the run, with a hint
@@ -213,31 +246,65 @@ class _ImageDataset(Dataset):
             ) from e
         t0 = time.perf_counter()
         try:
-            prep = prepare_image(path, self.detector, self.layout)
+            prep = prepare_image(self._source(i), self.detector, self.layout)
         except (ImageReadError, cv2.error, OSError) as e:
             dt = time.perf_counter() - t0
-            return {"index": i, "path": str(path), "error": _read_failure(path, e), "t0": t0, "detect_s": dt}
-        return {"index": i, "path": str(path), "prep": prep, "t0": t0, "detect_s": time.perf_counter() - t0}
+            return {**item, "error": _read_failure(path, e), "t0": t0, "detect_s": dt}
+        return {**item, "prep": prep, "t0": t0, "detect_s": time.perf_counter() - t0}
+
+
+class _VideoFrameDataset(_ImageDataset):
+    """Decodes, detects and crops one video frame per item (item ``j`` = source frame
+    ``frames[j]``); each DataLoader worker process decodes with its own
+    :class:`~vrn.video_io.FrameReader` (:mod:`vrn.video_io` for the block scheme)."""
+
+    def __init__(self, path: Path, frames: list[int], detector: Any, layout: VolumeLayout) -> None:
+        super().__init__([path], detector, layout)
+        self.frames = frames
+        self.reader = FrameReader(path)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def _source(self, i: int) -> np.ndarray:
+        return self.reader.read(self.frames[i])  # FrameReadError (an ImageReadError): this frame only
+
+    def _describe(self, i: int) -> dict[str, Any]:
+        return {"index": i, "path": str(self.paths[0]), "frame": self.frames[i]}
 
 
 def _first(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return batch[0]
 
 
+def _block(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return batch
+
+
 def _image_loader(paths: list[Path], detector: Any, layout: VolumeLayout, cfg: DictConfig) -> DataLoader:
     """One item per photo: ``{"index", "path", "t0", "detect_s"}`` plus ``"prep"`` or ``"error"``
     (``detect_s``: seconds to read, detect and crop it)."""
+    return _loader(_ImageDataset(paths, detector, layout), cfg)
+
+
+def _loader(dataset: _ImageDataset, cfg: DictConfig, block: int | None = None) -> DataLoader:
+    """Items of ``dataset`` from ``num_workers`` worker processes, in order. ``block``: items
+    go to the workers ``block`` consecutive ones at a time (video frames: a worker decodes a
+    run of frames forward, :mod:`vrn.video_io`), and the loader yields lists of items."""
     nw = int(cfg.get("num_workers", 0))
     # (DataLoader workers run torch single-threaded already; do not touch OpenCV's thread pool in a
     # forked worker: reconfiguring it after fork can hang when the parent has used it)
+    batching: dict[str, Any] = (
+        {"batch_size": 1, "shuffle": False, "collate_fn": _first}
+        if block is None
+        else {"batch_sampler": frame_blocks(len(dataset), block), "collate_fn": _block}
+    )
     return DataLoader(
-        _ImageDataset(paths, detector, layout),
-        batch_size=1,
-        shuffle=False,
+        dataset,
         num_workers=nw,
-        collate_fn=_first,
         prefetch_factor=2 if nw > 0 else None,
         multiprocessing_context=cfg.get("worker_start") if nw > 0 else None,
+        **batching,
     )
 
 
@@ -272,6 +339,8 @@ class _ImageState:
     #: seconds: read + detect + crop, and this image's share of the network batches
     detect_s: float = 0.0
     network_s: float = 0.0
+    #: the loader item without its payload (``index``, ``path``, and ``frame`` for video frames)
+    item: dict[str, Any] = field(default_factory=dict)
 
 
 class _DemoRun:
@@ -279,7 +348,8 @@ class _DemoRun:
 
     :meth:`add` takes one loader item; faces go to the network ``batch_size`` at a time
     (:meth:`_run_batch`) and on to the :class:`~vrn.demo_writer.FaceWriter`; :meth:`_flush`
-    reports images in input order as soon as all of their faces are written.
+    reports images in input order as soon as all of their faces are written: one line on
+    stdout (and W&B media), or, with ``on_done`` (video frames), ``on_done(state)`` instead.
     """
 
     def __init__(
@@ -291,7 +361,9 @@ class _DemoRun:
         out_root: Path,
         detector_name: str,
         stems: list[str],
+        on_done: Callable[[_ImageState], None] | None = None,
     ) -> None:
+        self.on_done = on_done
         self.cfg = cfg
         self.rec = rec
         self.writer = writer
@@ -315,6 +387,7 @@ class _DemoRun:
         stem = self.stems[item["index"]]
         report = ImageReport(path=rel.as_posix(), status="ok", message="", output_stem=stem)
         st = _ImageState(report, item.get("prep"), stem, out_dir, t0=item["t0"], detect_s=item.get("detect_s", 0.0))
+        st.item = {k: item[k] for k in ("index", "path", "frame") if k in item}
         self.states[item["index"]] = st
         if "error" in item:
             report.status, report.reason = "unreadable", "unreadable_image"
@@ -360,8 +433,11 @@ class _DemoRun:
             st.report.faces = [f.result() for f in st.futures]
             _set_timings(st)
             self.states.popitem(last=False)
-            print(st.report.line(), flush=True)
-            _log_report_to_wandb(st.report)
+            if self.on_done is not None:
+                self.on_done(st)
+            else:
+                print(st.report.line(), flush=True)
+                _log_report_to_wandb(st.report)
             self.reports.append(st.report)
 
 
@@ -398,6 +474,11 @@ def _log_report_to_wandb(report: ImageReport) -> None:
     log_media(logged)
 
 
+def _json_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """asdict() factory for summary.json: drops in-memory meshes (``FaceOutput.mesh``)."""
+    return {k: v for k, v in pairs if k != "mesh"}
+
+
 def _write_summary(
     out_root: Path, cfg: DictConfig, rec: Reconstructor, detector: Any, reports: list[ImageReport], seconds: float
 ) -> None:
@@ -411,7 +492,7 @@ def _write_summary(
         "backend": rec.backend,
         "seconds": seconds,
         "stage_seconds": {k: sum(r.timings.get(k, 0.0) for r in reports) for k in STAGES},
-        "images": [asdict(r) for r in reports],
+        "images": [asdict(r, dict_factory=_json_fields) for r in reports],
     }
     atomic_write(out_root / "summary.json", json.dumps(summary, indent=2).encode())
 
@@ -423,11 +504,15 @@ def run_demo(cfg: DictConfig) -> list[ImageReport]:
     active; with an active run, each face's y-up mesh and overlay are logged.
     """
     out_root = Path(os.path.expanduser(str(cfg.output_dir)))
-    root, paths = find_images(cfg.input, bool(cfg.get("recursive", True)))
+    video = _probe_video_input(cfg) if is_video_file(cfg.input) else None  # a video: docs/video_and_confidence.md
+    if video is None:
+        root, paths = find_images(cfg.input, bool(cfg.get("recursive", True)))
     face_outputs(out_root, "x", 0, cfg)  # validates `formats` before any work
     check_device(str(cfg.device))
     made = prepare_output_dir(out_root)
     try:
+        if video is not None:
+            return _run_video(cfg, out_root, video)
         return _run(cfg, out_root, root, paths)
     except BaseException:
         remove_empty(made)  # no empty output folder after a failure
@@ -475,9 +560,137 @@ def _run(cfg: DictConfig, out_root: Path, root: Path, paths: list[Path]) -> list
     return reports
 
 
+# --------------------------------------------------------------------------------------
+# video input (docs/video_and_confidence.md)
+# --------------------------------------------------------------------------------------
+
+
+def _probe_video_input(cfg: DictConfig) -> VideoInfo:
+    """The input video's frame count, fps and size; a config or file error as a UserError."""
+    stride = int(cfg.get("video_stride", 1))
+    if stride < 1:
+        raise UserError(f"video_stride={stride}: give 1 (every frame) or more (every k-th frame)")
+    try:
+        return probe_video(cfg.input)
+    except VideoReadError as e:
+        raise UserError(str(e)) from e
+
+
+def _frame_config(cfg: DictConfig) -> DictConfig:
+    """The per-face outputs of a video frame: mesh files (``formats``) only with ``video_meshes``,
+    no per-face depth / overlay / turntable / confidence map / volume (the overlay is the video)."""
+    over: dict[str, Any] = dict.fromkeys(("depth", "overlay", "turntable", "confidence_map", "save_volume"), False)
+    if not cfg.get("video_meshes", False):
+        over.update(formats=[], glb=False)
+    return OmegaConf.merge(cfg, over)  # type: ignore[return-value]
+
+
+def _frame_done(sink: VideoSink, st: _ImageState) -> None:
+    """Hand a finished frame (in order) to the video sink; its report gets ``path#frame``."""
+    frame = int(st.item["frame"])
+    prep = st.prep
+    if st.report.status == "unreadable":
+        st.report.reason = "unreadable_frame"
+    boxes = np.array([d.box for d in prep.detections] if prep is not None else [], np.float64).reshape(-1, 4)
+    sink.add(
+        frame,
+        prep.image if prep is not None else None,
+        boxes,
+        st.report.faces,
+        st.report.status,
+        st.report.message,
+        st.report.timings,
+    )
+    st.report.path = f"{st.report.path}#{frame}"
+
+
+def _run_video(cfg: DictConfig, out_root: Path, info: VideoInfo) -> list[ImageReport]:
+    """Every ``video_stride``-th frame of a video through the photo machinery (loader workers,
+    network batches, :class:`~vrn.demo_writer.FaceWriter`), then :class:`~vrn.demo_video.VideoSink`:
+    identities, ``<stem>_overlay.mp4``, ``<stem>_video.json``; per-frame meshes in
+    ``<stem>_meshes/`` with ``video_meshes``. Returns one report per processed frame."""
+    path = Path(info.path)
+    stride = int(cfg.get("video_stride", 1))
+    frames = list(range(0, info.n_frames, stride))
+    rec = Reconstructor.from_run_config(cfg)
+    detector = _build_detector(cfg)
+    log.info(f"{rec!r}; detector={detector.name}; {len(frames)} of {info.n_frames} frame(s) of {path}")
+    fcfg = _frame_config(cfg)
+    batch_size = max(1, int(cfg.batch_size))
+    overlay = out_root / f"{path.stem}_overlay.mp4" if cfg.get("video_overlay", True) else None
+    tracker = IouTracker(float(cfg.get("track_iou", 0.3)), int(cfg.get("track_max_gap", 10)))
+    t_start = time.perf_counter()
+    with ExitStack() as stack:
+        vw = (
+            stack.enter_context(open_video_writer(overlay, info.fps / stride, (info.width, info.height)))
+            if overlay
+            else None
+        )
+        sink = VideoSink(info, stride, len(frames), vw, tracker, progress=bool(cfg.get("progress", True)))
+        stack.callback(sink.close)  # after an error: stop its thread before the video is dropped
+        writer = stack.enter_context(
+            FaceWriter(
+                rec,
+                _plain(fcfg),
+                threads=int(cfg.get("post_threads", 2)),
+                max_backlog=max(2, 2 * batch_size),
+                keep_meshes=True,
+            )
+        )
+        stems = [f"{path.stem}_frame{f:06d}" for f in frames]
+        run = _DemoRun(
+            fcfg,
+            rec,
+            writer,
+            path.parent,
+            out_root / f"{path.stem}_meshes",
+            detector.name,
+            stems,
+            lambda st: _frame_done(sink, st),
+        )
+        try:
+            dataset = _VideoFrameDataset(path, frames, detector, rec.layout)
+            for block in _loader(dataset, cfg, block=int(cfg.get("video_block", 8))):
+                for item in block:
+                    run.add(item)
+            reports = run.finish()
+            dropped = sink.finish()
+        finally:
+            remove_empty(run.made_dirs)
+    reports = reports[: len(reports) - dropped]
+    dt = time.perf_counter() - t_start
+    stage_s = {k: sum(r.timings.get(k, 0.0) for r in reports) for k in STAGES}
+    header = {
+        "video": str(path),
+        "fps": info.fps,
+        "n_frames": info.n_frames,
+        "width": info.width,
+        "height": info.height,
+        "stride": stride,
+        "frames_processed": len(reports),
+        "end_of_stream": dropped,
+        "overlay": str(overlay) if overlay else None,
+        "ckpt": str(cfg.ckpt),
+        "model": rec.model_spec,
+        "detector": detector.describe(),
+        "device": str(cfg.device),
+        "threshold": rec.threshold,
+        "seconds": dt,
+        "stage_seconds": stage_s,
+    }
+    sink.write_json(out_root / f"{path.stem}_video.json", header)
+    n_faces = sum(len(r.faces) for r in reports)
+    print(
+        f"done: {path.name}: {len(reports)} frame(s) (stride {stride}), {n_faces} face(s), "
+        f"{len(tracker.tracks)} identit{'y' if len(tracker.tracks) == 1 else 'ies'} in {dt:.2f} s -> {out_root}",
+        flush=True,
+    )
+    return reports
+
+
 def _main(cfg: DictConfig) -> None:
     reports = run_demo(cfg)
-    if _files_written(reports) == 0:
+    if _files_written(reports) == 0 and not is_video_file(cfg.input):  # a video always gets its JSON
         skipped = {r.reason or r.status for r in reports}
         print(
             f"vrn.demo: nothing written for {len(reports)} image(s) ({', '.join(sorted(skipped))}); "

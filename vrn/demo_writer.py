@@ -26,19 +26,34 @@ import numpy as np
 from vrn import render
 from vrn.atomic_write import atomic_write
 from vrn.inference import PreparedImage, Reconstructor
+from vrn.pose_landmarks import PoseLandmarks
 from vrn.volume.codec import encode, to_bytes
+from vrn.volume.confidence import confidence_colors
 from vrn.volume.mesh import export_mesh
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MESH_EXTS", "FaceOutput", "FaceWriter", "face_outputs", "write_face", "write_face_safe"]
+__all__ = ["MESH_EXTS", "FaceMesh", "FaceOutput", "FaceWriter", "face_outputs", "write_face", "write_face_safe"]
 
 MESH_EXTS = ("obj", "ply", "glb")
 
 
 @dataclass
+class FaceMesh:
+    """A face's mesh kept in memory for the caller (the video overlay): image px
+    (V, 3) float32 verts, (F, 3) int32 faces, (V, 3) uint8 RGB colours, (V,) float32 confidence."""
+
+    verts: np.ndarray
+    faces: np.ndarray
+    colors: np.ndarray
+    confidence: np.ndarray
+
+
+@dataclass
 class FaceOutput:
-    """What was written for one face (``files``: kind -> path; ``timings``: stage -> s)."""
+    """What was written for one face (``files``: kind -> path; ``timings``: stage -> s;
+    ``confidence_mean``: mean per-vertex confidence, :mod:`vrn.volume.confidence`; ``mesh``:
+    the mesh itself when :class:`FaceWriter` was asked to keep it, never in summary.json)."""
 
     face_index: int
     score: float
@@ -48,6 +63,13 @@ class FaceOutput:
     files: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    confidence_mean: float | None = None
+    mesh: FaceMesh | None = field(default=None, repr=False, compare=False)
+    #: head pose (``pose_landmarks: true``): yaw, pitch, roll degrees (AFLW2000-3D convention), ...
+    pose: dict[str, Any] | None = None
+    #: 68 x [x, y, z] image px (:mod:`vrn.pose_landmarks`) and which took z from the surface
+    landmarks_3d: list[list[float | None]] | None = None
+    landmarks_visible: list[bool] | None = None
 
 
 def face_outputs(out_dir: Path, stem: str, k: int, cfg: Mapping[str, Any]) -> dict[str, Path]:
@@ -69,6 +91,8 @@ def face_outputs(out_dir: Path, stem: str, k: int, cfg: Mapping[str, Any]) -> di
         files["depth"] = out_dir / f"{base}_depth.png"
     if c.get("overlay", True):
         files["overlay"] = out_dir / f"{base}_overlay.png"
+    if c.get("confidence_map", False):
+        files["confidence"] = out_dir / f"{base}_confidence.png"
     if c.get("turntable", True):
         files["turntable"] = out_dir / f"{base}_turntable.gif"
     if c.get("save_volume", False):
@@ -77,26 +101,46 @@ def face_outputs(out_dir: Path, stem: str, k: int, cfg: Mapping[str, Any]) -> di
 
 
 def _export_meshes(
-    out: FaceOutput, files: dict[str, Path], verts: np.ndarray, faces: np.ndarray, colors: np.ndarray
+    out: FaceOutput,
+    files: dict[str, Path],
+    verts: np.ndarray,
+    faces: np.ndarray,
+    colors: np.ndarray,
+    confidence: np.ndarray | None = None,
 ) -> None:
+    """Mesh files; .ply also gets the (V,) confidence as the vertex property ``quality``."""
     for ext in MESH_EXTS:
         if ext in files:
-            export_mesh(files[ext], verts, faces, colors)
+            export_mesh(files[ext], verts, faces, colors, confidence)
             out.files[ext] = str(files[ext])
 
 
 def _render_views(
-    out: FaceOutput, files: dict[str, Path], image: np.ndarray, verts: np.ndarray, faces: np.ndarray
+    out: FaceOutput,
+    files: dict[str, Path],
+    image: np.ndarray,
+    verts: np.ndarray,
+    faces: np.ndarray,
+    confidence: np.ndarray,
+    marks: PoseLandmarks | None = None,
 ) -> None:
-    """Depth map and overlay of the (V, 3) image-px mesh over the (H, W, 3) photo."""
+    """Depth map, overlay and confidence map of the (V, 3) image-px mesh over the (H, W, 3) photo;
+    with ``marks``, the overlay also shows the 68 landmarks and the pose axes."""
     H, W = image.shape[:2]
     if "depth" in files:
         d8, _ = render.render_depth(verts, faces, H, W)
         render.save_png(files["depth"], d8)
         out.files["depth"] = str(files["depth"])
     if "overlay" in files:
-        render.save_png(files["overlay"], render.render_overlay(image, [(verts, faces)]))
+        ov = render.render_overlay(image, [(verts, faces)])
+        if marks is not None:
+            ov = render.draw_pose_landmarks(ov, marks.landmarks_3d, marks.visible, marks.pose.rotation)
+        render.save_png(files["overlay"], ov)
         out.files["overlay"] = str(files["overlay"])
+    if "confidence" in files:  # the mesh in confidence colours (red low, green high) over the photo
+        conf_rgb = render.render_overlay(image, [(verts, faces)], alpha=1.0, colors=[confidence_colors(confidence)])
+        render.save_png(files["confidence"], conf_rgb)
+        out.files["confidence"] = str(files["confidence"])
 
 
 def _viewer_copy(
@@ -117,15 +161,20 @@ def write_face(
     files: dict[str, Path],
     cfg: Mapping[str, Any],
     viewer_dir: Path | None = None,
+    keep_mesh: bool = False,
 ) -> FaceOutput:
     """Post-process face ``k`` of ``prep`` and write its ``files`` (see :func:`face_outputs`).
 
     prob: (D, H, W) float occupancy probabilities of the face's crop. ``cfg`` gives the
     turntable settings (``turntable_frames``, ``turntable_size``, ``turntable_sweep``).
     With ``viewer_dir``, a y-up .glb copy for W&B is written there too (``files["wandb_glb"]``).
+    ``keep_mesh``: the result also holds the mesh (:class:`FaceMesh`, ``out.mesh``).
+    ``cfg["confidence_colors"]``: colour the meshes by confidence instead of the photo.
     """
     det = prep.detections[k]
-    verts, faces, colors, tm = rec.postprocess(prob, prep.transforms[k], prep.image)
+    verts, faces, colors, confidence, tm = rec.postprocess(prob, prep.transforms[k], prep.image)
+    if cfg.get("confidence_colors", False):  # the meshes and turntable show confidence, not the photo
+        colors = confidence_colors(confidence)
     out = FaceOutput(
         face_index=k,
         score=float(det.score),
@@ -133,7 +182,17 @@ def write_face(
         n_verts=len(verts),
         n_faces=len(faces),
         timings=tm,
+        confidence_mean=float(confidence.mean()) if len(confidence) else None,
+        mesh=FaceMesh(verts, faces, colors, confidence) if keep_mesh else None,
     )
+    marks = None
+    if cfg.get("pose_landmarks", True):
+        tp = time.perf_counter()
+        marks = rec.pose_landmarks(prob, prep.transforms[k], np.asarray(det.landmarks, np.float64)[:, :2])
+        tm["pose"] = time.perf_counter() - tp
+        if marks is not None:
+            d = marks.to_dict()
+            out.pose, out.landmarks_3d, out.landmarks_visible = d["pose"], d["landmarks_3d"], d["landmarks_visible"]
     if "volume" in files:
         tv = time.perf_counter()
         atomic_write(files["volume"], to_bytes(encode(prob > rec.threshold)))
@@ -142,10 +201,10 @@ def write_face(
     if not out.has_surface:
         return out
     t0 = time.perf_counter()
-    _export_meshes(out, files, verts, faces, colors)
+    _export_meshes(out, files, verts, faces, colors, confidence)
     t1 = time.perf_counter()
     tm["export"] = t1 - t0
-    _render_views(out, files, prep.image, verts, faces)
+    _render_views(out, files, prep.image, verts, faces, confidence, marks if cfg.get("draw_landmarks") else None)
     t2 = time.perf_counter()
     tm["render"] = t2 - t1
     if "turntable" in files:
@@ -175,10 +234,11 @@ def write_face_safe(
     files: dict[str, Path],
     cfg: Mapping[str, Any],
     viewer_dir: Path | None = None,
+    keep_mesh: bool = False,
 ) -> FaceOutput:
     """:func:`write_face`; an exception fails this face only (reported), not the run."""
     try:
-        return write_face(rec, prep, k, prob, files, cfg, viewer_dir)
+        return write_face(rec, prep, k, prob, files, cfg, viewer_dir, keep_mesh)
     except Exception as e:  # noqa: BLE001
         log.exception(f"{prep.path}: face {k} failed")
         return FaceOutput(
@@ -194,6 +254,8 @@ class FaceWriter:
 
     With ``viewer_root`` a temporary folder ``.wandb_meshes_*`` is made there for the y-up
     copies that W&B logs (W&B copies them into its run folder); :meth:`close` removes it.
+    ``keep_meshes``: each :class:`FaceOutput` also holds its mesh (``mesh``; the video path
+    draws every face of a frame into one overlay frame).
     Use as a context manager, or call :meth:`close`.
     """
 
@@ -204,8 +266,10 @@ class FaceWriter:
         threads: int = 2,
         max_backlog: int = 2,
         viewer_root: str | os.PathLike | None = None,
+        keep_meshes: bool = False,
     ) -> None:
         self.rec = rec
+        self.keep_meshes = bool(keep_meshes)
         self.cfg = cfg
         self.max_backlog = max(1, int(max_backlog))
         self.inline = int(threads) <= 0
@@ -218,11 +282,15 @@ class FaceWriter:
         (bounds memory, ~30 MB per pending volume). The future yields a :class:`FaceOutput`."""
         if self.inline:
             done: Future = Future()
-            done.set_result(write_face_safe(self.rec, prep, k, prob, files, self.cfg, self.viewer_dir))
+            done.set_result(
+                write_face_safe(self.rec, prep, k, prob, files, self.cfg, self.viewer_dir, self.keep_meshes)
+            )
             return done
         while len(self._inflight) >= self.max_backlog:
             self._inflight.pop(0).result()
-        fut = self.pool.submit(write_face_safe, self.rec, prep, k, prob, files, self.cfg, self.viewer_dir)
+        fut = self.pool.submit(
+            write_face_safe, self.rec, prep, k, prob, files, self.cfg, self.viewer_dir, self.keep_meshes
+        )
         self._inflight.append(fut)
         return fut
 

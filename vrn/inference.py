@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vrn.assets import AssetNotFoundError
 from vrn.assets import resolve as resolve_asset
 from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_checkpoint, save_network
 from vrn.cli_errors import UserError, check_device
@@ -61,9 +62,12 @@ from vrn.conventions import DEFAULT_LAYOUT, DEPTH_FACTOR, VolumeLayout
 from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
 from vrn.export import OnnxNetwork, is_onnx_file, onnx_bytes
 from vrn.geometry.crop import crop_face
+from vrn.geometry.head_pose import HeadPose
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import check_rgb_image, read_image_rgb
+from vrn.pose_landmarks import PoseLandmarks, estimate_pose_landmarks
 from vrn.volume.codec import VolumeCode, encode
+from vrn.volume.confidence import vertex_confidence
 from vrn.volume.mesh import export_mesh, volume_to_mesh
 
 log = logging.getLogger(__name__)
@@ -126,6 +130,15 @@ class FaceResult:
         prob: (D, H, W) float32 occupancy probabilities in crop px (``keep="prob"``), else None.
         crop: (S, S, 3) uint8 RGB network input (S = the layout's ``crop_size``).
         timings: seconds spent per stage on this face (``marching_cubes``, ``colour``, ...).
+        confidence: (V,) float32 in [0, 1] per-vertex confidence: the slope of the occupancy
+            probability across the surface (:func:`vrn.volume.confidence.vertex_confidence`;
+            1 = a sharp 0 -> 1 step, near 0 = a smeared one). Written to .ply as ``float quality``.
+        pose: head pose (yaw, pitch, roll degrees, AFLW2000-3D ``Pose_Para`` convention) from a
+            template fit to the predicted surface (:mod:`vrn.pose_landmarks`), or None (no surface,
+            or :attr:`Reconstructor.pose_template` None).
+        landmarks_3d: (68, 3) float64 image px 3D landmarks (x, y detector; z from the surface
+            where visible, from the fitted template where hidden), or None.
+        landmarks_visible: (68,) bool, which landmarks took z from the surface, or None.
     """
 
     verts: np.ndarray
@@ -140,6 +153,10 @@ class FaceResult:
     prob: np.ndarray | None = None
     crop: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    confidence: np.ndarray | None = None
+    pose: HeadPose | None = None
+    landmarks_3d: np.ndarray | None = None
+    landmarks_visible: np.ndarray | None = None
 
     @property
     def has_surface(self) -> bool:
@@ -151,10 +168,10 @@ class FaceResult:
         return self.transform.apply(self.verts)
 
     def export(self, path: str | os.PathLike, colors: bool = True) -> Path:
-        """Write the mesh (.obj, .ply with per-vertex colours, .glb) atomically."""
+        """Write the mesh (.obj, .ply with per-vertex colours and ``quality`` = confidence, .glb) atomically."""
         if not self.has_surface:
             raise ValueError("this face has no surface (the predicted volume is empty); nothing to export")
-        return export_mesh(path, self.verts, self.faces, self.colors if colors else None)
+        return export_mesh(path, self.verts, self.faces, self.colors if colors else None, self.confidence)
 
 
 @dataclass
@@ -407,6 +424,8 @@ class Reconstructor:
         self.detector = detector
         #: seconds per stage of the last :meth:`__call__`
         self.timings: dict[str, float] = {}
+        #: face template of the pose / 3D-landmark fit ("bfm": AFLW2000-3D's frame; None: skip it)
+        self.pose_template: str | None = "bfm"
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -550,15 +569,17 @@ class Reconstructor:
 
     def postprocess(
         self, prob: np.ndarray | torch.Tensor, transform: CropTransform, image: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
-        """Probabilities of one crop -> mesh in image px with per-vertex colours.
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+        """Probabilities of one crop -> mesh in image px with per-vertex colours and confidence.
 
         Args:
             prob: (D, H, W) float probabilities, crop px.
             transform: image px -> crop px of that crop.
             image: (H, W, 3) uint8 RGB photo for the colours (None: grey).
         Returns:
-            verts (V, 3) float32 image px, faces (F, 3) int32, colors (V, 3) uint8, timings.
+            verts (V, 3) float32 image px, faces (F, 3) int32, colors (V, 3) uint8,
+            confidence (V,) float32 in [0, 1] (:func:`vrn.volume.confidence.vertex_confidence`),
+            timings (``marching_cubes``, ``colour``, ``confidence`` seconds).
         """
         p = prob.numpy() if isinstance(prob, torch.Tensor) else np.asarray(prob)
         t0 = time.perf_counter()
@@ -569,7 +590,31 @@ class Reconstructor:
         else:
             colors = np.full((len(verts), 3), _GREY, np.uint8)
         t2 = time.perf_counter()
-        return verts, faces, colors, {"marching_cubes": t1 - t0, "colour": t2 - t1}
+        confidence = vertex_confidence(p, transform.apply(verts), self.depth_factor)  # crop px, as the volume
+        t3 = time.perf_counter()
+        return verts, faces, colors, confidence, {"marching_cubes": t1 - t0, "colour": t2 - t1, "confidence": t3 - t2}
+
+    def pose_landmarks(
+        self, prob: np.ndarray | torch.Tensor, transform: CropTransform, landmarks: np.ndarray
+    ) -> PoseLandmarks | None:
+        """Head pose and 68 3D landmarks of one face (:func:`vrn.pose_landmarks.estimate_pose_landmarks`
+        with :attr:`pose_template`); None when ``pose_template`` is None or the volume is empty.
+        When the template's model file cannot be found, one warning says so and the fit is
+        switched off for this Reconstructor (the meshes are unaffected).
+
+        Args:
+            prob: (D, H, W) float probabilities, crop px; transform: image px -> crop px;
+            landmarks: (68, 2) detector landmarks, image px.
+        """
+        if self.pose_template is None:
+            return None
+        occ = (prob > self.threshold) if isinstance(prob, torch.Tensor) else (np.asarray(prob) > self.threshold)
+        try:
+            return estimate_pose_landmarks(occ, transform, landmarks, self.pose_template, self.depth_factor)
+        except AssetNotFoundError as e:  # the template's model file is missing: meshes still come out
+            log.warning(f"head pose and 3D landmarks switched off (pose_template=None): {e}")
+            self.pose_template = None
+            return None
 
     def detect(self, image: np.ndarray | str | os.PathLike) -> PreparedImage:
         """Read, detect and crop (see :func:`prepare_image`)."""
@@ -603,11 +648,14 @@ class Reconstructor:
         results = []
         for k, (det, t) in enumerate(zip(prep.detections, prep.transforms)):
             p = probs[k].numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs[k])
-            verts, faces, colors, tm = self.postprocess(p, t, prep.image)
+            verts, faces, colors, confidence, tm = self.postprocess(p, t, prep.image)
             tc = time.perf_counter()
             code = encode(p > self.threshold) if keep is not None else None
             tm["encode"] = time.perf_counter() - tc
             tm["network"] = t_net / len(prep)
+            tp = time.perf_counter()
+            marks = self.pose_landmarks(p, t, np.asarray(det.landmarks, np.float64)[:, :2])
+            tm["pose"] = time.perf_counter() - tp
             results.append(
                 FaceResult(
                     verts=verts,
@@ -622,6 +670,10 @@ class Reconstructor:
                     prob=p.copy() if keep == "prob" else None,
                     crop=prep.crops[k],
                     timings=tm,
+                    confidence=confidence,
+                    pose=marks.pose if marks is not None else None,
+                    landmarks_3d=marks.landmarks_3d if marks is not None else None,
+                    landmarks_visible=marks.visible if marks is not None else None,
                 )
             )
         return results
@@ -639,7 +691,7 @@ class Reconstructor:
         prep = self.detect(image)
         results = self.reconstruct_prepared(prep, keep=keep)
         tm = dict(prep.timings)
-        for key in ("network", "marching_cubes", "colour", "encode"):
+        for key in ("network", "marching_cubes", "colour", "confidence", "encode", "pose"):
             tm[key] = sum(r.timings.get(key, 0.0) for r in results)
         self.timings = tm
         return results

@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -26,7 +27,16 @@ from vrn.geometry.raster import Raster, rasterize
 from vrn.geometry.transforms import euler_to_matrix
 from vrn.image_io import encode_image_rgb
 
-__all__ = ["render_mesh", "render_overlay", "render_depth", "render_turntable", "save_png", "save_gif", "DEFAULT_LIGHT"]
+__all__ = [
+    "render_mesh",
+    "render_overlay",
+    "render_depth",
+    "render_turntable",
+    "draw_pose_landmarks",
+    "save_png",
+    "save_gif",
+    "DEFAULT_LIGHT",
+]
 
 #: direction toward the light (image px frame): up-left of the camera, mostly frontal
 DEFAULT_LIGHT: tuple[float, float, float] = (-0.35, -0.45, 1.0)
@@ -226,6 +236,56 @@ def render_turntable(
         rgb = _shade(r, f, _vertex_shade(normals @ Rt, colors, light, 0.3, 0.75))
         img = np.where((r.tri_id >= 0)[..., None], np.rint(rgb * 255.0), bgf)
         out.append(img.astype(np.uint8))
+    return out
+
+
+#: colours (RGB) of the landmark dots (visible, hidden) and of the face's x, y, z axes
+_VISIBLE_RGB, _HIDDEN_RGB = (60, 255, 60), (255, 60, 60)
+_AXIS_RGB = ((255, 40, 40), (40, 255, 40), (60, 120, 255))
+
+
+def draw_pose_landmarks(
+    image: np.ndarray,
+    landmarks_3d: np.ndarray,
+    visible: np.ndarray | None = None,
+    rotation: np.ndarray | None = None,
+    axis_length: float | None = None,
+) -> np.ndarray:
+    """The 68 landmarks and the head-pose axes drawn over a photo (a copy).
+
+    Args:
+        image: (H, W, 3) uint8 RGB (e.g. :func:`render_overlay`'s output).
+        landmarks_3d: (68, 3) float image px (x, y used; NaN rows skipped).
+        visible: (68,) bool: green dots where True, red where False (None: all green).
+        rotation: (3, 3) crop-frame head rotation (:class:`vrn.geometry.head_pose.HeadPose`):
+            the face's own x (red; image right for a frontal face), y (green; down) and z
+            (blue; out of the face) axes drawn from the nose tip (landmark 31, 1-based),
+            projected orthographically; None: no axes.
+        axis_length: px (None: half the landmark box size).
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    out = np.ascontiguousarray(np.asarray(image, np.uint8)).copy()
+    lm = np.asarray(landmarks_3d, np.float64)
+    ok = np.isfinite(lm[:, :2]).all(1)
+    if not ok.any():
+        return out
+    box = np.ptp(lm[ok, :2], axis=0)
+    size = float(np.sqrt(max(box[0] * box[1], 1.0)))
+    radius = max(1, int(round(size / 80)))
+    vis = np.ones(len(lm), bool) if visible is None else np.asarray(visible, bool)
+    for (x, y), v in zip(np.round(lm[ok, :2]).astype(int), vis[ok]):  # 68 dots
+        cv2.circle(out, (int(x), int(y)), radius, _VISIBLE_RGB if v else _HIDDEN_RGB, -1, cv2.LINE_AA)
+    if rotation is not None and ok[30]:
+        R = np.asarray(rotation, np.float64)
+        length = float(axis_length) if axis_length else size / 2
+        o = lm[30, :2]
+        # draw the axis pointing most away from the camera first, so nearer axes stay on top
+        for k in np.argsort(R[2, :]):
+            end = o + length * R[:2, k]
+            p0 = (int(round(o[0])), int(round(o[1])))
+            p1 = (int(round(end[0])), int(round(end[1])))
+            cv2.arrowedLine(out, p0, p1, _AXIS_RGB[k], max(1, radius), cv2.LINE_AA, tipLength=0.15)
     return out
 
 

@@ -178,14 +178,20 @@ def obj_text(verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = N
     return head + vtext + ftext
 
 
-def ply_bytes(verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> bytes:
+def ply_bytes(
+    verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None, quality: np.ndarray | None = None
+) -> bytes:
     """A binary little-endian .ply: vertex ``float x, y, z`` (+ ``uchar red, green, blue,
-    alpha``), face ``list uchar int vertex_indices`` (the layout trimesh writes).
+    alpha``) (+ ``float quality``), face ``list uchar int vertex_indices`` (the layout trimesh
+    writes; MeshLab reads ``quality`` as its per-vertex quality, trimesh as
+    ``vertex_attributes["quality"]``).
 
     Args:
         verts: (V, 3) float (stored as float32).
         faces: (F, 3) int, 0-based.
         colors: optional (V, 4) uint8 RGBA.
+        quality: optional (V,) float per-vertex scalar (the demo's confidence,
+            :mod:`vrn.volume.confidence`), stored as float32.
     Returns:
         the file's bytes.
     """
@@ -194,12 +200,16 @@ def ply_bytes(verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = 
     vfields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
     if colors is not None:
         vfields += [("red", "u1"), ("green", "u1"), ("blue", "u1"), ("alpha", "u1")]
+    if quality is not None:
+        vfields += [("quality", "<f4")]
     vrec = np.empty(len(v), dtype=np.dtype(vfields))
     for k, name in enumerate("xyz"):
         vrec[name] = v[:, k]
     if colors is not None:
         for k, name in enumerate(("red", "green", "blue", "alpha")):
             vrec[name] = colors[:, k]
+    if quality is not None:
+        vrec["quality"] = np.asarray(quality).reshape(-1)
     frec = np.empty(len(f), dtype=np.dtype([("n", "u1"), ("i", "<i4", (3,))]))
     frec["n"] = 3
     frec["i"] = f
@@ -213,7 +223,11 @@ def ply_bytes(verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = 
 
 
 def export_mesh(
-    path: str | os.PathLike, verts: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None = None
+    path: str | os.PathLike,
+    verts: np.ndarray,
+    faces: np.ndarray,
+    vertex_colors: np.ndarray | None = None,
+    vertex_quality: np.ndarray | None = None,
 ) -> Path:
     """Write a mesh atomically (temporary file in the same folder, then rename).
 
@@ -227,6 +241,8 @@ def export_mesh(
         verts: (V, 3) float crop px (x, y, z) -- written as is, no axis flip.
         faces: (F, 3) int.
         vertex_colors: optional (V, 3) or (V, 4) RGB(A), uint8 or float in [0, 1].
+        vertex_quality: optional (V,) float per-vertex scalar (confidence), written to .ply
+            only (``float quality``); .obj and .glb have no standard place for it.
 
     Returns:
         the written path.
@@ -242,10 +258,12 @@ def export_mesh(
     if len(f) and f.max() >= len(v):
         raise ValueError(f"faces index vertex {int(f.max())} but there are only {len(v)} vertices")
     colors = None if vertex_colors is None else _colors_uint8(vertex_colors, len(v))
+    if vertex_quality is not None and np.asarray(vertex_quality).shape != (len(v),):
+        raise ValueError(f"vertex_quality must be ({len(v)},), got {np.asarray(vertex_quality).shape}")
     if ext == ".obj":
         data = obj_text(v, f, colors)
     elif ext == ".ply":
-        data = ply_bytes(v, f, colors)
+        data = ply_bytes(v, f, colors, vertex_quality)
     else:
         import trimesh
 
