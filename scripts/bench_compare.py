@@ -62,7 +62,7 @@ from torch.nn import functional as F
 
 from vrn import assets
 from vrn.atomic_write import atomic_write
-from vrn.bench_timing import median_ms
+from vrn.bench_timing import cpu_model, median_ms
 from vrn.conventions import DEPTH_BINS, DEPTH_FACTOR, VolumeLayout
 from vrn.geometry.transforms import euler_to_matrix
 from vrn.losses import volume_bce_loss
@@ -690,12 +690,7 @@ PAIRS: dict[str, Callable[[Sizes], list[PairResult]]] = {
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, load, torch threads and library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu": cpu,

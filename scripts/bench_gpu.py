@@ -48,6 +48,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vrn.atomic_write import atomic_write
+from vrn.bench_timing import cpu_model
 from vrn.conventions import DEPTH_BINS
 from vrn.data.datamodule import PackedDataModule, VolumeDataset, collate_volumes
 from vrn.data.packed import PackedReader
@@ -139,12 +140,7 @@ def guarded(rows: list[Row], name: str, budget: Budget, fn: Callable[[], Row]) -
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """GPU name and memory, torch / CUDA / cuDNN versions, CPU model and cores."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     info: dict[str, Any] = {
         "device": str(device),
         "torch": torch.__version__,

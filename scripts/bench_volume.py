@@ -20,7 +20,7 @@ import platform  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from vrn.bench_timing import median_ms  # noqa: E402
+from vrn.bench_timing import cpu_model, median_ms  # noqa: E402
 
 
 def bfm_mean_face(width_px: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
@@ -51,12 +51,7 @@ def main() -> None:
     from vrn.volume.mesh import volume_to_mesh
     from vrn.volume.voxelize import voxelize_face
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     print(
         f"machine: {platform.platform()} | {cpu} | "
         f"cpu_count={os.cpu_count()} | python {platform.python_version()} | numpy {np.__version__} | "

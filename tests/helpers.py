@@ -3,7 +3,10 @@ training config, and the target-surface-at-landmarks check of the pipeline tests
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -11,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
 from data_pipeline.stage import load_npz
 from vrn.checkpoint import save_network
@@ -107,3 +111,26 @@ def compose_demo(
     """Compose ``conf/demo.yaml`` for an offline run (``detector=tddfa``) on ``input_dir``."""
     overrides = [f"input={input_dir}", f"ckpt={ckpt}", f"output_dir={out}", "detector=tddfa", *extra]
     return compose_config("demo", overrides, output_dir=Path(out) if set_output else None)
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` as module ``name`` (registered in ``sys.modules``: dataclasses
+    look their module up by name)."""
+    path = CONF_DIR.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class GroundTruthNet(nn.Module):
+    """Stands in for the network: logits +-20 of a fixed (D, H, W) bool volume, whatever the input."""
+
+    def __init__(self, volume: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.from_numpy(np.where(volume, 20.0, -20.0).astype(np.float32)))
+        self.depth_bins = volume.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], -1, -1, -1).clone()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,17 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_compare.py"
 
 
 @pytest.fixture(scope="module")
 def bc():
-    spec = importlib.util.spec_from_file_location("bench_compare", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_compare"] = mod  # dataclasses look the module up by name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_compare")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,17 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_gpu.py"
 
 
 @pytest.fixture(scope="module")
 def bg():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = mod  # dataclasses look the module up by name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_gpu")
 
 
 def test_gpu_check_sh_parses_and_is_strict():

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
+from tests.helpers import GroundTruthNet
 from vrn import inference
 from vrn.aflw_benchmark import pose_errors
 from vrn.assets import AssetNotFoundError
@@ -291,18 +290,6 @@ def test_fit_on_aflw2000_gt_volumes_matches_pose_para() -> None:
 # --------------------------------------------------------------------------------------
 
 
-class _VolumeNet(nn.Module):
-    """Stands in for the network: logits +-20 of a fixed volume, whatever the input."""
-
-    def __init__(self, volume: np.ndarray) -> None:
-        super().__init__()
-        self.register_buffer("logits", torch.from_numpy(np.where(volume, 20.0, -20.0).astype(np.float32)))
-        self.depth_bins = volume.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits.expand(x.shape[0], -1, -1, -1).clone()
-
-
 @pytest.fixture(scope="module")
 def posed_face_in_photo() -> tuple[Reconstructor, PreparedImage, np.ndarray, np.ndarray]:
     """A GT face volume behind a rotated, scaled crop of a 300x400 photo (image px != crop px)."""
@@ -313,7 +300,7 @@ def posed_face_in_photo() -> tuple[Reconstructor, PreparedImage, np.ndarray, np.
     photo = np.full((300, 400, 3), 90, np.uint8)
     det = Detection(box=np.r_[np.nanmin(lm_img, 0), np.nanmax(lm_img, 0)], score=1.0, landmarks=lm_img)
     prep = PreparedImage(photo, [det], np.zeros((1, 192, 192, 3), np.uint8), [T])
-    rec = Reconstructor(_VolumeNet(vol), detector=None)
+    rec = Reconstructor(GroundTruthNet(vol), detector=None)
     rec.pose_template = "sfm"
     # the image-frame rotation: the crop's in-plane rotation Q undone, R_image = Q^T R_crop
     A = T.matrix[:, :2] / T.scale

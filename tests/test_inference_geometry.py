@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial import cKDTree
-from torch import nn
 
+from tests.helpers import GroundTruthNet
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_BINS
 from vrn.data.synthetic import SyntheticFaceConfig, render_sample
 from vrn.detectors.base import Detection
@@ -29,18 +29,6 @@ from vrn.inference import (
 )
 from vrn.models import create_model
 from vrn.volume.codec import decode
-
-
-class GroundTruthNet(nn.Module):
-    """Stands in for the network: logits +-20 of a fixed volume, whatever the input."""
-
-    def __init__(self, volume: np.ndarray) -> None:
-        super().__init__()
-        self.register_buffer("logits", torch.from_numpy(np.where(volume, 20.0, -20.0).astype(np.float32)))
-        self.depth_bins = volume.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits.expand(x.shape[0], -1, -1, -1).clone()
 
 
 def _paste(crop: np.ndarray, T: CropTransform, hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:

@@ -1,13 +1,15 @@
-"""The one timer of the benchmark scripts (``scripts/bench*.py``): warm-up, then the median."""
+"""The one timer of the benchmark scripts (``scripts/bench*.py``): warm-up, then the median; and the
+CPU model they print with their numbers."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["median_ms"]
+__all__ = ["cpu_model", "median_ms"]
 
 
 def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1) -> tuple[float, Any]:
@@ -25,3 +27,12 @@ def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1) -> tuple[float,
         out = fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -53,6 +53,7 @@ from functools import lru_cache
 import numpy as np
 
 from vrn.face_models.sfm import SurreyFaceModel, load_sfm, load_sfm_contours
+from vrn.geometry.head_pose import similarity_fit
 
 __all__ = [
     "DEFAULT_LAMBDA_EXPRESSION",
@@ -129,25 +130,15 @@ def _contour_sides(samples: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
 
 
 def _umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Weighted similarity ``dst ~ s R src + t`` (Umeyama 1991), R proper (det +1).
+    """Weighted similarity ``dst ~ s R src + t`` (:func:`vrn.geometry.head_pose.similarity_fit`).
 
     Args:
         src, dst: (K, 3); weights: (K,) >= 0.
     Returns:
         s, R (3, 3), t (3,).
     """
-    w = weights / weights.sum()
-    ms, md = w @ src, w @ dst
-    a, b = src - ms, dst - md
-    cov = (b * w[:, None]).T @ a
-    U, S, Vt = np.linalg.svd(cov)
-    d = np.ones(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        d[2] = -1.0
-    R = U @ np.diag(d) @ Vt
-    var = float(w @ (a * a).sum(1))
-    s = float((S * d).sum() / var)
-    return s, R, md - s * (R @ ms)
+    fit = similarity_fit(src, dst, weights)
+    return fit.scale, fit.R, fit.t
 
 
 def _gather(pairs: np.ndarray, w: np.ndarray, mean: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
