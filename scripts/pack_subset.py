@@ -1,9 +1,9 @@
 """Copy a random subset of a packed dataset, bytes unchanged (vrn.data.packed.write_subset).
 
 For carrying a training set to a machine with a size limit, e.g. a rented GPU that takes at
-most 64 MiB of files (about 3,000 AFLW faces at ~18 KB each):
+most 64 MiB of files (about 2,000 AFLW faces at ~20 KB each with their manifest rows, beside the 15 MB of model assets):
 
-    python scripts/pack_subset.py /data/aflw_vrn/packed gpu_data/aflw_3k --train 2800 --val 160
+    python scripts/pack_subset.py /data/aflw_vrn/packed gpu_data/aflw_2k --train 2000 --val 160
 """
 
 from __future__ import annotations
