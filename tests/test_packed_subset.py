@@ -1,4 +1,5 @@
-"""write_subset / scripts/pack_subset.py: a smaller packed folder with the same bytes."""
+"""write_subset / merge_packed / scripts/pack_subset.py: smaller packed folders (same bytes, or
+re-encoded), sent in parts and merged back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vrn.data.packed import PackedReader, write_subset
+from vrn.data.packed import PackedReader, PackedWriter, merge_packed, write_subset
+from vrn.volume.codec import from_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +60,73 @@ def test_subset_unknown_split_and_cli(synthetic_packed, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "3 samples" in r.stdout
     assert PackedReader(tmp_path / "cli").meta["splits"] == {"train": 3}
+
+
+def _ids(root) -> list[str]:
+    return [str(r["id"]) for r in PackedReader(root).rows]
+
+
+def test_parts_are_disjoint_and_merge_back_to_the_subset(synthetic_packed, tmp_path):
+    counts = {"train": 7, "val": 3}
+    whole = write_subset(synthetic_packed, tmp_path / "whole", counts, seed=3)
+    parts = [write_subset(synthetic_packed, tmp_path / f"p{k}", counts, seed=3, part=(k, 3)) for k in range(3)]
+    sizes = [len(PackedReader(p)) for p in parts]
+    assert sum(sizes) == 10 and max(sizes) - min(sizes) <= 2
+    part_ids = [set(_ids(p)) for p in parts]
+    assert not (part_ids[0] & part_ids[1]) and not (part_ids[1] & part_ids[2]) and not (part_ids[0] & part_ids[2])
+    merged = merge_packed(parts, tmp_path / "merged")
+    assert sorted(_ids(merged)) == sorted(_ids(whole))
+    m, w = PackedReader(merged), PackedReader(whole)
+    assert m.meta["splits"] == w.meta["splits"] == counts
+    assert len(m.meta["merged_from"]) == 3 and m.meta["subset_of"]["part"] == [0, 3]
+    by_id = {row["id"]: i for i, row in enumerate(w.rows)}
+    for i, row in enumerate(m.rows):
+        ib, tb, r = m.encoded(i)
+        ib0, tb0, r0 = w.encoded(by_id[row["id"]])
+        assert np.array_equal(ib, ib0) and tb == tb0 and r["split"] == r0["split"]
+    with pytest.raises(ValueError, match="already in an earlier input"):
+        merge_packed([parts[0], whole], tmp_path / "dup")
+    assert not (tmp_path / "dup").exists() and not (tmp_path / "dup.partial").exists()
+    with pytest.raises(ValueError, match="part must be"):
+        write_subset(synthetic_packed, tmp_path / "bad", counts, part=(3, 3))
+
+
+def test_slim_manifest_and_jpeg_reencoding(synthetic_packed, tmp_path):
+    src = PackedReader(synthetic_packed)
+    jpg = tmp_path / "jpg"
+    with PackedWriter(jpg, image_codec=".jpg", jpeg_quality=98, layout=src.layout) as w:
+        for i in range(4):
+            s = src[i]
+            _, tb, row = src.encoded(i)
+            w.add(s.image, from_bytes(tb), {k: v for k, v in row.items() if k != "index"})
+    slim = PackedReader(write_subset(jpg, tmp_path / "slim", {"train": 99}, manifest_fields=(), jpeg_quality=60))
+    full = PackedReader(jpg, split="train")
+    assert len(slim) == len(full) > 0
+    assert all(set(r) == {"id", "split", "index"} for r in slim.rows)
+    assert set(full.rows[0]) - {"id", "split", "index"}  # the source had more fields
+    assert slim.meta["reencoded_jpeg_quality"] == 60
+    assert slim.index[:, 1].sum() < full.index[:, 1].sum()  # smaller images
+    for i in range(len(slim)):
+        a, b = slim[i], full[i]
+        assert slim.encoded(i)[1] == full.encoded(i)[1]  # targets copied unchanged
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).mean() < 6  # lossy, but the same picture
+    if src.meta.get("image_codec") != ".jpg":
+        with pytest.raises(ValueError, match="JPEG folders only"):
+            write_subset(synthetic_packed, tmp_path / "png_q", {"train": 2}, jpeg_quality=80)
+
+
+def test_cli_parts_and_merge(synthetic_packed, tmp_path):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "pack_subset.py"), *args], capture_output=True, text=True, cwd=ROOT
+        )
+
+    for k in range(2):
+        r = cli(str(synthetic_packed), str(tmp_path / f"p{k}"), "--train", "6", "--part", f"{k}/2", "--slim")
+        assert r.returncode == 0, r.stderr
+        assert "3 samples" in r.stdout
+    r = cli("--merge", str(tmp_path / "all"), str(tmp_path / "p0"), str(tmp_path / "p1"))
+    assert r.returncode == 0, r.stderr
+    assert "6 samples" in r.stdout and len(set(_ids(tmp_path / "all"))) == 6
+    r = cli(str(synthetic_packed), str(tmp_path / "x"), "--train", "2", "--part", "two")
+    assert r.returncode != 0 and "--part takes K/N" in r.stderr

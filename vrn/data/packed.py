@@ -47,6 +47,7 @@ from vrn.volume.codec import VolumeCode, from_bytes, to_bytes
 __all__ = [
     "PackedWriter",
     "write_subset",
+    "merge_packed",
     "PackedReader",
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
@@ -384,21 +385,81 @@ class PackedReader:
         return float(self.index[:, 1].sum() + self.index[:, 3].sum()) / max(1, len(self.index))
 
 
-def write_subset(
-    src: str | os.PathLike, dst: str | os.PathLike, counts: dict[str, int], seed: int = 0, overwrite: bool = False
+_FORMAT_KEYS = {"format", "version", "layout", "image_codec", "num_samples", "splits"}
+
+
+def _copy_samples(
+    sources: list[tuple[PackedReader, list[int]]],
+    dst: str | os.PathLike,
+    extra_meta: dict[str, Any],
+    overwrite: bool,
+    manifest_fields: Iterable[str] | None,
+    jpeg_quality: int | None,
 ) -> Path:
-    """Copy a random subset of a packed folder into a new one, bytes unchanged.
+    """Write the chosen samples of one or more readers (same layout and image codec) into ``dst``."""
+    first = sources[0][0]
+    codec = first.meta.get("image_codec", ".png")
+    for r, _ in sources[1:]:
+        if r.layout != first.layout or r.meta.get("image_codec", ".png") != codec:
+            raise ValueError(
+                f"cannot merge {r.root} (layout {r.layout}, codec {r.meta.get('image_codec')}) with "
+                f"{first.root} (layout {first.layout}, codec {codec}): layouts and image codecs must match"
+            )
+    if jpeg_quality is not None and codec != ".jpg":
+        raise ValueError(f"jpeg_quality applies to JPEG folders only; {first.root} stores {codec!r} images")
+    fields = None if manifest_fields is None else {"id", "split", *manifest_fields}
+    if jpeg_quality is not None:
+        extra_meta = {**extra_meta, "reencoded_jpeg_quality": int(jpeg_quality)}
+    with PackedWriter(
+        dst,
+        image_codec=codec,
+        jpeg_quality=int(jpeg_quality or 95),
+        extra_meta=extra_meta,
+        overwrite=overwrite,
+        layout=first.layout,
+    ) as w:
+        for reader, keep in sources:
+            for i in keep:
+                ib, tb, row = reader.encoded(i)
+                if jpeg_quality is not None:
+                    ib = encode_image_rgb(decode_image_rgb(ib.tobytes()), codec, int(jpeg_quality))
+                row = {k: v for k, v in row.items() if k != "index" and (fields is None or k in fields)}
+                w.add_encoded(ib, tb, row)
+    return Path(dst)
+
+
+def write_subset(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    counts: dict[str, int],
+    seed: int = 0,
+    overwrite: bool = False,
+    part: tuple[int, int] | None = None,
+    manifest_fields: Iterable[str] | None = None,
+    jpeg_quality: int | None = None,
+) -> Path:
+    """Copy a random subset of a packed folder into a new one.
 
     For moving a training set somewhere with a size limit (a rented GPU machine, a laptop):
     ``counts`` gives the samples to keep per split (more than a split has keeps all of it);
     the layout, image codec and pipeline provenance are kept, ``meta.json["subset_of"]``
-    records the source and seed. The output is written in the current format version.
+    records the source, seed and part. The output is written in the current format version.
 
+    Args:
+        part: ``(k, n)``: keep only the k-th (0-based) of n disjoint, near-equal parts of the
+            chosen samples of every split (parts of one seed never overlap: send a large set
+            in pieces, then :func:`merge_packed` them).
+        manifest_fields: keep only these manifest fields (plus ``id`` and ``split``, all
+            training reads); None keeps every field (provenance, landmarks, ...).
+        jpeg_quality: re-encode JPEG crops at this quality (smaller, lossy); None copies the
+            bytes unchanged.
     Raises:
         PackedFormatError: ``src`` is not a readable packed folder.
-        ValueError: a split in ``counts`` is not in ``src``.
+        ValueError: a split in ``counts`` is not in ``src``; a bad ``part``.
     """
     reader = PackedReader(src)
+    if part is not None and not (int(part[1]) >= 1 and 0 <= int(part[0]) < int(part[1])):
+        raise ValueError(f"part must be (k, n) with 0 <= k < n, got {part}")
     rng = np.random.default_rng(seed)
     by_split: dict[str, list[int]] = {}
     for i, row in enumerate(reader.rows):
@@ -409,21 +470,38 @@ def write_subset(
     keep: list[int] = []
     for split, n in counts.items():
         idx = np.asarray(by_split[split])
-        keep.extend(sorted(rng.choice(idx, size=min(int(n), len(idx)), replace=False).tolist()))
-    extra = {
-        k: v
-        for k, v in reader.meta.items()
-        if k not in {"format", "version", "layout", "image_codec", "num_samples", "splits"}
-    }
+        chosen = rng.choice(idx, size=min(int(n), len(idx)), replace=False)
+        if part is not None:
+            chosen = np.array_split(chosen, int(part[1]))[int(part[0])]
+        keep.extend(sorted(chosen.tolist()))
+    extra = {k: v for k, v in reader.meta.items() if k not in _FORMAT_KEYS}
     extra["subset_of"] = {"root": str(Path(src).absolute()), "seed": seed, "counts": dict(counts)}
-    with PackedWriter(
-        dst,
-        image_codec=reader.meta.get("image_codec", ".png"),
-        extra_meta=extra,
-        overwrite=overwrite,
-        layout=reader.layout,
-    ) as w:
-        for i in keep:
-            ib, tb, row = reader.encoded(i)
-            w.add_encoded(ib, tb, {k: v for k, v in row.items() if k != "index"})
-    return Path(dst)
+    if part is not None:
+        extra["subset_of"]["part"] = [int(part[0]), int(part[1])]
+    return _copy_samples([(reader, keep)], dst, extra, overwrite, manifest_fields, jpeg_quality)
+
+
+def merge_packed(srcs: Iterable[str | os.PathLike], dst: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Concatenate packed folders (same layout and image codec) into one, bytes unchanged.
+
+    The inverse of sending a set in parts (:func:`write_subset` with ``part``); also joins
+    datasets from several pipeline runs. Sample ids must be unique across the inputs.
+    ``meta.json["merged_from"]`` lists the inputs; the first input's provenance is kept.
+
+    Raises:
+        PackedFormatError: an input is not a readable packed folder.
+        ValueError: no inputs, layouts or codecs differ, or an id occurs twice.
+    """
+    readers = [PackedReader(s) for s in srcs]
+    if not readers:
+        raise ValueError("merge_packed: give at least one packed folder to merge")
+    seen: set[str] = set()
+    for r in readers:
+        ids = {str(row["id"]) for row in r.rows}
+        dup = seen & ids
+        if dup:
+            raise ValueError(f"merge_packed: sample id {sorted(dup)[0]!r} of {r.root} is already in an earlier input")
+        seen |= ids
+    extra = {k: v for k, v in readers[0].meta.items() if k not in _FORMAT_KEYS and k != "merged_from"}
+    extra["merged_from"] = [str(Path(r.root).absolute()) for r in readers]
+    return _copy_samples([(r, list(range(len(r)))) for r in readers], dst, extra, overwrite, None, None)
