@@ -99,6 +99,46 @@ def test_checkpoint_and_resume(synthetic_packed, tmp_path):
     assert state2["epoch"] == 1 and state2["global_step"] == 4
 
 
+def test_init_weights_warm_starts_the_network_only(synthetic_packed, tmp_path):
+    """model.init_weights copies a checkpoint's network weights and starts the step count at 0;
+    a checkpoint of another network is refused with both specs named."""
+    from vrn.checkpoint import load_network, save_network
+    from vrn.models import create_model
+
+    src = create_model(name="vrn_tiny")
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.5)  # far from any fresh initialisation
+    saved = save_network(tmp_path / "src.ckpt", src, {"name": "vrn_tiny", "depth_bins": 200})
+    cfg = compose_config(
+        "train",
+        _overrides(
+            synthetic_packed, f"model.init_weights={saved}", "trainer.max_steps=1", "trainer.limit_val_batches=1"
+        ),
+        output_dir=tmp_path / "run",
+    )
+    from hydra.utils import instantiate
+
+    module = instantiate(cfg.model)
+    for (k, a), b in zip(src.state_dict().items(), module.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    # a fresh module differs (the check above can fail)
+    cfg.model.init_weights = None
+    fresh = instantiate(cfg.model)
+    assert not torch.equal(next(iter(fresh.net.parameters())), next(iter(src.parameters())))
+    # a different network is refused
+    other = save_network(
+        tmp_path / "other.ckpt", create_model(name="vrn_small"), {"name": "vrn_small", "depth_bins": 200}
+    )
+    cfg.model.init_weights = str(other)
+    with pytest.raises(Exception, match="holds network .*vrn_small.* but this run builds .*vrn_tiny"):
+        instantiate(cfg.model)
+    cfg.model.init_weights = str(tmp_path / "missing.ckpt")
+    with pytest.raises(Exception, match="missing.ckpt"):
+        instantiate(cfg.model)
+    assert load_network(saved)[1]["name"] == "vrn_tiny"
+
+
 def _small_layout_packed(root: Path, n: int, crop_size: int, depth_bins: int, seed: int = 3) -> Path:
     """``n`` synthetic train faces rendered at a reduced crop/volume layout (the default layout
     scaled by ``crop_size / 192``; depth factor unchanged) into a packed folder."""

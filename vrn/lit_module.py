@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -10,12 +11,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vrn.checkpoint import check_network_layout, layout_for_network
+from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_checkpoint
 from vrn.conventions import VolumeLayout
 from vrn.losses import volume_bce_loss
 from vrn.metrics import GlobalVoxelIoU, SumRatio, front_depth_error_sums
 from vrn.models import create_model
 from vrn.volume.codec import decode_torch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["VRNLitModule", "volume_bce_loss", "batch_targets", "epoch_metrics"]
 
@@ -33,6 +36,25 @@ def epoch_metrics() -> nn.ModuleDict:
     (:mod:`vrn.metrics`): ``loss`` (sample mean), ``iou`` (sum of intersections / sum of
     unions) and ``depth_mae`` (front-depth error, pixel mean)."""
     return nn.ModuleDict({"loss": SumRatio(), "iou": GlobalVoxelIoU(), "depth_mae": SumRatio()})
+
+
+def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayout, path: str) -> None:
+    """Copy the network weights of checkpoint ``path`` into ``net`` (same spec and layout).
+
+    Raises:
+        ValueError: the checkpoint's network or layout differs (both named), or it does not load.
+        FileNotFoundError: no such file.
+    """
+    src, src_spec, src_layout = load_network(resolve_checkpoint(path))
+    if dict(src_spec) != dict(spec):
+        raise ValueError(
+            f"model.init_weights={path} holds network {src_spec}, but this run builds {spec}: "
+            f"choose the matching model= (or its net overrides), or drop init_weights"
+        )
+    if src_layout != layout:
+        raise ValueError(f"model.init_weights={path} was trained with layout {src_layout}, this run uses {layout}")
+    net.load_state_dict(src.state_dict())
+    log.info(f"network weights initialised from {path}")
 
 
 class VRNLitModule(pl.LightningModule):
@@ -61,6 +83,11 @@ class VRNLitModule(pl.LightningModule):
             None = :data:`~vrn.conventions.DEFAULT_LAYOUT` with the network's depth bins.
             Saved in the checkpoint as ``hyper_parameters["layout"]`` (a plain dict) and
             checked against the datamodule's ``layout`` when fitting / testing starts.
+        init_weights: a checkpoint (path or URL; a ``vrn.train`` .ckpt, a file of
+            ``Reconstructor.save`` or the released .t7) whose network weights start this
+            training: fine-tuning / warm start. Only the weights are taken (optimiser, epoch and
+            step start fresh; ``ckpt_path`` resumes a run instead). Its model spec and layout
+            must equal this model's.
 
     Attributes:
         layout: the :class:`~vrn.conventions.VolumeLayout` in use.
@@ -77,6 +104,7 @@ class VRNLitModule(pl.LightningModule):
         compile: bool = False,
         train_metrics_every_n_steps: int = 10,
         layout: VolumeLayout | dict[str, Any] | None = None,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(net, DictConfig):
@@ -87,6 +115,8 @@ class VRNLitModule(pl.LightningModule):
         built = create_model(**net)
         self.layout: VolumeLayout = layout_for_network(built, layout)  # type: ignore[arg-type]
         check_network_layout(built, self.layout, f"model {net.get('name')}")
+        if init_weights:
+            _load_init_weights(built, net, self.layout, str(init_weights))
         # saved from the current locals: the spec and the layout go into the checkpoint as plain
         # dicts (safe for weights_only loading)
         layout = self.layout.to_dict()  # noqa: F841 - read by save_hyperparameters
