@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -351,6 +352,18 @@ def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
     return [lg for lg in trainer.loggers if any(c.__name__ == "WandbLogger" for c in type(lg).__mro__)]
 
 
+def _batch_len(batch: Any) -> int:
+    """Samples in a training batch: dim 0 of its first tensor (dicts, lists and tuples searched)."""
+    if torch.is_tensor(batch):
+        return int(batch.shape[0]) if batch.ndim else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        n = _batch_len(item)
+        if n:
+            return n
+    return 0
+
+
 class RunSummary(pl.Callback):
     """The record of a run that comparing runs needs, whatever logger is configured.
 
@@ -360,6 +373,11 @@ class RunSummary(pl.Callback):
       (every scalar ``val/`` metric of ``trainer.callback_metrics``);
     * ``summary.json``: ``{"metric", "mode", "best": {"value", "epoch", "step"}, "final": {...},
       "validations"}`` for the monitored metric (``final`` is the latest validation);
+
+    Each ``metrics.jsonl`` row also has ``train/samples_per_sec``: training samples (all
+    ranks) per wall-clock second since the previous validation ended (data loading
+    included, validation excluded), and ``train/wall_s``: training wall time so far in this
+    process (both absent for a segment with no training batch).
 
     and sets ``best/<metric with / as _>`` (``best/val_iou``), ``best/epoch`` and ``best/step``
     in the summary of each W&B run. The history and the best are part of the checkpoint, so a
@@ -384,6 +402,10 @@ class RunSummary(pl.Callback):
         self.mode = mode
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self._segment_start: float | None = None
+        self._segment_samples = 0
+        self._segment_rate: float | None = None
+        self._train_wall_s = 0.0
 
     @property
     def summary_key(self) -> str:
@@ -409,10 +431,34 @@ class RunSummary(pl.Callback):
             "validations": len(self.history),
         }
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._segment_start is None:
+            self._segment_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._segment_samples += _batch_len(batch) * int(trainer.world_size)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._segment_rate = None
+        if trainer.sanity_checking or self._segment_start is None or not self._segment_samples:
+            return
+        seconds = time.perf_counter() - self._segment_start
+        self._train_wall_s += seconds
+        self._segment_rate = self._segment_samples / max(seconds, 1e-9)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
+        # the next training segment starts with its first batch (loader start-up included)
+        self._segment_start, self._segment_samples = None, 0
         record: dict[str, Any] = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+        if self._segment_rate is not None:
+            record["train/samples_per_sec"] = round(self._segment_rate, 2)
+            record["train/wall_s"] = round(self._train_wall_s, 2)
         for k, v in sorted(trainer.callback_metrics.items()):
             if k.startswith("val/") and (not torch.is_tensor(v) or v.numel() == 1):
                 record[k] = None if math.isnan(float(v)) else float(v)  # NaN: no value (strict JSON null)
