@@ -76,16 +76,29 @@ def test_last_ckpt_is_the_final_epoch_when_the_metric_stalls(stalled_run: Path) 
 MAX_STEPS = 24
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "INT"])
+@pytest.mark.parametrize(
+    ("signum", "code", "workers", "group"),
+    [
+        (signal.SIGTERM, 143, 0, False),
+        (signal.SIGINT, 130, 0, False),
+        (signal.SIGTERM, 143, 2, True),
+        (signal.SIGINT, 130, 2, True),
+    ],
+    ids=["TERM", "INT", "TERM-group-workers", "INT-group-workers"],
+)
 def test_signal_saves_the_step_and_the_resume_command_finishes_the_run(
-    synthetic_packed: Path, tmp_path: Path, signum: int, code: int
+    synthetic_packed: Path, tmp_path: Path, signum: int, code: int, workers: int, group: bool
 ) -> None:
+    """``group``: the signal goes to every process of the run, DataLoader workers included (what
+    ``pkill -f``, Ctrl-C in a terminal and SLURM at a job's end do): the workers leave it to the
+    main process, which saves and exits as for a signal to it alone."""
     run_dir = tmp_path / "run"
     overrides = _run_overrides(
         synthetic_packed,
         f"trainer.max_steps={MAX_STEPS}",
         "trainer.max_epochs=-1",
         "callbacks.last_checkpoint.every_n_train_steps=1",
+        f"data.num_workers={workers}",
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -95,12 +108,16 @@ def test_signal_saves_the_step_and_the_resume_command_finishes_the_run(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=group,
     )
     last = run_dir / "checkpoints" / "last.ckpt"
     t0 = time.monotonic()
     while not last.is_file() and proc.poll() is None and time.monotonic() - t0 < 120:
         time.sleep(0.05)
-    proc.send_signal(signum)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err, err[-3000:]

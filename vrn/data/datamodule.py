@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+from lightning_fabric.utilities.seed import pl_worker_init_function
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -61,6 +63,30 @@ class VolumeDataset(Dataset):
             "extra": torch.from_numpy(code.extra.astype(np.int64)).reshape(-1, 3),
             "id": str(s.row.get("id", i)),
         }
+
+
+class WorkerInit:
+    """``worker_init_fn`` of the training / evaluation loaders: the workers ignore SIGTERM and
+    SIGINT, so a signal sent to every process of a run (``pkill -f``, Ctrl-C in a terminal,
+    SLURM at a job's end) reaches only the main process, which saves ``last.ckpt`` and exits
+    (:class:`vrn.callbacks.LastCheckpoint`); without this a worker dies first and the run ends
+    with "DataLoader worker ... is killed by signal". The workers still stop when the loader
+    shuts down or the main process dies (PyTorch's own checks), and SIGKILL works as ever.
+    Then, under ``seed_everything(workers=True)``, Lightning's per-worker seeding (which
+    Lightning adds only to loaders without a ``worker_init_fn``).
+
+    Args:
+        rank: the process's global rank (Lightning's seeding mixes it in).
+    """
+
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = int(rank)
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if os.environ.get("PL_SEED_WORKERS") == "1":
+            pl_worker_init_function(worker_id, rank=self.rank)
 
 
 def collate_volumes(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -148,7 +174,8 @@ class PackedDataModule(pl.LightningDataModule):
             loader_cls, extra = ResumableLoader, {"progress_fn": lambda: trainer_progress(self.trainer)}
         return loader_cls(ds, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler, **extra,
                           num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_volumes,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+                          persistent_workers=self.num_workers > 0, drop_last=False,
+                          worker_init_fn=WorkerInit(self.trainer.global_rank if self.trainer is not None else 0))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
