@@ -87,7 +87,7 @@ class Plan:
     model: str  # registered variant of the training rows
     batches: tuple[int, int]  # the two batch sizes of the training rows
     steps: int  # timed training steps per row
-    # untimed steps first; >= 2 because torch.compile recompiles VRN once, on the second call
+    # untimed steps first (compilation, cuDNN autotuning, allocator warm-up)
     # (its guard on SeparableBilinearUpsample's matrix cache fails once the cache has filled)
     warmup: int
     workers: tuple[int, ...]  # DataLoader worker counts

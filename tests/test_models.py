@@ -96,3 +96,19 @@ def test_head_bias_starts_at_prior_occupancy():
     with torch.no_grad():
         p = torch.sigmoid(model(torch.rand(1, 3, 64, 64)))
     assert 0.02 < float(p.mean()) < 0.3
+
+
+def test_compiled_upsample_does_not_recompile():
+    """torch.compile traces the head's resize once: filling the matrix cache inside a compiled
+    call used to make Dynamo recompile the whole network on its second call."""
+    from vrn.models.blocks import SeparableBilinearUpsample
+
+    torch._dynamo.reset()
+    up = SeparableBilinearUpsample(4)
+    compiled = torch.compile(up, backend="eager")
+    x = torch.randn(1, 3, 6, 5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first, second = compiled(x), compiled(x)
+    ref = torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear", align_corners=True)
+    assert torch.allclose(first, ref, atol=1e-5) and torch.equal(first, second)
+    torch._dynamo.reset()

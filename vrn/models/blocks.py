@@ -64,7 +64,7 @@ class SeparableBilinearUpsample(nn.Module):
     Numerically the same map as ``F.interpolate(..., mode="bilinear")`` (bilinear is
     separable), but about 1.7x faster than PyTorch's CPU kernel on the (B, 200, 48, 48) ->
     (B, 200, 192, 192) head of VRN. The matrices are cached per input size and device and
-    are not part of the state dict.
+    are not part of the state dict (under ``torch.compile`` they are built in the graph).
 
     Shapes: x (B, C, h, w) -> (B, C, H, W) with (H, W) = ``size`` or ``scale`` * (h, w).
     """
@@ -76,6 +76,12 @@ class SeparableBilinearUpsample(nn.Module):
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _mats(self, h: int, w: int, H: int, W: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # inside a compiled graph: build them in the graph (filling the cache here would
+            # change a guarded attribute and make Dynamo recompile on the next call)
+            uh = _linear_interp_matrix(h, H, self.align_corners).to(like.device, like.dtype)
+            uw = _linear_interp_matrix(w, W, self.align_corners).to(like.device, like.dtype)
+            return uh, uw.T.contiguous()
         key = (h, w, H, W, like.device, like.dtype)
         if key not in self._cache:
             uh = _linear_interp_matrix(h, H, self.align_corners).to(like.device, like.dtype)
