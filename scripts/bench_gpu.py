@@ -88,7 +88,6 @@ class Plan:
     batches: tuple[int, int]  # the two batch sizes of the training rows
     steps: int  # timed training steps per row
     # untimed steps first (compilation, cuDNN autotuning, allocator warm-up)
-    # (its guard on SeparableBilinearUpsample's matrix cache fails once the cache has filled)
     warmup: int
     workers: tuple[int, ...]  # DataLoader worker counts
     loader_batches: int  # timed DataLoader batches per row
