@@ -315,17 +315,23 @@ def test_usr2_noted_after_the_last_batch_is_saved_and_handed_over_at_train_end(t
 @needs_usr2
 def test_ddp_ranks_agree_on_the_step_to_stop_at(tmp_path, usr2_handler):
     """A rank whose SIGUSR2 has not arrived yet stops at the same step as one that has it (the
-    all-reduce), so every rank reaches the save's barrier."""
-    cb = LastCheckpoint(tmp_path)
+    all-reduce), so every rank reaches the save's barrier. The ranks agree every
+    ``signal_sync_every_n_steps`` steps only (the all-reduce is a host sync)."""
+    cb = LastCheckpoint(tmp_path, signal_sync_every_n_steps=5)
     fake = FakeSubmititHandler(cb.path, exits=False)
     signal.signal(USR2, fake)
     cb.on_train_start(_fake_trainer(0, world_size=2), None)
-    quiet = _fake_trainer(4, world_size=2, others_noted=0)
-    cb.on_train_batch_end(quiet, None, None, None, 3)  # no rank noted a signal: go on
+    quiet = _fake_trainer(5, world_size=2, others_noted=0)
+    cb.on_train_batch_end(quiet, None, None, None, 4)  # no rank noted a signal: go on
     assert quiet.reduced == ["max"] and cb.signum is None and not cb.path.exists()
+    between = _fake_trainer(7, world_size=2, others_noted=int(USR2))
+    cb.on_train_batch_end(between, None, None, None, 6)  # not an agreement step: no all-reduce
+    assert between.reduced == [] and cb.signum is None
     with pytest.raises(TrainingStopped):
-        cb.on_train_batch_end(_fake_trainer(5, world_size=2, others_noted=int(USR2)), None, None, None, 4)
-    assert cb.signum == USR2 and fake.calls == [(USR2, b"step=5")]
+        cb.on_train_batch_end(_fake_trainer(10, world_size=2, others_noted=int(USR2)), None, None, None, 9)
+    assert cb.signum == USR2 and fake.calls == [(USR2, b"step=10")]
+    with pytest.raises(ValueError, match="signal_sync_every_n_steps=0"):
+        LastCheckpoint(tmp_path, signal_sync_every_n_steps=0)
 
 
 # ---- real submitit jobs on this machine (hydra/launcher=submitit_local) -----------------------

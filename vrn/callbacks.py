@@ -86,9 +86,18 @@ class LastCheckpoint(pl.Callback):
 
     DDP: SLURM signals every task of the job step, so each rank's handler notes the signal,
     but not necessarily during the same batch. So with more than one process the ranks agree
-    at each training batch end (one scalar all-reduce, the largest signal number noted on any
-    rank) and all of them reach the save (which ends with a barrier) at the same step; a
-    signal during validation is then acted on at the next training batch end or epoch end.
+    every ``signal_sync_every_n_steps`` optimizer steps and at epoch ends (one scalar
+    all-reduce, the largest signal number noted on any rank: a host sync, hence not at every
+    step) and all of them reach the save (which ends with a barrier) at the same step; a
+    signal during validation is then acted on at the next agreement point. A single process
+    acts at the first batch end.
+
+    Args:
+        dirpath, filename: where the checkpoint goes (``<dirpath>/<filename>.ckpt``).
+        every_n_train_steps: also save every N optimizer steps (0: epoch ends only).
+        handle_signals: take over SIGTERM / SIGINT (and SIGUSR2 in submitit jobs) as above.
+        signal_sync_every_n_steps: under DDP, the ranks agree on a noted signal every N
+            optimizer steps (N x a step's time is the longest wait before the save).
     """
 
     def __init__(
@@ -97,9 +106,13 @@ class LastCheckpoint(pl.Callback):
         filename: str = "last",
         every_n_train_steps: int = 0,
         handle_signals: bool = True,
+        signal_sync_every_n_steps: int = 10,
     ) -> None:
         if int(every_n_train_steps or 0) < 0:
             raise ValueError(f"every_n_train_steps={every_n_train_steps} must be >= 0 (0: at epoch ends only)")
+        if int(signal_sync_every_n_steps) < 1:
+            raise ValueError(f"signal_sync_every_n_steps={signal_sync_every_n_steps} must be >= 1")
+        self.signal_sync_every_n_steps = int(signal_sync_every_n_steps)
         self.dirpath = Path(dirpath)
         self.filename = str(filename)
         self.every_n_train_steps = int(every_n_train_steps or 0)
@@ -209,7 +222,9 @@ class LastCheckpoint(pl.Callback):
     ) -> None:
         if not self._can_save(trainer):
             return
-        if self._pending(trainer) is not None:
+        # every rank has the same global_step: under DDP they all reach the all-reduce together
+        sync = trainer.world_size == 1 or trainer.global_step % self.signal_sync_every_n_steps == 0
+        if sync and self._pending(trainer) is not None:
             self._stop(trainer)
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self.save(trainer)
