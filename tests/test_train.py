@@ -139,6 +139,20 @@ def test_init_weights_warm_starts_the_network_only(synthetic_packed, tmp_path):
     assert load_network(saved)[1]["name"] == "vrn_tiny"
 
 
+def test_init_weights_pretrained_is_the_shipped_model(tmp_path):
+    from hydra.utils import instantiate
+
+    from vrn.checkpoint import load_network, pretrained_path
+
+    cfg = compose_config("train", ["model=vrn_medium", "model.init_weights=pretrained"], output_dir=tmp_path)
+    module = instantiate(cfg.model)
+    shipped, _, _ = load_network(pretrained_path())
+    for (k, a), b in zip(shipped.state_dict().items(), module.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="Unknown pretrained model 'nope'"):
+        pretrained_path("nope")
+
+
 def _small_layout_packed(root: Path, n: int, crop_size: int, depth_bins: int, seed: int = 3) -> Path:
     """``n`` synthetic train faces rendered at a reduced crop/volume layout (the default layout
     scaled by ``crop_size / 192``; depth factor unchanged) into a packed folder."""

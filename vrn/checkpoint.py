@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from vrn.assets import cache_dir as vrn_cache_dir
+from vrn.assets import resolve as resolve_asset
 from vrn.atomic_write import atomic_path
 from vrn.conventions import DEFAULT_LAYOUT, LayoutMismatchError, VolumeLayout
 from vrn.models import create_model
@@ -46,7 +47,28 @@ __all__ = [
     "check_network_layout",
     "verify_checkpoint",
     "CheckpointIntegrityError",
+    "PRETRAINED_MODELS",
+    "DEFAULT_PRETRAINED",
+    "pretrained_path",
 ]
+
+
+#: the project's pretrained models: name -> asset registry name (:mod:`vrn.assets`)
+PRETRAINED_MODELS: dict[str, str] = {"vrn_medium_aflw": "pretrained/vrn_medium_aflw.ckpt"}
+DEFAULT_PRETRAINED = "vrn_medium_aflw"
+
+
+def pretrained_path(name: str = DEFAULT_PRETRAINED) -> Path:
+    """Local path of a pretrained model (shipped in the package, checked by sha256); ``name`` is
+    a key of :data:`PRETRAINED_MODELS` or ``"pretrained"`` (the default model).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    key = DEFAULT_PRETRAINED if name == "pretrained" else name
+    if key not in PRETRAINED_MODELS:
+        raise ValueError(f"Unknown pretrained model {name!r}; available: pretrained, {', '.join(PRETRAINED_MODELS)}")
+    return Path(resolve_asset(PRETRAINED_MODELS[key]))
 
 
 class CheckpointIntegrityError(ValueError):

@@ -55,8 +55,16 @@ import torch
 from torch import nn
 
 from vrn.assets import AssetNotFoundError
-from vrn.assets import resolve as resolve_asset
-from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_checkpoint, save_network
+from vrn.checkpoint import (
+    DEFAULT_PRETRAINED,
+    PRETRAINED_MODELS,
+    check_network_layout,
+    layout_for_network,
+    load_network,
+    pretrained_path,
+    resolve_checkpoint,
+    save_network,
+)
 from vrn.cli_errors import UserError, check_device
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_FACTOR, VolumeLayout
 from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
@@ -72,9 +80,6 @@ from vrn.volume.mesh import export_mesh, volume_to_mesh
 
 log = logging.getLogger(__name__)
 
-#: the project's pretrained models: name -> asset registry name (:mod:`vrn.assets`)
-PRETRAINED_MODELS: dict[str, str] = {"vrn_medium_aflw": "pretrained/vrn_medium_aflw.ckpt"}
-DEFAULT_PRETRAINED = "vrn_medium_aflw"
 
 __all__ = [
     "Reconstructor",
@@ -492,9 +497,7 @@ class Reconstructor:
             name: a registered pretrained model (:data:`PRETRAINED_MODELS`).
             kwargs: :meth:`from_checkpoint` arguments (device, precision, detector, ...).
         """
-        if name not in PRETRAINED_MODELS:
-            raise ValueError(f"Unknown pretrained model {name!r}; available: {', '.join(PRETRAINED_MODELS)}")
-        return cls.from_checkpoint(resolve_asset(PRETRAINED_MODELS[name]), **kwargs)
+        return cls.from_checkpoint(pretrained_path(name), **kwargs)
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> Reconstructor:
@@ -502,9 +505,7 @@ class Reconstructor:
         model), ``device``, ``precision``, ``threshold``, ``batch_size``, ``backend`` (null:
         onnxruntime for a ``.onnx`` ckpt, else torch)), without a detector (the caller runs its own)."""
         ckpt = cfg.get("ckpt")
-        path = (
-            str(ckpt) if ckpt not in (None, "", "pretrained") else resolve_asset(PRETRAINED_MODELS[DEFAULT_PRETRAINED])
-        )
+        path = str(ckpt) if ckpt not in (None, "", "pretrained") else pretrained_path()
         try:
             return cls.from_checkpoint(
                 path,

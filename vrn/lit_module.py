@@ -11,7 +11,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_checkpoint
+from vrn.checkpoint import (
+    PRETRAINED_MODELS,
+    check_network_layout,
+    layout_for_network,
+    load_network,
+    pretrained_path,
+    resolve_checkpoint,
+)
 from vrn.conventions import VolumeLayout
 from vrn.losses import volume_bce_loss
 from vrn.metrics import GlobalVoxelIoU, SumRatio, front_depth_error_sums
@@ -45,7 +52,8 @@ def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayou
         ValueError: the checkpoint's network or layout differs (both named), or it does not load.
         FileNotFoundError: no such file.
     """
-    src, src_spec, src_layout = load_network(resolve_checkpoint(path))
+    named = path == "pretrained" or path in PRETRAINED_MODELS
+    src, src_spec, src_layout = load_network(pretrained_path(path) if named else resolve_checkpoint(path))
     if dict(src_spec) != dict(spec):
         raise ValueError(
             f"model.init_weights={path} holds network {src_spec}, but this run builds {spec}: "
@@ -84,7 +92,8 @@ class VRNLitModule(pl.LightningModule):
             Saved in the checkpoint as ``hyper_parameters["layout"]`` (a plain dict) and
             checked against the datamodule's ``layout`` when fitting / testing starts.
         init_weights: a checkpoint (path or URL; a ``vrn.train`` .ckpt, a file of
-            ``Reconstructor.save`` or the released .t7) whose network weights start this
+            ``Reconstructor.save`` or the released .t7; ``pretrained`` = the shipped model,
+            with ``model=vrn_medium``) whose network weights start this
             training: fine-tuning / warm start. Only the weights are taken (optimiser, epoch and
             step start fresh; ``ckpt_path`` resumes a run instead). Its model spec and layout
             must equal this model's.
