@@ -111,3 +111,68 @@ def test_quick_cpu_run_prints_every_row(bg, synthetic_packed, tmp_path):
     assert rows["aflw_real"]["samples_per_s"] > 0
     assert "1 faces" in rows["demo batched"]["note"]
     assert (tmp_path / "work" / "fast_dev_run.log").is_file()
+
+
+def test_device_aflw_real_stages_parts_merges_and_trains_on_cpu(synthetic_packed, tmp_path):
+    """scripts/device_aflw_real.sh end to end with CPU overrides: two parts staged (moved), the
+    probe trains on the first, ``train`` merges both, trains from warm-start weights and leaves
+    the run record and slim weights in $OUT."""
+    import os
+
+    from vrn.checkpoint import load_network, save_network
+    from vrn.data.packed import PackedReader, write_subset
+    from vrn.models import create_model
+
+    counts = {"train": 8, "val": 2}
+    parts = [write_subset(synthetic_packed, tmp_path / f"p{k}", counts, seed=4, part=(k, 2)) for k in range(2)]
+    init = save_network(tmp_path / "init.ckpt", create_model(name="vrn_tiny"), {"name": "vrn_tiny", "depth_bins": 200})
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 = this interpreter
+        "VRN_DEVICE_DATA": str(tmp_path / "staged"),
+        "VRN_DEVICE_RUN": str(tmp_path / "runs"),
+        "OUT": str(tmp_path / "out"),
+    }
+    cpu = [
+        "model=vrn_tiny",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "data.batch_size=2",
+        "trainer.max_steps=4",
+        "trainer.limit_train_batches=2",
+        "~callbacks.volume_preview",
+    ]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(ROOT / "scripts" / "device_aflw_real.sh"), *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "device_aflw_real.sh")]).returncode == 0
+    for p in parts:
+        r = run("stage", str(p))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert not p.exists() and (tmp_path / "staged" / p.name / "meta.json").is_file()
+    r = run("probe", *cpu)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    probe_rows = [json.loads(x) for x in (tmp_path / "out" / "probe_metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in probe_rows] == [2, 4] and all(row["train/samples_per_sec"] > 0 for row in probe_rows)
+    r = run("train", *cpu, f"model.init_weights={init}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    merged = PackedReader(tmp_path / "staged" / "merged")
+    assert len(merged) == 10 and merged.meta["splits"] == counts
+    out = tmp_path / "out"
+    assert {"train_metrics.jsonl", "train_summary.json", "train_best.ckpt", "train_last.ckpt"} <= {
+        p.name for p in out.iterdir()
+    }
+    net, spec, _ = load_network(out / "train_last.ckpt")
+    assert spec["name"] == "vrn_tiny"
+    r = run("nonsense")
+    assert r.returncode == 2 and "unknown mode" in r.stderr
