@@ -176,3 +176,40 @@ def test_device_aflw_real_stages_parts_merges_and_trains_on_cpu(synthetic_packed
     assert spec["name"] == "vrn_tiny"
     r = run("nonsense")
     assert r.returncode == 2 and "unknown mode" in r.stderr
+
+
+def test_prepare_device_carry_writes_parts_and_sizes_each_call(synthetic_packed, tmp_path):
+    from vrn.data.packed import PackedReader
+
+    out = tmp_path / "carry"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "prepare_device_carry.py"),
+            str(synthetic_packed),
+            "--out",
+            str(out),
+            "--parts",
+            "3",
+            "--train",
+            "9",
+            "--val",
+            "3",
+            "--jpeg-quality",
+            "0",
+            "--no-wheels",
+            "--init",
+            str(ROOT / "vrn" / "pretrained" / "vrn_medium_aflw.ckpt"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = [{row["id"] for row in PackedReader(out / f"p{k}").rows} for k in range(3)]
+    assert sum(len(i) for i in ids) == 12 and len(set().union(*ids)) == 12  # disjoint parts, all kept
+    assert all(set(row) == {"id", "split", "index"} for row in PackedReader(out / "p0").rows)  # slim
+    assert (out / "init" / "init.ckpt").is_file()
+    calls = [ln for ln in r.stdout.splitlines() if ln.startswith("call ")]
+    assert len(calls) == 3 and all(ln.endswith("MiB OK") for ln in calls)
