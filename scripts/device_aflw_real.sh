@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # experiment=aflw_real_gpu on a lent GPU machine that has no network and takes at most 64 MiB
 # of files per call (the `device` tool of our workplace; docs/benchmarks.md, "Real faces on a GPU").
-# The training set travels in parts, one per call, made here with
-#   python scripts/pack_subset.py <packed> gpu_carry/p0 --train 8000 --val 300 --part 0/2 --slim --jpeg-quality 85
+# The training set travels in parts, one per call, made here (with the rest of gpu_carry/) by
+#   python scripts/prepare_device_carry.py <packed> --parts 2 --python312 <py3.12 with cython> [--init <ckpt>]
 # and waits on the machine in $VRN_DEVICE_DATA between calls; the last call merges the parts
 # and trains. gpu_carry/ (ignored by git, carried) also holds the wheels the machine's image lacks
 # (gpu_carry/whl: hydra-core, omegaconf, antlr4-python3-runtime), the Cython kernel built for its
