@@ -96,6 +96,12 @@ def test_every_frame_in_order_with_its_faces(video_run) -> None:
     assert n_faces == [0 if i in GAP else 2 for i in range(N_FRAMES)]
     assert [f["status"] for f in record["frames"]] == ["no_face" if i in GAP else "ok" for i in range(N_FRAMES)]
     assert all(face["has_surface"] and face["error"] is None for fr in record["frames"] for face in fr["faces"])
+    # the image path's pose and 3D landmarks, per face and frame
+    faces = [face for fr in record["frames"] for face in fr["faces"]]
+    assert all({"pose", "landmarks_3d", "landmarks_visible"} <= set(face) for face in faces)
+    posed = [face for face in faces if face["pose"] is not None]
+    assert posed, "no face got a pose"
+    assert all({"yaw", "pitch", "roll"} <= set(face["pose"]) and len(face["landmarks_3d"]) == 68 for face in posed)
     np.testing.assert_allclose([f["time_s"] for f in record["frames"]], np.arange(N_FRAMES) / 10.0)
 
 

@@ -77,6 +77,10 @@ def _face_record(f: FaceOutput, tid: int, box: np.ndarray) -> dict[str, Any]:
         "n_verts": f.n_verts,
         "n_faces": f.n_faces,
         "confidence_mean": f.confidence_mean,
+        # head pose and 68 3D landmarks (None when pose_landmarks=false or no surface)
+        "pose": f.pose,
+        "landmarks_3d": f.landmarks_3d,
+        "landmarks_visible": f.landmarks_visible,
         "files": f.files,
         "timings": f.timings,
         "error": f.error,
