@@ -130,3 +130,18 @@ def test_cli_parts_and_merge(synthetic_packed, tmp_path):
     assert "6 samples" in r.stdout and len(set(_ids(tmp_path / "all"))) == 6
     r = cli(str(synthetic_packed), str(tmp_path / "x"), "--train", "2", "--part", "two")
     assert r.returncode != 0 and "--part takes K/N" in r.stderr
+
+
+def test_merge_refuses_different_layouts(synthetic_packed, tmp_path):
+    import json
+
+    a = write_subset(synthetic_packed, tmp_path / "a", {"train": 2}, seed=1, part=(0, 2))
+    b = write_subset(synthetic_packed, tmp_path / "b", {"train": 2}, seed=1, part=(1, 2))
+    meta = json.loads((b / "meta.json").read_text())
+    meta["layout"]["depth_factor"] = 1.0  # another volume layout
+    (b / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="layouts and image codecs must match"):
+        merge_packed([a, b], tmp_path / "ab")
+    assert not (tmp_path / "ab").exists() and not (tmp_path / "ab.partial").exists()
+    with pytest.raises(ValueError, match="at least one"):
+        merge_packed([], tmp_path / "none")
