@@ -29,6 +29,12 @@ def test_variant_forward_backward(name):
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def test_vrn_compact_ships_under_10_mb():
+    """The largest shippable variant: float32 weights under the 10 MB the repository allows."""
+    n = sum(p.numel() for p in create_model("vrn_compact").parameters())
+    assert n == pytest.approx(2.12e6, rel=0.01) and n * 4 < 10e6
+
+
 def test_vrn_unguided_matches_released_graph():
     model = create_model("vrn_unguided")
     n_params = sum(p.numel() for p in model.parameters())
