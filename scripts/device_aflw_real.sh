@@ -89,8 +89,15 @@ case "$mode" in
       python3 scripts/pack_subset.py --merge "$root" "${parts[@]}"
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    # a new folder per run (train, train_2, ...): a later call can resume an earlier run with
+    # ckpt_path=$run/train/checkpoints/last.ckpt (exact resume on the same merged data)
     dir="$run/$mode"
-    rm -rf "$dir"
+    n=2
+    while [[ -e "$dir" ]]; do
+      dir="$run/${mode}_$n"
+      n=$((n + 1))
+    done
+    echo "run folder: $dir"
     extra=()
     [[ "$mode" == probe ]] && extra=(trainer.max_steps=200 trainer.limit_train_batches=100 trainer.limit_val_batches=3)
     set +e

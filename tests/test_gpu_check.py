@@ -174,6 +174,17 @@ def test_device_aflw_real_stages_parts_merges_and_trains_on_cpu(synthetic_packed
     }
     net, spec, _ = load_network(out / "train_last.ckpt")
     assert spec["name"] == "vrn_tiny"
+    # a second call resumes the first run (its folder kept) in a new folder
+    first = tmp_path / "runs" / "train" / "checkpoints" / "last.ckpt"
+    r = run(
+        "train", *[o for o in cpu if not o.startswith("trainer.max_steps")], "trainer.max_steps=6", f"ckpt_path={first}"
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "run folder: " + str(tmp_path / "runs" / "train_2") in r.stdout
+    resumed = torch.load(
+        tmp_path / "runs" / "train_2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert resumed["global_step"] == 6
     r = run("nonsense")
     assert r.returncode == 2 and "unknown mode" in r.stderr
 
