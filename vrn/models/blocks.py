@@ -75,18 +75,19 @@ class SeparableBilinearUpsample(nn.Module):
         self.align_corners = align_corners
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def _build(self, h: int, w: int, H: int, W: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        uh = _linear_interp_matrix(h, H, self.align_corners).to(like.device, like.dtype)
+        uw = _linear_interp_matrix(w, W, self.align_corners).to(like.device, like.dtype)
+        return uh, uw.T.contiguous()
+
     def _mats(self, h: int, w: int, H: int, W: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
             # inside a compiled graph: build them in the graph (filling the cache here would
             # change a guarded attribute and make Dynamo recompile on the next call)
-            uh = _linear_interp_matrix(h, H, self.align_corners).to(like.device, like.dtype)
-            uw = _linear_interp_matrix(w, W, self.align_corners).to(like.device, like.dtype)
-            return uh, uw.T.contiguous()
+            return self._build(h, w, H, W, like)
         key = (h, w, H, W, like.device, like.dtype)
         if key not in self._cache:
-            uh = _linear_interp_matrix(h, H, self.align_corners).to(like.device, like.dtype)
-            uw = _linear_interp_matrix(w, W, self.align_corners).to(like.device, like.dtype)
-            self._cache[key] = (uh, uw.T.contiguous())
+            self._cache[key] = self._build(h, w, H, W, like)
         return self._cache[key]
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
