@@ -50,6 +50,7 @@ __all__ = [
     "PRETRAINED_MODELS",
     "DEFAULT_PRETRAINED",
     "pretrained_path",
+    "resolve_model_file",
 ]
 
 
@@ -69,6 +70,13 @@ def pretrained_path(name: str = DEFAULT_PRETRAINED) -> Path:
     if key not in PRETRAINED_MODELS:
         raise ValueError(f"Unknown pretrained model {name!r}; available: pretrained, {', '.join(PRETRAINED_MODELS)}")
     return Path(resolve_asset(PRETRAINED_MODELS[key]))
+
+
+def resolve_model_file(name_or_path: str | os.PathLike) -> Path:
+    """A pretrained model's name (:func:`pretrained_path`) or a checkpoint path / URL
+    (:func:`resolve_checkpoint`) -> the local file."""
+    s = str(name_or_path)
+    return pretrained_path(s) if s == "pretrained" or s in PRETRAINED_MODELS else resolve_checkpoint(s)
 
 
 class CheckpointIntegrityError(ValueError):

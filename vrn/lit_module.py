@@ -11,14 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vrn.checkpoint import (
-    PRETRAINED_MODELS,
-    check_network_layout,
-    layout_for_network,
-    load_network,
-    pretrained_path,
-    resolve_checkpoint,
-)
+from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_model_file
 from vrn.conventions import VolumeLayout
 from vrn.losses import volume_bce_loss
 from vrn.metrics import GlobalVoxelIoU, SumRatio, front_depth_error_sums
@@ -52,8 +45,7 @@ def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayou
         ValueError: the checkpoint's network or layout differs (both named), or it does not load.
         FileNotFoundError: no such file.
     """
-    named = path == "pretrained" or path in PRETRAINED_MODELS
-    src, src_spec, src_layout = load_network(pretrained_path(path) if named else resolve_checkpoint(path))
+    src, src_spec, src_layout = load_network(resolve_model_file(path))
     if dict(src_spec) != dict(spec):
         raise ValueError(
             f"model.init_weights={path} holds network {src_spec}, but this run builds {spec}: "
