@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import load_script
+from vrn.conventions import DEPTH_BINS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_gpu.py"
@@ -125,7 +126,9 @@ def test_device_aflw_real_stages_parts_merges_and_trains_on_cpu(synthetic_packed
 
     counts = {"train": 8, "val": 2}
     parts = [write_subset(synthetic_packed, tmp_path / f"p{k}", counts, seed=4, part=(k, 2)) for k in range(2)]
-    init = save_network(tmp_path / "init.ckpt", create_model(name="vrn_tiny"), {"name": "vrn_tiny", "depth_bins": 200})
+    init = save_network(
+        tmp_path / "init.ckpt", create_model(name="vrn_tiny"), {"name": "vrn_tiny", "depth_bins": DEPTH_BINS}
+    )
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 = this interpreter

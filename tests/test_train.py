@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import compose_config
+from vrn.conventions import DEPTH_BINS
 from vrn.train import train
 
 
@@ -109,7 +110,7 @@ def test_init_weights_warm_starts_the_network_only(synthetic_packed, tmp_path):
     with torch.no_grad():
         for p in src.parameters():
             p.add_(0.5)  # far from any fresh initialisation
-    saved = save_network(tmp_path / "src.ckpt", src, {"name": "vrn_tiny", "depth_bins": 200})
+    saved = save_network(tmp_path / "src.ckpt", src, {"name": "vrn_tiny", "depth_bins": DEPTH_BINS})
     cfg = compose_config(
         "train",
         _overrides(
@@ -128,7 +129,7 @@ def test_init_weights_warm_starts_the_network_only(synthetic_packed, tmp_path):
     assert not torch.equal(next(iter(fresh.net.parameters())), next(iter(src.parameters())))
     # a different network is refused
     other = save_network(
-        tmp_path / "other.ckpt", create_model(name="vrn_small"), {"name": "vrn_small", "depth_bins": 200}
+        tmp_path / "other.ckpt", create_model(name="vrn_small"), {"name": "vrn_small", "depth_bins": DEPTH_BINS}
     )
     cfg.model.init_weights = str(other)
     with pytest.raises(Exception, match="holds network .*vrn_small.* but this run builds .*vrn_tiny"):
