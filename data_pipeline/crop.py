@@ -10,6 +10,12 @@ The VRN crop rule (:func:`vrn.geometry.crop.crop_face`): scale the photo so that
 (default ``CROP_SIZE`` = 192) px square. RGB throughout. Both numbers are recorded in
 ``stage.json`` / the manifest's ``params``; ``pack`` copies them into the dataset's layout.
 
+``crop.source_roi_px=N`` (``--config-name aflw`` sets 120): the input photos are already
+3DDFA-style face crops of N x N px (the AFLW crops). Recorded, and copied by ``pack`` into the
+layout (``VolumeLayout.source_roi_px``), so a model trained on them makes its inference crops
+the same way (:func:`vrn.geometry.crop.crop_for_layout`); a photo of another size is skipped
+with reason ``not_source_roi_size``.
+
 ``crop.refuse_eval_sets=true`` (set by ``--config-name aflw``) stops before any image is
 processed when the input folder is the AFLW2000-3D benchmark (evaluation only, never training /
 validation / model selection): a folder named like ``aflw2000_3d``, or any image with a ``.mat`` beside it
@@ -101,6 +107,7 @@ class CropStage(Stage):
         border_value: padding grey level (``border="constant"``).
         border: margin fill outside the photo, one of :data:`vrn.geometry.crop.BORDERS`.
         refuse_eval_sets: refuse AFLW2000-3D inputs (:func:`check_not_eval_set`).
+        source_roi_px: 0, or N: the photos are N x N px 3DDFA face crops (module doc).
         image_exts: file extensions read from ``input_dir``.
         recursive: look into sub-folders (300W-LP keeps its images in per-set folders).
     """
@@ -118,6 +125,7 @@ class CropStage(Stage):
         recursive: bool = True,
         border: str = "constant",
         refuse_eval_sets: bool = False,
+        source_roi_px: int = 0,
     ) -> None:
         self.detector = detector
         self.crop_size = int(crop_size)
@@ -127,6 +135,9 @@ class CropStage(Stage):
             raise ValueError(f"crop.border must be one of {', '.join(BORDERS)}, got {border!r}")
         self.border = str(border)
         self.refuse_eval_sets = bool(refuse_eval_sets)
+        self.source_roi_px = int(source_roi_px)
+        if self.source_roi_px < 0:
+            raise ValueError(f"crop.source_roi_px must be 0 or the input photos' side in px, got {source_roi_px}")
         self.image_exts = tuple(str(e).lower() for e in image_exts)
         self.recursive = bool(recursive)
 
@@ -145,6 +156,8 @@ class CropStage(Stage):
             p["border"] = self.border
         if self.refuse_eval_sets:
             p["refuse_eval_sets"] = True
+        if self.source_roi_px:
+            p["source_roi_px"] = self.source_roi_px
         return p
 
     def setup(self) -> None:
@@ -167,6 +180,13 @@ class CropStage(Stage):
             image = read_image_rgb(path)
         except ImageReadError as e:
             raise ItemFailure("unreadable_image", str(e)) from e
+        n = self.source_roi_px
+        if n and image.shape[:2] != (n, n):
+            raise ItemFailure(
+                "not_source_roi_size",
+                f"{image.shape[1]}x{image.shape[0]} px, but crop.source_roi_px={n} says the photos are "
+                f"{n}x{n} face crops",
+            )
         dets = self.detector.detect(image, str(path))
         if not dets:
             raise ItemFailure("no_face", f"no face found by detector '{self.detector.name}'")

@@ -13,9 +13,10 @@ always give the same split.
 
 Layout: ``meta.json``'s ``layout`` (:class:`vrn.conventions.VolumeLayout`) is what the
 upstream stages actually used, read from their manifests' ``params`` by following each
-manifest's ``input_dir`` back from ``reap``: ``crop_size`` and ``face_size`` from the crop
-stage, ``depth_bins`` and ``depth_factor`` from the voxelize stage (whose ``size`` must
-equal the crop's ``crop_size``, else :class:`~data_pipeline.stage.PipelineInputError`).
+manifest's ``input_dir`` back from ``reap``: ``crop_size``, ``face_size`` and
+``source_roi_px`` (0 when not recorded) from the crop stage, ``depth_bins`` and
+``depth_factor`` from the voxelize stage (whose ``size`` must equal the crop's
+``crop_size``, else :class:`~data_pipeline.stage.PipelineInputError`).
 
 Output: :class:`vrn.data.packed.PackedWriter`'s folder (``meta.json``, ``manifest.jsonl``,
 ``index.npy`` with per-sample CRC-32s, ``images.bin``, ``targets.bin``), written under
@@ -158,6 +159,7 @@ def upstream_layout(input_dir: str | os.PathLike, manifest: dict[str, Any]) -> V
         face_size=crop["face_size"],
         depth_bins=vox["depth_bins"],
         depth_factor=vox["depth_factor"],
+        source_roi_px=crop.get("source_roi_px", 0),
     )
 
 

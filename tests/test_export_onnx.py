@@ -50,7 +50,7 @@ def _crops(n: int, size: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     "name, layout",
     [
-        ("vrn_tiny", replace(DEFAULT_LAYOUT, crop_size=128, depth_bins=40, face_size=60)),
+        ("vrn_tiny", replace(DEFAULT_LAYOUT, crop_size=128, depth_bins=40, face_size=60, source_roi_px=120)),
         ("vrn_small", replace(DEFAULT_LAYOUT, depth_bins=40)),
     ],
 )

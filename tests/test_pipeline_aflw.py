@@ -15,6 +15,7 @@ import pytest
 from data_pipeline.run import build_stage, run_pipeline
 from data_pipeline.stage import PipelineInputError, load_npz
 from tests.helpers import compose_pipeline, target_surface_at_landmarks
+from vrn.conventions import TDDFA_ROI_PX
 from vrn.data.packed import PackedReader
 from vrn.detectors.base import get_detector
 from vrn.geometry.crop import crop_face, outside_mask, warp_crop
@@ -67,6 +68,8 @@ def test_split_train_val_by_image(aflw):
         assert r["subject"] == Path(r["source_image"]).stem  # one subject per image
         assert r["detector"] == "tddfa_roi"
     assert reader.meta["layout"]["crop_size"] == 192 and reader.meta["layout"]["face_size"] == 90.0
+    # the photos were 3DDFA's 120 px crops: recorded, so a model trained here crops photos that way
+    assert reader.layout.source_roi_px == TDDFA_ROI_PX == 120
 
 
 def test_margins_are_filled(aflw, shared_dir):
@@ -160,3 +163,18 @@ def test_aflw2000_3d_is_refused(tmp_path, shared_dir):
     assert not (tmp_path / "o2" / "crop" / "items").exists() or not any((tmp_path / "o2" / "crop" / "items").iterdir())
     # the default crop config does not check (300W-LP / evaluation runs use .mat folders)
     assert build_stage(_cfg(mixed, tmp_path / "o3", "crop.refuse_eval_sets=false"), "crop").refuse_eval_sets is False
+
+
+def test_a_photo_of_another_size_is_skipped_with_a_reason(tmp_path, shared_dir):
+    """crop.source_roi_px=120 says the photos are 120 px 3DDFA crops: a larger photo is skipped."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(shared_dir / "data" / "aflw_crops" / "image04378.jpg", inp)
+    shutil.copy(shared_dir / "data" / "images" / "emma.jpg", inp)
+    out = tmp_path / "out"
+    run_pipeline(_cfg(inp, out, "stages=[crop]"))
+    crop = json.loads((out / "crop" / "manifest.json").read_text())
+    assert [s["source_image"] for s in crop["samples"]] == ["image04378.jpg"]
+    (fail,) = crop["failures"]
+    assert fail["reason"] == "not_source_roi_size" and "emma" in json.dumps(fail)
+    assert crop["params"]["source_roi_px"] == 120

@@ -11,6 +11,7 @@ import pytest
 from tests.helpers import compose_config
 from vrn import assets
 from vrn.assets import REGISTRY, AssetNotFoundError, resolve, sha256_of
+from vrn.conventions import TDDFA_ROI_PX
 from vrn.inference import DEFAULT_PRETRAINED, PRETRAINED_MODELS, Reconstructor
 
 NAME = PRETRAINED_MODELS[DEFAULT_PRETRAINED]
@@ -28,6 +29,11 @@ def test_shipped_checkpoint_is_registered_small_and_matches_its_sha256() -> None
 @pytest.fixture(scope="module")
 def pretrained() -> Reconstructor:
     return Reconstructor.from_pretrained(detector="tddfa")
+
+
+def test_pretrained_cuts_faces_as_its_training_crops(pretrained: Reconstructor) -> None:
+    # trained on 3DDFA's 120 px AFLW crops: inference resamples each face through that ROI
+    assert pretrained.layout.source_roi_px == TDDFA_ROI_PX
 
 
 @pytest.mark.parametrize(("image", "n_faces"), [("emma.jpg", 3), ("trump_hillary.jpg", 2)])

@@ -29,6 +29,14 @@ Target
 
 Network input
     float32 RGB in [0, 1], shape (B, 3, CROP_SIZE, CROP_SIZE); logits (B, DEPTH_BINS, H, W).
+
+Source resolution of the crops (``VolumeLayout.source_roi_px``)
+    0: the crop is cut straight from the photo (synthetic faces, 300W-LP, your photos).
+    N > 0: the training photos were 3DDFA-style face crops of N x N px (the AFLW crops:
+    ``TDDFA_ROI_PX`` = 120, 3DDFA's regressor input), so the network only ever saw faces
+    at that resolution, with a mirrored, blurred margin where the VRN crop reaches past the
+    small photo. Inference makes its crops the same way (:func:`vrn.geometry.crop.crop_face`):
+    the photo is first cut to 3DDFA's landmark ROI and resampled to N x N px.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ __all__ = [
     "CROP_FACE_SIZE",
     "VolumeLayout",
     "DEFAULT_LAYOUT",
+    "TDDFA_ROI_PX",
+    "VOLUME_FIELDS",
     "LayoutMismatchError",
     "depth_centre_z",
 ]
@@ -52,6 +62,12 @@ DEPTH_BINS: int = 200
 DEPTH_FACTOR: float = 2.0
 # VRN crop rule: the 68-landmark box is scaled so that sqrt(w*h) = CROP_FACE_SIZE crop px.
 CROP_FACE_SIZE: float = 90.0
+# side of 3DDFA's regressor input, px: the size of the AFLW training crops (``source_roi_px``)
+TDDFA_ROI_PX: int = 120
+
+
+#: the layout values a dataset and a model must share
+VOLUME_FIELDS: tuple[str, ...] = ("crop_size", "face_size", "depth_bins", "depth_factor")
 
 
 class LayoutMismatchError(ValueError):
@@ -60,10 +76,11 @@ class LayoutMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class VolumeLayout:
-    """The crop and volume layout, the one source of truth for these four numbers.
+    """The crop and volume layout, the one source of truth for these numbers.
 
     Recorded in every packed dataset's ``meta.json`` (key ``layout``) and in every
-    checkpoint (``hyper_parameters["layout"]``); checked when a dataset meets a model;
+    checkpoint (``hyper_parameters["layout"]``); checked when a dataset meets a model
+    (the four volume numbers; ``source_roi_px`` is inherited from the training data);
     :class:`vrn.Reconstructor` and evaluation take it from the checkpoint.
 
     Attributes:
@@ -71,20 +88,27 @@ class VolumeLayout:
         face_size: ``sqrt(w * h)`` of the 68-landmark box in the crop, crop px.
         depth_bins: depth bins of the volume (network output channels).
         depth_factor: depth bins per crop px (``d = depth_factor * z``).
+        source_roi_px: 0 = crops cut straight from the photo; N > 0 = the training photos
+            were N x N px 3DDFA face crops, and inference resamples the face the same way
+            (module doc).
     """
 
     crop_size: int = CROP_SIZE
     face_size: float = CROP_FACE_SIZE
     depth_bins: int = DEPTH_BINS
     depth_factor: float = DEPTH_FACTOR
+    source_roi_px: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "crop_size", int(self.crop_size))
         object.__setattr__(self, "face_size", float(self.face_size))
         object.__setattr__(self, "depth_bins", int(self.depth_bins))
         object.__setattr__(self, "depth_factor", float(self.depth_factor))
+        object.__setattr__(self, "source_roi_px", int(self.source_roi_px))
         if self.crop_size <= 0 or self.depth_bins <= 0 or self.face_size <= 0 or self.depth_factor <= 0:
             raise ValueError(f"layout values must be positive, got {self}")
+        if self.source_roi_px < 0:
+            raise ValueError(f"source_roi_px must be 0 (crops from the photo) or a crop side in px, got {self}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,14 +118,16 @@ class VolumeLayout:
         """From a recorded dict; None or missing keys -> the defaults (files written before
         layouts were recorded used the defaults)."""
         d = dict(d or {})
-        known = {k: d[k] for k in ("crop_size", "face_size", "depth_bins", "depth_factor") if k in d}
+        known = {k: d[k] for k in (*VOLUME_FIELDS, "source_roi_px") if k in d}
         return cls(**known)
 
     def check_matches(self, other: VolumeLayout, this: str, that: str) -> None:
-        """Raise :class:`LayoutMismatchError` naming both sides and every differing value."""
+        """Raise :class:`LayoutMismatchError` naming both sides and every differing value of
+        :data:`VOLUME_FIELDS` (``source_roi_px`` describes the photos, not the volume: a model
+        takes it from its training data)."""
         diff = [
             f"{k}: {getattr(self, k)} ({this}) vs {getattr(other, k)} ({that})"
-            for k in ("crop_size", "face_size", "depth_bins", "depth_factor")
+            for k in VOLUME_FIELDS
             if getattr(self, k) != getattr(other, k)
         ]
         if diff:

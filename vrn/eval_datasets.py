@@ -32,7 +32,7 @@ from vrn.detectors import FaceDetector, get_detector
 from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
 from vrn.face_models.mat_fit import angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points
 from vrn.face_models.tddfa_models import load_tddfa
-from vrn.geometry.crop import crop_face
+from vrn.geometry.crop import crop_for_layout
 from vrn.geometry.head_pose import pose_angles_from_rotation
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
@@ -312,7 +312,7 @@ class AFLW2000Dataset(Dataset):
         gt_lm = np.stack([p3[0] - 1.0, p3[1] - 1.0, p3[2]], 1)  # MATLAB 1-based -> 0-based pixel centres
         xy, xy_from, crop_info = self._crop_landmarks(image, path, gt_lm)
         xy = gt_lm[:, :2] if xy is None else xy
-        crop, T = crop_face(image, xy, crop_size=self.layout.crop_size, face_size=self.layout.face_size)
+        crop, T = crop_for_layout(image, xy, self.layout)
         s = EvalSample(
             sid,
             crop,

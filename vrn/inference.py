@@ -13,10 +13,10 @@ Pipeline per photo (each stage is a method, so batch front-ends such as :mod:`vr
 reuse them):
 
 1. :func:`prepare_image`: read (RGB), detect faces + 68 landmarks (:mod:`vrn.detectors`),
-   cut the VRN crop of each face (:func:`vrn.geometry.crop.crop_face` with the checkpoint's
+   cut the VRN crop of each face (:func:`vrn.geometry.crop.crop_for_layout` with the checkpoint's
    :class:`~vrn.conventions.VolumeLayout`: ``crop_size`` x ``crop_size`` crop px, landmark box
-   ``face_size`` crop px, and the :class:`~vrn.geometry.transforms.CropTransform` image px ->
-   crop px).
+   ``face_size`` crop px, through 3DDFA's resampled ROI when ``source_roi_px`` > 0, and the
+   :class:`~vrn.geometry.transforms.CropTransform` image px -> crop px).
 2. :meth:`Reconstructor.reconstruct_crops`: the network on a batch of crops, sigmoid ->
    occupancy probabilities (B, D, H, W), index ``[d, r, c]`` (:mod:`vrn.conventions`).
 3. :func:`volume_to_image_mesh`: marching cubes at ``threshold`` (crop px, the z factor
@@ -69,7 +69,7 @@ from vrn.cli_errors import UserError, check_device
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_FACTOR, VolumeLayout
 from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
 from vrn.export import OnnxNetwork, is_onnx_file, onnx_bytes
-from vrn.geometry.crop import crop_face
+from vrn.geometry.crop import crop_for_layout
 from vrn.geometry.head_pose import HeadPose
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import check_rgb_image, read_image_rgb
@@ -216,8 +216,10 @@ def prepare_image(
     Args:
         image: (H, W, 3) uint8 RGB array, or an image file path.
         detector: a :class:`vrn.detectors.base.FaceDetector`.
-        layout: the crop rule's ``crop_size`` (crop side, px) and ``face_size`` (``sqrt(w * h)``
-            of the landmark box, crop px); use the network's layout (:attr:`Reconstructor.layout`).
+        layout: the crop rule's ``crop_size`` (crop side, px), ``face_size`` (``sqrt(w * h)``
+            of the landmark box, crop px) and ``source_roi_px`` (the face first resampled to
+            3DDFA's ROI of that size, :func:`vrn.geometry.crop.crop_for_layout`); use the
+            network's layout (:attr:`Reconstructor.layout`).
     Returns:
         :class:`PreparedImage`; no faces -> empty ``detections`` and (0, S, S, 3) crops.
     Raises:
@@ -238,7 +240,7 @@ def prepare_image(
     timings["detect"] = t2 - t1
     crops, transforms = [], []
     for d in dets:
-        c, t = crop_face(img, d.landmarks, crop_size=layout.crop_size, face_size=layout.face_size)
+        c, t = crop_for_layout(img, d.landmarks, layout)
         crops.append(c)
         transforms.append(t)
     timings["crop"] = time.perf_counter() - t2
@@ -326,7 +328,7 @@ def _to_input(crops: np.ndarray | torch.Tensor, crop_size: int | None = None) ->
     if crop_size is not None and tuple(x.shape[-2:]) != (crop_size, crop_size):
         raise ValueError(
             f"crops must be {crop_size}x{crop_size} (this network's layout), got {x.shape[-2]}x{x.shape[-1]}: "
-            f"cut them with vrn.geometry.crop.crop_face (or Reconstructor.detect)"
+            f"cut them with vrn.geometry.crop.crop_for_layout (or Reconstructor.detect)"
         )
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_model_file
-from vrn.conventions import VolumeLayout
+from vrn.conventions import VOLUME_FIELDS, VolumeLayout
 from vrn.losses import volume_bce_loss
 from vrn.metrics import GlobalVoxelIoU, SumRatio, front_depth_error_sums
 from vrn.models import create_model
@@ -51,7 +52,7 @@ def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayou
             f"model.init_weights={path} holds network {src_spec}, but this run builds {spec}: "
             f"choose the matching model= (or its net overrides), or drop init_weights"
         )
-    if src_layout != layout:
+    if any(getattr(src_layout, k) != getattr(layout, k) for k in VOLUME_FIELDS):
         raise ValueError(f"model.init_weights={path} was trained with layout {src_layout}, this run uses {layout}")
     net.load_state_dict(src.state_dict())
     log.info(f"network weights initialised from {path}")
@@ -153,6 +154,11 @@ class VRNLitModule(pl.LightningModule):
         if isinstance(data_layout, VolumeLayout):
             name = getattr(dm, "root", None) or type(dm).__name__
             data_layout.check_matches(self.layout, f"dataset {name}", f"model {self.hparams.net.get('name')}")
+            if stage == "fit" and data_layout.source_roi_px != self.layout.source_roi_px:
+                # how the training photos were made is the data's: the checkpoint records it, so
+                # inference makes its crops the same way (vrn.conventions)
+                self.layout = replace(self.layout, source_roi_px=data_layout.source_roi_px)
+                self.hparams["layout"] = self.layout.to_dict()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """image: (B, 3, H, W) float32 RGB [0, 1] -> logits (B, D, H, W)."""

@@ -22,6 +22,13 @@ Margin fill (``border``; :data:`BORDERS`):
 
 Tight crops (e.g. 3DDFA's 120 x 120 AFLW crops) leave large margins; a constant fill there
 teaches a network "flat border = background".
+
+Crops for a network trained on such tight crops (``VolumeLayout.source_roi_px`` = N > 0,
+:mod:`vrn.conventions`): :func:`crop_for_layout` first cuts the photo to 3DDFA's landmark
+ROI (:func:`tddfa_v2.tddfa.roi_box_from_landmarks`: the landmarks' bounding square grown to
+its diagonal), resampled to N x N px (bilinear, black outside the photo, as 3DDFA cuts its
+inputs), then makes the VRN crop of that small photo with ``blur_reflect``: the face reaches
+the network at the resolution and with the margin it was trained on.
 """
 
 from __future__ import annotations
@@ -31,12 +38,15 @@ import math
 import cv2
 import numpy as np
 
-from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE
+from tddfa_v2.tddfa import roi_box_from_landmarks
+from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE, VolumeLayout
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import check_rgb_image
 
 __all__ = [
     "crop_face",
+    "crop_for_layout",
+    "roi_transform",
     "crop_transform_for_landmarks",
     "warp_crop",
     "padding_fraction",
@@ -198,3 +208,54 @@ def crop_face(
     _check_border(border)
     t = crop_transform_for_landmarks(landmarks68, crop_size, face_size)
     return warp_crop(image_rgb, t, border_value, border), t
+
+
+def roi_transform(landmarks: np.ndarray, roi_px: int) -> CropTransform:
+    """Image px -> the px of 3DDFA's landmark ROI resampled to ``roi_px`` x ``roi_px``.
+
+    Args:
+        landmarks: (68, 2+) landmarks, image px.
+        roi_px: side of the resampled ROI, px.
+    Returns:
+        a similarity: the ROI's (float) box, its side scaled to ``roi_px`` px, pixel-centre
+        convention (the box's left edge maps to x = -0.5).
+    """
+    p = np.asarray(landmarks, dtype=np.float64)[:, :2]
+    if not np.isfinite(p).all():
+        raise ValueError("landmarks contain NaN or inf")
+    x0, y0, x1, _ = roi_box_from_landmarks(p.T)
+    if x1 - x0 < 1e-3:
+        raise ValueError(f"degenerate landmark box {p.min(0).tolist() + p.max(0).tolist()}")
+    k = roi_px / (x1 - x0)
+    m = np.array([[k, 0.0, -k * x0 - 0.5], [0.0, k, -k * y0 - 0.5]])
+    return CropTransform(m, (roi_px, roi_px))
+
+
+def crop_for_layout(
+    image_rgb: np.ndarray, landmarks68: np.ndarray, layout: VolumeLayout
+) -> tuple[np.ndarray, CropTransform]:
+    """The network input of one face for a model of ``layout`` (inference and evaluation).
+
+    ``layout.source_roi_px`` = 0: :func:`crop_face` of the photo (``constant`` margin);
+    N > 0: the photo resampled to 3DDFA's N x N landmark ROI first (module doc).
+
+    Args:
+        image_rgb: (H, W, 3) uint8 RGB photo.
+        landmarks68: (68, 2) landmarks, image px.
+        layout: the network's :class:`~vrn.conventions.VolumeLayout`.
+    Returns:
+        crop_rgb: (S, S, 3) uint8 RGB (S = ``layout.crop_size``), crop px.
+        transform: image px -> crop px.
+    """
+    n = layout.source_roi_px
+    if n <= 0:
+        return crop_face(image_rgb, landmarks68, crop_size=layout.crop_size, face_size=layout.face_size)
+    check_rgb_image(image_rgb)
+    to_roi = roi_transform(landmarks68, n)
+    # the sub-image warp of warp_crop (area-averaged when shrinking: no aliasing), black outside
+    small = warp_crop(image_rgb, to_roi)
+    lm_roi = to_roi.apply(np.asarray(landmarks68, dtype=np.float64)[:, :2])
+    crop, to_crop = crop_face(
+        small, lm_roi, crop_size=layout.crop_size, face_size=layout.face_size, border="blur_reflect"
+    )
+    return crop, to_crop.compose(to_roi)
