@@ -15,7 +15,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from tests.helpers import GroundTruthNet
-from vrn.conventions import DEFAULT_LAYOUT, DEPTH_BINS
+from vrn.conventions import DEFAULT_LAYOUT, DEPTH_BINS, VolumeLayout
 from vrn.data.synthetic import SyntheticFaceConfig, render_sample
 from vrn.detectors.base import Detection
 from vrn.geometry.transforms import CropTransform
@@ -194,3 +194,19 @@ def test_checkpoint_round_trip_path_and_url(tmp_path: Path) -> None:
     assert rec2.model_spec["name"] == "vrn_tiny" and len(list(cache.iterdir())) == 1
     with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
         resolve_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_flip_tta_is_exactly_mirror_symmetric() -> None:
+    """flip_tta: p(x) = (f(x) + M f(M x)) / 2, so p(M x) = M p(x) exactly; without it a random
+    network is not mirror-symmetric (the check can fail)."""
+    torch.manual_seed(0)
+    net = create_model("vrn_tiny", depth_bins=8)
+    layout = VolumeLayout(crop_size=64, face_size=30.0, depth_bins=8)
+    crops = torch.rand(2, 3, 64, 64)
+    plain = Reconstructor(net, detector=None, layout=layout)
+    tta = Reconstructor(net, detector=None, layout=layout, flip_tta=True)
+    a, b = tta.reconstruct_crops(crops), tta.reconstruct_crops(crops.flip(-1))
+    torch.testing.assert_close(b, a.flip(-1), atol=1e-6, rtol=0)
+    pa, pb = plain.reconstruct_crops(crops), plain.reconstruct_crops(crops.flip(-1))
+    assert (pb - pa.flip(-1)).abs().max() > 1e-3
+    torch.testing.assert_close(a, (pa + pb.flip(-1)) / 2, atol=1e-6, rtol=0)

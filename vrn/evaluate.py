@@ -259,7 +259,9 @@ def _notes(cfg: DictConfig, rec: Reconstructor, rows: list[dict[str, Any]], n_fa
         sources[r["landmarks_xy_from"]] = sources.get(r["landmarks_xy_from"], 0) + 1
     return [
         f"checkpoint: `{cfg.ckpt}` (model {rec.model_spec.get('name')}), threshold {rec.threshold}, "
-        f"precision {rec.precision}, device {rec.device}",
+        f"precision {rec.precision}, device {rec.device}, input crops "
+        + (f"through 3DDFA's {rec.layout.source_roi_px} px ROI" if rec.layout.source_roi_px else "from the photo")
+        + (", flip test-time augmentation" if rec.flip_tta else ""),
         f"data: `{cfg.data_name}` ({len(rows)} samples scored, {n_failed} failed to load, "
         f"{n_empty} with an empty prediction: their NMEs are missing, IoU counts)",
         "surface NME: mean GT-vertex -> nearest predicted vertex distance / 3D outer interocular distance; "

@@ -367,6 +367,9 @@ class Reconstructor:
         model_spec: the spec the network was built from (kept for :meth:`save`).
         backend: "torch", or "onnxruntime" (a torch ``net`` is exported to ONNX in memory;
             precision "32" only). None: "onnxruntime" for an ``OnnxNetwork``, else "torch".
+        flip_tta: flip test-time augmentation: the probabilities are the mean of the crop's and
+            the mirrored prediction of the mirrored crop (twice the network time; the result
+            is exactly mirror-symmetric in the input; measured in docs/benchmarks.md).
 
     Attributes:
         layout: the :class:`~vrn.conventions.VolumeLayout` in use.
@@ -386,6 +389,7 @@ class Reconstructor:
         model_spec: dict[str, Any] | None = None,
         detector_kwargs: dict[str, Any] | None = None,
         backend: str | None = None,
+        flip_tta: bool = False,
     ) -> None:
         precision = str(precision)
         if precision not in PRECISIONS:
@@ -425,6 +429,7 @@ class Reconstructor:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.depth_factor = self.layout.depth_factor
         self.batch_size = max(1, int(batch_size))
+        self.flip_tta = bool(flip_tta)
         self.model_spec = dict(model_spec or (self.onnx.model_spec if self.onnx is not None else {}))
         if isinstance(detector, str):
             detector = get_detector(detector, device=detector_device or str(self.device), **(detector_kwargs or {}))
@@ -505,7 +510,8 @@ class Reconstructor:
     def from_run_config(cls, cfg: Mapping[str, Any]) -> Reconstructor:
         """The network of a demo / evaluation config (keys ``ckpt`` (null: the pretrained
         model), ``device``, ``precision``, ``threshold``, ``batch_size``, ``backend`` (null:
-        onnxruntime for a ``.onnx`` ckpt, else torch)), without a detector (the caller runs its own)."""
+        onnxruntime for a ``.onnx`` ckpt, else torch), ``flip_tta``), without a detector (the
+        caller runs its own)."""
         ckpt = cfg.get("ckpt")
         path = str(ckpt) if ckpt not in (None, "", "pretrained") else pretrained_path()
         try:
@@ -517,6 +523,7 @@ class Reconstructor:
                 threshold=float(cfg.get("threshold", 0.5)),
                 batch_size=int(cfg.get("batch_size", 8)),
                 backend=cfg.get("backend") or None,
+                flip_tta=bool(cfg.get("flip_tta", False)),
             )
         except ImportError as e:  # onnxruntime / onnx missing: the message says what to install
             raise UserError(str(e)) from e
@@ -543,13 +550,22 @@ class Reconstructor:
             crops: (B, 3, S, S) RGB (S = ``layout.crop_size``), uint8 or float in [0, 1]
                 (numpy or torch; any device). (B, S, S, 3) uint8 is accepted too.
         Returns:
-            (B, D, S, S) float32 occupancy probabilities (sigmoid of the logits), on the
-            CPU, index ``[b, d, r, c]`` in crop px.
+            (B, D, S, S) float32 occupancy probabilities (sigmoid of the logits; with
+            ``flip_tta`` the mean over the crop and its mirror), on the CPU, index
+            ``[b, d, r, c]`` in crop px.
         Raises:
             ValueError: (one line) another dtype, values outside [0, 1] (float) or not finite,
                 or a crop side other than ``layout.crop_size``.
         """
         x = _to_input(crops, self.layout.crop_size)
+        p = self._probabilities(x)
+        if self.flip_tta and len(x):
+            # the mirrored crop's prediction mirrored back (crop columns = x, the last axis)
+            p = (p + self._probabilities(x.flip(-1)).flip(-1)) / 2
+        return p
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) float [0, 1] -> (B, D, S, S) float32 probabilities on the CPU, by batches."""
         out = []
         if self.onnx is not None:
             for i in range(0, len(x), self.batch_size):
