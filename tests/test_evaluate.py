@@ -282,6 +282,7 @@ def test_evaluate_packed_folder(slab_ckpt: Path, synthetic_packed: Path, tmp_pat
     res = evaluate(cfg)
     _check_results(tmp_path, 2, ["nme_icp", "nme_rigid", "nme_lmk_3d", "nme_lmk_3d_51", "nme_lmk_3d_fit", "iou"])
     assert res["layout"] == DEFAULT_LAYOUT.to_dict()
+    assert "input crops as packed" in res["notes"][0]
 
 
 def test_eval_synthetic_settings_are_the_training_ones() -> None:
@@ -316,6 +317,34 @@ def test_evaluate_aflw2000_3d(slab_ckpt: Path, tmp_path: Path) -> None:
     )
     assert {r["bucket"] for r in res["samples"]} == {"[0, 30]", "(30, 60]", "(60, 90]"}
     assert res["summary"]["all"]["nme_rigid"] <= res["summary"]["all"]["nme_icp"]
+    assert "input crops from the photo" in res["notes"][0]
+
+
+def test_evaluate_aflw2000_3d_cuts_crops_with_the_checkpoint_layout(slab_ckpt: Path, tmp_path: Path) -> None:
+    """A checkpoint trained on 3DDFA's 120 px crops (layout source_roi_px) is evaluated on crops cut
+    the same way (vrn.geometry.crop.crop_for_layout), and the report says so."""
+    import dataclasses
+
+    from vrn.checkpoint import load_network, save_network
+    from vrn.eval_datasets import AFLW2000Dataset
+    from vrn.evaluate import evaluate
+    from vrn.geometry.crop import crop_for_layout
+    from vrn.image_io import read_image_rgb
+
+    net, spec, layout = load_network(slab_ckpt)
+    roi = dataclasses.replace(layout, source_roi_px=120)
+    ckpt = save_network(tmp_path / "roi.ckpt", net, spec, roi)
+    res = evaluate(
+        compose_eval(
+            [f"ckpt={ckpt}", "data=aflw2000_3d", f"data.root={AFLW}", "data.crop=gt", "max_samples=1"],
+            output_dir=tmp_path / "ev",
+        )
+    )
+    assert "through 3DDFA's 120 px ROI" in res["notes"][0] and res["layout"]["source_roi_px"] == 120
+    s = AFLW2000Dataset(AFLW, crop="gt", layout=roi, benchmark=False)[0]
+    image = read_image_rgb(AFLW / f"{s.id}.jpg")
+    assert np.array_equal(s.crop, crop_for_layout(image, s.gt_landmarks[:, :2], roi)[0])
+    assert not np.array_equal(s.crop, crop_for_layout(image, s.gt_landmarks[:, :2], layout)[0])
 
 
 @pytest.mark.slow

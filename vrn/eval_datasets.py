@@ -97,6 +97,9 @@ class PackedEvalDataset(Dataset):
         vrn.conventions.LayoutMismatchError: the folder was packed with another layout.
     """
 
+    #: the crops are the packed ones (the layout's ``source_roi_px`` does not apply)
+    cuts_crops = False
+
     def __init__(
         self,
         root: str | os.PathLike,
@@ -193,6 +196,9 @@ class AFLW2000Dataset(Dataset):
             (3DDFA's protocol) for its 2D NME and the two baseline meshes (port mesh, posed
             mean face).
     """
+
+    #: the crops are cut from the photos with the layout (:func:`vrn.geometry.crop.crop_for_layout`)
+    cuts_crops = True
 
     def __init__(
         self,

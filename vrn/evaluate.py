@@ -251,16 +251,23 @@ def _score_all(rec: Reconstructor, ds: Dataset, cfg: DictConfig) -> tuple[list[d
     return rows, failures
 
 
-def _notes(cfg: DictConfig, rec: Reconstructor, rows: list[dict[str, Any]], n_failed: int) -> list[str]:
+def _notes(
+    cfg: DictConfig, rec: Reconstructor, rows: list[dict[str, Any]], n_failed: int, cuts_crops: bool
+) -> list[str]:
     """The report's bullet points: what was evaluated and how each metric is defined."""
     n_empty = sum(bool(r["no_surface"]) for r in rows)
     sources: dict[str, int] = {}
     for r in rows:
         sources[r["landmarks_xy_from"]] = sources.get(r["landmarks_xy_from"], 0) + 1
+    if not cuts_crops:
+        crops = "as packed"
+    elif rec.layout.source_roi_px:
+        crops = f"through 3DDFA's {rec.layout.source_roi_px} px ROI (vrn.geometry.crop.crop_for_layout)"
+    else:
+        crops = "from the photo"
     return [
         f"checkpoint: `{cfg.ckpt}` (model {rec.model_spec.get('name')}), threshold {rec.threshold}, "
-        f"precision {rec.precision}, device {rec.device}, input crops "
-        + (f"through 3DDFA's {rec.layout.source_roi_px} px ROI" if rec.layout.source_roi_px else "from the photo")
+        f"precision {rec.precision}, device {rec.device}, input crops {crops}"
         + (", flip test-time augmentation" if rec.flip_tta else ""),
         f"data: `{cfg.data_name}` ({len(rows)} samples scored, {n_failed} failed to load, "
         f"{n_empty} with an empty prediction: their NMEs are missing, IoU counts)",
@@ -322,7 +329,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     summary = summarize(rows, [m[0] for m in METRICS] + [c[0] for c in BENCHMARK_COLUMNS])
     present = [m for m in METRICS if summary["all"].get(m[0]) is not None]
-    notes = _notes(cfg, rec, rows, len(failures))
+    notes = _notes(cfg, rec, rows, len(failures), bool(getattr(ds, "cuts_crops", False)))
     table = markdown_table(summary, present) if present else "(no metric could be computed)\n"
     md = "# VRN evaluation\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + table
     if any(summary["all"].get(c[0]) is not None for c in BENCHMARK_COLUMNS):
