@@ -65,7 +65,8 @@ def main() -> None:
     from vrn import render
     from vrn.data.synthetic import SyntheticFaceConfig, render_sample
     from vrn.detectors import get_detector
-    from vrn.geometry.crop import crop_face
+    from vrn.conventions import TDDFA_ROI_PX, VolumeLayout
+    from vrn.geometry.crop import crop_face, crop_for_layout
     from vrn.image_io import read_image_rgb
     from vrn.inference import Reconstructor, sample_vertex_colors, volume_to_image_mesh
     from vrn.models import create_model
@@ -79,6 +80,8 @@ def main() -> None:
         raise SystemExit(f"no face found in {args.image}")
     d0 = dets[0]
     t_crop, (crop, T) = median_ms(lambda: crop_face(image, d0.landmarks), args.runs * 4)
+    roi_layout = VolumeLayout(source_roi_px=TDDFA_ROI_PX)  # the shipped model's: through 3DDFA's ROI
+    t_crop_roi, _ = median_ms(lambda: crop_for_layout(image, d0.landmarks, roi_layout), args.runs * 4)
 
     torch.manual_seed(0)
     net = create_model(args.model).eval()
@@ -105,6 +108,7 @@ def main() -> None:
     rows = [
         ("detect (" + args.detector + ")", t_det),
         ("crop", t_crop),
+        (f"(crop through the {TDDFA_ROI_PX} px ROI instead, source_roi_px models)", t_crop_roi),
         (f"network ({args.model}, fp32)", t_net),
         ("marching cubes + to image px", t_mc),
         ("vertex colours", t_col),
