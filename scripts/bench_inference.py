@@ -63,9 +63,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from vrn import render
+    from vrn.conventions import TDDFA_ROI_PX, VolumeLayout
     from vrn.data.synthetic import SyntheticFaceConfig, render_sample
     from vrn.detectors import get_detector
-    from vrn.conventions import TDDFA_ROI_PX, VolumeLayout
     from vrn.geometry.crop import crop_face, crop_for_layout
     from vrn.image_io import read_image_rgb
     from vrn.inference import Reconstructor, sample_vertex_colors, volume_to_image_mesh
