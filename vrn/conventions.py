@@ -35,7 +35,7 @@ Source resolution of the crops (``VolumeLayout.source_roi_px``)
     N > 0: the training photos were 3DDFA-style face crops of N x N px (the AFLW crops:
     ``TDDFA_ROI_PX`` = 120, 3DDFA's regressor input), so the network only ever saw faces
     at that resolution, with a mirrored, blurred margin where the VRN crop reaches past the
-    small photo. Inference makes its crops the same way (:func:`vrn.geometry.crop.crop_face`):
+    small photo. Inference makes its crops the same way (:func:`vrn.geometry.crop.crop_for_layout`):
     the photo is first cut to 3DDFA's landmark ROI and resampled to N x N px.
 """
 

@@ -26,8 +26,8 @@ teaches a network "flat border = background".
 Crops for a network trained on such tight crops (``VolumeLayout.source_roi_px`` = N > 0,
 :mod:`vrn.conventions`): :func:`crop_for_layout` first cuts the photo to 3DDFA's landmark
 ROI (:func:`tddfa_v2.tddfa.roi_box_from_landmarks`: the landmarks' bounding square grown to
-its diagonal), resampled to N x N px (bilinear, black outside the photo, as 3DDFA cuts its
-inputs), then makes the VRN crop of that small photo with ``blur_reflect``: the face reaches
+its diagonal), resampled to N x N px (area-averaged when shrinking, black outside the photo,
+as 3DDFA pads its inputs), then makes the VRN crop of that small photo with ``blur_reflect``: the face reaches
 the network at the resolution and with the margin it was trained on.
 """
 
