@@ -56,3 +56,42 @@ def test_fast_bce_matches_pytorch_value_and_gradient():
     (g2,) = torch.autograd.grad(ref, x)
     assert torch.allclose(ours, ref) and torch.allclose(g1, g2)
     assert torch.autograd.gradcheck(lambda z: volume_bce_loss(z, t), (x,))
+
+
+def test_training_loss_is_float32_under_bf16_autocast():
+    """Under bf16 autocast (trainer.precision=bf16-mixed) the network runs in bf16 but the loss
+    over the whole volume stays float32, equal to the loss of the same bf16 logits in float32."""
+    import functools
+
+    import numpy as np
+
+    from vrn.data.datamodule import collate_volumes
+    from vrn.lit_module import VRNLitModule
+    from vrn.volume.codec import encode
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    module = VRNLitModule({"name": "vrn_tiny", "depth_bins": 8}, functools.partial(torch.optim.Adam))
+    items, occ = [], []
+    for i in range(2):
+        lo = rng.integers(0, 4, (32, 32))
+        hi = lo + rng.integers(0, 5, (32, 32))
+        vol = (np.arange(8)[:, None, None] >= lo) & (np.arange(8)[:, None, None] < hi)
+        code = encode(vol)
+        occ.append(torch.from_numpy(vol))
+        items.append(
+            {
+                "image": torch.rand(3, 32, 32),
+                "lo": torch.from_numpy(code.lo),
+                "hi": torch.from_numpy(code.hi),
+                "extra": torch.from_numpy(code.extra.astype(np.int64)).reshape(-1, 3),
+                "id": str(i),
+            }
+        )
+    batch = collate_volumes(items)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module._step(batch, "train")
+        logits = module(batch["image"])
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), torch.stack(occ).float())
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
