@@ -4,6 +4,8 @@
     VRN_ASSETS_DIR=../shared/assets python scripts/bench_gpu.py --device cuda [--budget-s 420]
         [--packed DIR] [--aflw DIR] [--workers 0,4,8] [--json out.json]
     python scripts/bench_gpu.py --device cpu --quick      # the test suite's run (tiny model, CPU)
+    python scripts/bench_gpu.py --device cpu --model vrn_medium --batches 4,16 --rows "train bf16-mixed bs" \
+        --budget-s 600                                    # CPU: bf16 autocast vs fp32 ("train fp32")
 
 Rows (every row is measured under a guard: a failure, e.g. torch.compile missing, becomes a
 row with the error; once ``--budget-s`` seconds are spent the remaining rows say "skipped"):
@@ -40,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +242,9 @@ def train_throughput(
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = run_net(x)
-            target = decode_torch(batch["lo"], batch["hi"], batch["extra"], DEPTH_BINS, dtype=torch.float32)
-            loss = volume_bce_loss(logits, target)
+        # the loss in float32, as vrn.lit_module computes it under mixed precision
+        target = decode_torch(batch["lo"], batch["hi"], batch["extra"], DEPTH_BINS, dtype=torch.float32)
+        loss = volume_bce_loss(logits.float(), target)
         loss.backward()
         opt.step()
 
@@ -330,8 +333,9 @@ def run_check(
     aflw: Path | None = None,
     images: Path = DEFAULT_IMAGES,
     aflw_steps: int = 300,
+    only: str | None = None,
 ) -> list[Row]:
-    """Every row of the table (see the module doc)."""
+    """Every row of the table (see the module doc); ``only``: just the rows whose name contains it."""
     rows: list[Row] = []
     jobs: dict[str, Callable[[], Row]] = {}
     cuda = device.type == "cuda"
@@ -479,6 +483,8 @@ def run_check(
     assert list(jobs) == names, (list(jobs), names)
     late = [n for n in names if "+compile" in n] + ["aflw_real"]
     for name in [n for n in names if n not in late] + late:
+        if only is not None and only not in name:
+            continue
         guarded(rows, name, budget, jobs[name])
         if cuda:
             torch.cuda.empty_cache()
@@ -510,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="photos for the demo row")
     ap.add_argument("--workers", default=None, help="DataLoader worker counts, e.g. 0,4,8")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--model", default=None, help="registered variant of the training rows (default: vrn_unguided)")
+    ap.add_argument("--batches", default=None, help="the two batch sizes of the training rows, e.g. 4,16")
+    ap.add_argument("--rows", default=None, help="run only the rows whose name contains this, e.g. 'train fp32'")
     ap.add_argument("--work", type=Path, default=None, help="folder for logs and outputs (default: a new temp folder)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -528,6 +537,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--workers must be comma-separated integers, got {args.workers!r}")
     device = torch.device(args.device)
     plan = Plan.make(args.quick, workers)
+    if args.model:
+        plan = replace(plan, model=args.model)
+    if args.batches:
+        try:
+            b0, b1 = (int(b) for b in args.batches.split(","))
+        except ValueError:
+            ap.error(f"--batches must be two comma-separated integers, got {args.batches!r}")
+        plan = replace(plan, batches=(b0, b1))
     budget = Budget(args.budget_s)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     info = machine_info(device)
@@ -537,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     work = args.work if args.work is not None else Path(tempfile.mkdtemp(prefix="vrn_gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = run_check(device, plan, budget, work, args.packed, args.aflw, args.images, args.aflw_steps)
+    rows = run_check(device, plan, budget, work, args.packed, args.aflw, args.images, args.aflw_steps, args.rows)
     print()
     print(markdown_table(rows))
     print(f"\ntotal {budget.elapsed():.0f} s (budget {budget.seconds:.0f} s); logs and outputs in {work}")

@@ -227,3 +227,16 @@ def test_prepare_device_carry_writes_parts_and_sizes_each_call(synthetic_packed,
     assert (out / "init" / "init.ckpt").is_file()
     calls = [ln for ln in r.stdout.splitlines() if ln.startswith("call ")]
     assert len(calls) == 3 and all(ln.endswith("MiB OK") for ln in calls)
+
+
+def test_rows_model_and_batches_select_what_runs(bg, synthetic_packed, tmp_path):
+    """--model / --batches / --rows: only the chosen training rows, with that model and batches
+    (how docs/benchmarks.md measures CPU bf16 against fp32)."""
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--packed", str(synthetic_packed)]
+    cmd += ["--model", "vrn_tiny", "--batches", "1,3", "--rows", "train fp32", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["train fp32 bs1", "train fp32 bs3"]
+    assert all(r["samples_per_s"] > 0 and r["note"].startswith("vrn_tiny") for r in rows)
