@@ -27,8 +27,11 @@ def _overrides(packed: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_fast_dev_run(synthetic_packed, tmp_path):
-    cfg = compose_config("train", _overrides(synthetic_packed, "trainer.fast_dev_run=true"), output_dir=tmp_path)
+@pytest.mark.parametrize("extra", [[], ["trainer=cpu_bf16", "model.channels_last=true"]], ids=["fp32", "bf16_nhwc"])
+def test_fast_dev_run(synthetic_packed, tmp_path, extra):
+    cfg = compose_config(
+        "train", _overrides(synthetic_packed, "trainer.fast_dev_run=true", *extra), output_dir=tmp_path
+    )
     metrics = train(cfg)
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert 0.0 <= metrics["val/iou"] <= 1.0
@@ -257,3 +260,27 @@ def test_overfit_small_model_reaches_iou(tmp_path, one_torch_thread):
     metrics = train(cfg)
     print(f"overfit: val/iou={metrics['val/iou']:.3f} val/depth_mae={metrics.get('val/depth_mae', float('nan')):.2f}")
     assert metrics["val/iou"] >= 0.8
+
+
+def test_channels_last_is_the_same_network(tmp_path):
+    """model.channels_last: NHWC tensors, same function and the same weights in the checkpoint."""
+    import functools
+
+    from vrn.checkpoint import load_network, save_network
+    from vrn.lit_module import VRNLitModule
+
+    torch.manual_seed(0)
+    plain = VRNLitModule({"name": "vrn_tiny", "depth_bins": 8}, functools.partial(torch.optim.Adam))
+    nhwc = VRNLitModule({"name": "vrn_tiny", "depth_bins": 8}, functools.partial(torch.optim.Adam), channels_last=True)
+    nhwc.net.load_state_dict(plain.net.state_dict())
+    conv = next(m for m in nhwc.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    x = torch.rand(2, 3, 32, 32)
+    plain.eval(), nhwc.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x), plain(x), atol=1e-5, rtol=1e-5)
+    saved = save_network(tmp_path / "nhwc.ckpt", nhwc.net, {"name": "vrn_tiny", "depth_bins": 8}, nhwc.layout)
+    net, _spec, _layout = load_network(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), plain(x), atol=1e-5, rtol=1e-5)
