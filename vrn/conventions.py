@@ -111,7 +111,12 @@ class VolumeLayout:
             raise ValueError(f"source_roi_px must be 0 (crops from the photo) or a crop side in px, got {self}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The recorded form; ``source_roi_px`` only when set (layouts of crops cut straight from
+        photos stay as they were recorded before the field existed)."""
+        d = asdict(self)
+        if not d["source_roi_px"]:
+            del d["source_roi_px"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> VolumeLayout:
