@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,21 @@ def test_init_weights_warm_starts_the_network_only(synthetic_packed, tmp_path):
     cfg.model.init_weights = str(other)
     with pytest.raises(Exception, match="holds network .*vrn_small.* but this run builds .*vrn_tiny"):
         instantiate(cfg.model)
+    # another volume layout is refused naming the value; the photos' source_roi_px is not a mismatch
+    from vrn.conventions import DEFAULT_LAYOUT
+
+    for layout, ok in (
+        (dataclasses.replace(DEFAULT_LAYOUT, face_size=100.0), False),
+        (dataclasses.replace(DEFAULT_LAYOUT, source_roi_px=120), True),
+    ):
+        other = save_network(tmp_path / "lay.ckpt", src, {"name": "vrn_tiny", "depth_bins": DEPTH_BINS}, layout)
+        cfg.model.init_weights = str(other)
+        if ok:
+            assert torch.equal(next(iter(instantiate(cfg.model).net.parameters())), next(iter(src.parameters())))
+        else:
+            # (Hydra wraps the LayoutMismatchError in its InstantiationException)
+            with pytest.raises(Exception, match="different crop/volume layouts: face_size: 100.0"):
+                instantiate(cfg.model)
     cfg.model.init_weights = str(tmp_path / "missing.ckpt")
     with pytest.raises(Exception, match="missing.ckpt"):
         instantiate(cfg.model)

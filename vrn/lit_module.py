@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_model_file
-from vrn.conventions import VOLUME_FIELDS, VolumeLayout
+from vrn.conventions import VolumeLayout
 from vrn.losses import volume_bce_loss
 from vrn.metrics import GlobalVoxelIoU, SumRatio, front_depth_error_sums
 from vrn.models import create_model
@@ -43,7 +43,8 @@ def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayou
     """Copy the network weights of checkpoint ``path`` into ``net`` (same spec and layout).
 
     Raises:
-        ValueError: the checkpoint's network or layout differs (both named), or it does not load.
+        ValueError: the checkpoint's network differs (both named) or it does not load;
+            vrn.conventions.LayoutMismatchError (a ValueError): its volume layout differs.
         FileNotFoundError: no such file.
     """
     src, src_spec, src_layout = load_network(resolve_model_file(path))
@@ -52,8 +53,8 @@ def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayou
             f"model.init_weights={path} holds network {src_spec}, but this run builds {spec}: "
             f"choose the matching model= (or its net overrides), or drop init_weights"
         )
-    if any(getattr(src_layout, k) != getattr(layout, k) for k in VOLUME_FIELDS):
-        raise ValueError(f"model.init_weights={path} was trained with layout {src_layout}, this run uses {layout}")
+    # the volume numbers must match (source_roi_px comes from this run's data)
+    src_layout.check_matches(layout, f"model.init_weights={path}", "this run")
     net.load_state_dict(src.state_dict())
     log.info(f"network weights initialised from {path}")
 

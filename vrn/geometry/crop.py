@@ -72,6 +72,14 @@ def _check_border(border: str) -> int:
     return BORDERS[border]
 
 
+def _landmark_xy(landmarks: np.ndarray) -> np.ndarray:
+    """(K, 2) float64 x, y of (K, 2+) landmarks, image px; ValueError on NaN / inf."""
+    p = np.asarray(landmarks, dtype=np.float64)[:, :2]
+    if not np.isfinite(p).all():
+        raise ValueError("landmarks contain NaN or inf")
+    return p
+
+
 def crop_transform_for_landmarks(
     landmarks: np.ndarray, crop_size: int = CROP_SIZE, face_size: float = CROP_FACE_SIZE
 ) -> CropTransform:
@@ -85,9 +93,7 @@ def crop_transform_for_landmarks(
         a similarity (no rotation) mapping the box centre to the crop centre
         ``((crop_size - 1) / 2, (crop_size - 1) / 2)``.
     """
-    p = np.asarray(landmarks, dtype=np.float64)[:, :2]
-    if not np.isfinite(p).all():
-        raise ValueError("landmarks contain NaN or inf")
+    p = _landmark_xy(landmarks)
     box = np.concatenate([p.min(0), p.max(0)])
     # a degenerate box (all points on a line) would give an infinite scale
     if min(box[2] - box[0], box[3] - box[1]) < 1e-3:
@@ -217,18 +223,14 @@ def roi_transform(landmarks: np.ndarray, roi_px: int) -> CropTransform:
         landmarks: (68, 2+) landmarks, image px.
         roi_px: side of the resampled ROI, px.
     Returns:
-        a similarity: the ROI's (float) box, its side scaled to ``roi_px`` px, pixel-centre
-        convention (the box's left edge maps to x = -0.5).
+        a similarity: the ROI's (float, square) box, its side scaled to ``roi_px`` px, its centre
+        on the ROI's centre (pixel-centre convention: the box's left edge maps to x = -0.5).
     """
-    p = np.asarray(landmarks, dtype=np.float64)[:, :2]
-    if not np.isfinite(p).all():
-        raise ValueError("landmarks contain NaN or inf")
-    x0, y0, x1, _ = roi_box_from_landmarks(p.T)
+    p = _landmark_xy(landmarks)
+    x0, y0, x1, y1 = roi_box_from_landmarks(p.T)
     if x1 - x0 < 1e-3:
         raise ValueError(f"degenerate landmark box {p.min(0).tolist() + p.max(0).tolist()}")
-    k = roi_px / (x1 - x0)
-    m = np.array([[k, 0.0, -k * x0 - 0.5], [0.0, k, -k * y0 - 0.5]])
-    return CropTransform(m, (roi_px, roi_px))
+    return CropTransform.from_center_scale(((x0 + x1) / 2, (y0 + y1) / 2), roi_px / (x1 - x0), size=(roi_px, roi_px))
 
 
 def crop_for_layout(
@@ -251,10 +253,11 @@ def crop_for_layout(
     if n <= 0:
         return crop_face(image_rgb, landmarks68, crop_size=layout.crop_size, face_size=layout.face_size)
     check_rgb_image(image_rgb)
-    to_roi = roi_transform(landmarks68, n)
+    xy = _landmark_xy(landmarks68)
+    to_roi = roi_transform(xy, n)
     # the sub-image warp of warp_crop (area-averaged when shrinking: no aliasing), black outside
     small = warp_crop(image_rgb, to_roi)
-    lm_roi = to_roi.apply(np.asarray(landmarks68, dtype=np.float64)[:, :2])
+    lm_roi = to_roi.apply(xy)
     crop, to_crop = crop_face(
         small, lm_roi, crop_size=layout.crop_size, face_size=layout.face_size, border="blur_reflect"
     )
