@@ -21,7 +21,10 @@ def test_variant_forward_backward(name):
     torch.manual_seed(0)
     model = create_model(name, depth_bins=12)
     x = torch.rand(2, 3, 64, 64)
-    y = model(x)
+    if getattr(model, "needs_landmarks", False):  # guided variants: 68 landmarks per crop, crop px
+        y = model(x, torch.rand(2, 68, 2) * 64)
+    else:
+        y = model(x)
     assert y.shape == (2, 12, 64, 64)
     y.mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]

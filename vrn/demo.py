@@ -416,7 +416,8 @@ class _DemoRun:
     def _run_batch(self, items: list[tuple[_ImageState, int]]) -> None:
         t0 = time.perf_counter()
         crops = np.stack([st.prep.crops[k] for st, k in items])  # type: ignore[union-attr]
-        probs = self.rec.reconstruct_crops(crops)
+        marks = np.stack([st.prep.crop_landmarks()[k] for st, k in items]) if self.rec.needs_landmarks else None  # type: ignore[union-attr]
+        probs = self.rec.reconstruct_crops(crops, marks)
         share = (time.perf_counter() - t0) / len(items)  # the batch's network time, shared by its faces
         for (st, k), p in zip(items, probs):
             st.network_s += share

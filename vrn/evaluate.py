@@ -223,6 +223,24 @@ def _collate(batch: list[EvalSample]) -> list[EvalSample]:
     return batch
 
 
+def _guidance(rec: Reconstructor, samples: list[EvalSample]) -> np.ndarray | None:
+    """(B, 68, 2) crop px landmarks of the samples for a guided network (the landmarks the crop
+    was cut with: the detector's, or the packed row's), else None.
+
+    Raises:
+        ValueError: a guided network and a sample without landmarks.
+    """
+    if not rec.needs_landmarks:
+        return None
+    missing = [s.id for s in samples if s.pred_landmarks_xy is None]
+    if missing:
+        raise ValueError(
+            f"model {rec.model_spec.get('name')} is guided by 68 landmarks, but samples {missing[:3]} have none: "
+            f"evaluate it on a dataset whose samples carry landmarks (packed rows with 'landmarks', aflw2000_3d)"
+        )
+    return np.stack([s.transform.apply(s.pred_landmarks_xy) for s in samples]).astype(np.float32)  # type: ignore[union-attr]
+
+
 def _score_all(rec: Reconstructor, ds: Dataset, cfg: DictConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Run the network on every sample and score it: (per-sample rows, load failures)."""
     loader = DataLoader(
@@ -240,7 +258,7 @@ def _score_all(rec: Reconstructor, ds: Dataset, cfg: DictConfig) -> tuple[list[d
         failures += [{"id": s.id, "error": str(s.error)} for s in batch if s.error is not None]
         if not ok:
             continue
-        probs = rec.reconstruct_crops(np.stack([s.crop for s in ok]))
+        probs = rec.reconstruct_crops(np.stack([s.crop for s in ok]), _guidance(rec, ok))
         for s, p in zip(ok, probs):
             row = score_sample(s, p.numpy(), rec.threshold, rec.layout.depth_factor, icp_cfg)  # type: ignore[arg-type]
             rows.append(row)

@@ -130,7 +130,15 @@ def onnx_bytes(
         opset: ONNX opset.
     Returns:
         the serialised ``ModelProto``.
+    Raises:
+        ValueError: a guided network (:mod:`vrn.models.guidance`; its second input, the
+            landmarks, has no ONNX graph here yet).
     """
+    if getattr(net, "needs_landmarks", False):
+        raise ValueError(
+            f"ONNX export covers the unguided VRN variants; {(model_spec or {}).get('name', 'this network')} "
+            f"is guided by landmarks: run it with backend=torch"
+        )
     onnx = _import("onnx")
     training = net.training
     net = net.to("cpu").eval()

@@ -73,6 +73,7 @@ from vrn.geometry.crop import crop_for_layout
 from vrn.geometry.head_pose import HeadPose
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import check_rgb_image, read_image_rgb
+from vrn.models.guidance import N_LANDMARKS, mirror_landmarks
 from vrn.pose_landmarks import PoseLandmarks, estimate_pose_landmarks
 from vrn.volume.codec import VolumeCode, encode
 from vrn.volume.confidence import vertex_confidence
@@ -201,6 +202,15 @@ class PreparedImage:
 
     def __len__(self) -> int:
         return len(self.detections)
+
+    def crop_landmarks(self) -> np.ndarray:
+        """(K, 68, 2) float32 each face's detector landmarks in its crop's px (x, y): the
+        guidance of a guided network (:mod:`vrn.models.guidance`)."""
+        if not self.detections:
+            return np.zeros((0, N_LANDMARKS, 2), np.float32)
+        return np.stack(
+            [t.apply(np.asarray(d.landmarks, np.float64)[:, :2]) for d, t in zip(self.detections, self.transforms)]
+        ).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------
@@ -542,13 +552,24 @@ class Reconstructor:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    @property
+    def needs_landmarks(self) -> bool:
+        """True for a guided network (:mod:`vrn.models.guidance`): :meth:`reconstruct_crops`
+        needs each crop's 68 landmarks."""
+        return bool(getattr(self.net, "needs_landmarks", False))
+
     @torch.inference_mode()
-    def reconstruct_crops(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def reconstruct_crops(
+        self, crops: np.ndarray | torch.Tensor, landmarks: np.ndarray | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The network on a batch of crops.
 
         Args:
             crops: (B, 3, S, S) RGB (S = ``layout.crop_size``), uint8 or float in [0, 1]
                 (numpy or torch; any device). (B, S, S, 3) uint8 is accepted too.
+            landmarks: (B, 68, 2) float each crop's 68 landmarks, crop px (x, y): required by
+                a guided network (:attr:`needs_landmarks`; :meth:`PreparedImage.crop_landmarks`),
+                ignored by an unguided one.
         Returns:
             (B, D, S, S) float32 occupancy probabilities (sigmoid of the logits; with
             ``flip_tta`` the mean over the crop and its mirror), on the CPU, index
@@ -558,14 +579,36 @@ class Reconstructor:
                 or a crop side other than ``layout.crop_size``.
         """
         x = _to_input(crops, self.layout.crop_size)
-        p = self._probabilities(x)
+        marks = self._guidance(landmarks, len(x))
+        p = self._probabilities(x, marks)
         if self.flip_tta and len(x):
             # the mirrored crop's prediction mirrored back (crop columns = x, the last axis)
-            p = (p + self._probabilities(x.flip(-1)).flip(-1)) / 2
+            flipped = None if marks is None else torch.from_numpy(mirror_landmarks(marks.numpy(), x.shape[-1]))
+            p = (p + self._probabilities(x.flip(-1), flipped).flip(-1)) / 2
         return p
 
-    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) float [0, 1] -> (B, D, S, S) float32 probabilities on the CPU, by batches."""
+    def _guidance(self, landmarks: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """The crops' landmarks as a (B, 68, 2) float32 CPU tensor for a guided network, else None.
+
+        Raises:
+            ValueError: a guided network without landmarks, or landmarks of another shape.
+        """
+        if not self.needs_landmarks:
+            return None
+        if landmarks is None:
+            raise ValueError(
+                f"model {self.model_spec.get('name', 'this network')} is guided by each crop's 68 landmarks: pass "
+                f"reconstruct_crops(crops, landmarks) with (B, 68, 2) crop px (PreparedImage.crop_landmarks())"
+            )
+        m = landmarks if isinstance(landmarks, torch.Tensor) else torch.from_numpy(np.asarray(landmarks, np.float32))
+        m = m.detach().float().cpu()
+        if m.dim() != 3 or m.shape[0] != n or m.shape[1] != N_LANDMARKS or m.shape[2] < 2:
+            raise ValueError(f"landmarks must be ({n}, {N_LANDMARKS}, 2) crop px, one per crop, got {tuple(m.shape)}")
+        return m[..., :2].contiguous()
+
+    def _probabilities(self, x: torch.Tensor, marks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, S, S) float [0, 1] (+ (B, 68, 2) crop px landmarks for a guided network) ->
+        (B, D, S, S) float32 probabilities on the CPU, by batches."""
         out = []
         if self.onnx is not None:
             for i in range(0, len(x), self.batch_size):
@@ -580,7 +623,10 @@ class Reconstructor:
                 xb = xb.pin_memory()
             xb = xb.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.net(xb)
+                if marks is None:
+                    logits = self.net(xb)
+                else:
+                    logits = self.net(xb, marks[i : i + self.batch_size].to(self.device))
             out.append(torch.sigmoid(logits.float()).cpu())
         if not out:
             return torch.zeros((0, self.layout.depth_bins) + tuple(x.shape[-2:]))
@@ -662,7 +708,7 @@ class Reconstructor:
             return []
         t0 = time.perf_counter()
         if probs is None:
-            probs = self.reconstruct_crops(prep.crops)
+            probs = self.reconstruct_crops(prep.crops, prep.crop_landmarks())
         t_net = time.perf_counter() - t0
         results = []
         for k, (det, t) in enumerate(zip(prep.detections, prep.transforms)):
@@ -723,7 +769,8 @@ class Reconstructor:
         crops = [p.crops for p in preps if len(p)]
         if not crops:
             return [[] for _ in preps]
-        probs = self.reconstruct_crops(np.concatenate(crops))
+        marks = np.concatenate([p.crop_landmarks() for p in preps if len(p)])
+        probs = self.reconstruct_crops(np.concatenate(crops), marks)
         out, i = [], 0
         for p in preps:
             out.append(self.reconstruct_prepared(p, probs[i : i + len(p)], keep=keep) if len(p) else [])

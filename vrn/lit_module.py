@@ -48,6 +48,20 @@ def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayou
         FileNotFoundError: no such file.
     """
     src, src_spec, src_layout = load_network(resolve_model_file(path))
+    load_unguided = getattr(net, "load_unguided", None)
+    if load_unguided is not None and not getattr(src, "needs_landmarks", False):
+        # a guided network started from an unguided one of its size (vrn.models.guidance)
+        src_layout.check_matches(layout, f"model.init_weights={path}", "this run")
+        try:
+            load_unguided(src.state_dict())
+        except ValueError as e:
+            raise ValueError(
+                f"model.init_weights={path} holds network {src_spec}, which does not fit this run's guided "
+                f"{spec}: {e}; start from the unguided variant of the same size (e.g. vrn_medium for "
+                f"vrn_medium_guided), or drop init_weights"
+            ) from e
+        log.info(f"network weights initialised from unguided {path} (heatmap inputs start at zero)")
+        return
     if dict(src_spec) != dict(spec):
         raise ValueError(
             f"model.init_weights={path} holds network {src_spec}, but this run builds {spec}: "
@@ -133,6 +147,8 @@ class VRNLitModule(pl.LightningModule):
         self.net: nn.Module = built
         self.depth_bins: int = self.layout.depth_bins
         self.channels_last = bool(channels_last)
+        #: a guided variant (vrn.models.guidance): the batches' landmarks go in beside the image
+        self.needs_landmarks = bool(getattr(built, "needs_landmarks", False))
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
@@ -168,11 +184,32 @@ class VRNLitModule(pl.LightningModule):
                 self.layout = replace(self.layout, source_roi_px=data_layout.source_roi_px)
                 self.hparams["layout"] = self.layout.to_dict()
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """image: (B, 3, H, W) float32 RGB [0, 1] -> logits (B, D, H, W)."""
+    def forward(self, image: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """image: (B, 3, H, W) float32 RGB [0, 1] (+ landmarks (B, 68, 2) crop px for a guided
+        variant) -> logits (B, D, H, W)."""
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
+        if self.needs_landmarks:
+            return self.net(image, landmarks)
         return self.net(image)
+
+    def _batch_landmarks(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The batch's landmarks for a guided variant (None for an unguided one).
+
+        Raises:
+            ValueError: a guided variant on samples without landmarks.
+        """
+        if not self.needs_landmarks:
+            return None
+        marks = batch.get("landmarks")
+        if marks is None or bool(torch.isnan(marks).all(-1).all(-1).any()):
+            ids = [i for i, m in zip(batch.get("id", []), marks if marks is not None else []) if torch.isnan(m).all()]
+            raise ValueError(
+                f"model {self.hparams.net.get('name')} is guided by 68 landmarks per face, but samples "
+                f"{ids[:3] or '(all)'} have none in their manifest rows: train it on a packed set made by "
+                f"data_pipeline (its rows carry 'landmarks'), or choose an unguided model="
+            )
+        return marks
 
     def _record(self, stage: str, name: str, *update_args: Any) -> None:
         """Add a batch to the epoch metric ``<stage>/<name>`` and log it (the epoch value is
@@ -187,7 +224,7 @@ class VRNLitModule(pl.LightningModule):
         self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name != "depth_mae")
 
     def _step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits = self(batch["image"], self._batch_landmarks(batch))
         target = batch_targets(batch, self.depth_bins)
         # the loss in float32 also under bf16 / fp16 autocast (its sums run over ~7 M voxels a face;
         # autocast would run the fused loss's dot product in the low precision)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from vrn.models.guidance import LANDMARK_MIRROR
 from vrn.volume.codec import VolumeCode
 
 __all__ = ["AugmentConfig", "augment_sample", "warp_code", "sample_params"]
@@ -106,21 +107,36 @@ def warp_code(code: VolumeCode, M: np.ndarray, scale: float) -> VolumeCode:
                       extra.astype(np.int32), D)
 
 
-def augment_sample(image: np.ndarray, code: VolumeCode, cfg: AugmentConfig,
-                   rng: np.random.Generator) -> tuple[np.ndarray, VolumeCode]:
+def augment_sample(
+    image: np.ndarray,
+    code: VolumeCode,
+    cfg: AugmentConfig,
+    rng: np.random.Generator,
+    landmarks: np.ndarray | None = None,
+) -> tuple[np.ndarray, VolumeCode, np.ndarray | None]:
     """Augment one sample.
 
     Args:
         image: (H, W, 3) float32 RGB in [0, 1], crop px.
         code: its compact target.
+        landmarks: optional (68, 2+) landmarks, crop px; their x, y move with the image (same
+            affine), and a flip also reorders them (:data:`vrn.models.guidance.LANDMARK_MIRROR`),
+            so index k stays landmark k.
     Returns:
-        the augmented image (same shape, [0, 1]) and target.
+        the augmented image (same shape, [0, 1]), target, and landmarks (68, 2) float32 crop px
+        x, y (None when not given).
     """
+    xy = None if landmarks is None else np.asarray(landmarks, np.float32)[:, :2]
     if not cfg.enabled:
-        return image, code
+        return image, code, xy
     p = sample_params(cfg, rng)
     h, w = image.shape[:2]
     M = _forward_matrix((h, w), p["angle"], p["scale"], p["tx"], p["ty"], p["flip"])  # type: ignore[arg-type]
     out = cv2.warpAffine(image, M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     out = np.clip(out * p["colour"][None, None, :], 0.0, 1.0).astype(np.float32)  # type: ignore[index]
-    return out, warp_code(code, M, float(p["scale"]))  # type: ignore[arg-type]
+    moved = None
+    if xy is not None:
+        moved = (xy @ M[:, :2].T + M[:, 2]).astype(np.float32)
+        if p["flip"]:
+            moved = moved[LANDMARK_MIRROR]
+    return out, warp_code(code, M, float(p["scale"])), moved  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from vrn.data.augment import AugmentConfig, augment_sample
 from vrn.data.epoch_sampling import EpochClock, EpochShuffleSampler, ResumableLoader, trainer_progress
 from vrn.data.packed import PackedReader
 from vrn.data.sharding import eval_shard_sampler
+from vrn.models.guidance import N_LANDMARKS
 from vrn.data.synthetic import SyntheticFaceConfig, cache_name, generate_packed
 
 try:  # POSIX file locks: one process builds a shared synthetic cache, the others wait for it
@@ -32,7 +33,9 @@ class VolumeDataset(Dataset):
     """Samples of a packed folder as tensors.
 
     Each item is a dict: ``image`` (3, H, W) float32 RGB [0, 1]; ``lo``/``hi`` (H, W) uint8
-    first depth run per column; ``extra`` (K, 3) int64 further runs (pixel, lo, hi); ``id`` str.
+    first depth run per column; ``extra`` (K, 3) int64 further runs (pixel, lo, hi); ``landmarks`` (68, 2) float32 x, y
+    crop px of the row's landmarks after the augmentation (NaN when the row has none: the
+    guided variants need them, :mod:`vrn.models.guidance`); ``id`` str.
     Dense targets are decoded on the training device (see ``vrn.lit_module.batch_targets``).
 
     Augmentation of sample ``i`` draws from ``default_rng([seed, epoch, i])`` with the epoch of
@@ -53,16 +56,28 @@ class VolumeDataset(Dataset):
         s = self.reader[i]
         image = s.image.astype(np.float32) / 255.0
         code = s.code
+        marks = _row_landmarks_xy(s.row)
         if self.augment is not None and self.augment.enabled:
             rng = np.random.default_rng([self.seed, self.epoch_clock.get(), i])
-            image, code = augment_sample(image, code, self.augment, rng)
+            image, code, marks = augment_sample(image, code, self.augment, rng, marks)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "lo": torch.from_numpy(np.ascontiguousarray(code.lo)),
             "hi": torch.from_numpy(np.ascontiguousarray(code.hi)),
             "extra": torch.from_numpy(code.extra.astype(np.int64)).reshape(-1, 3),
+            "landmarks": torch.from_numpy(np.ascontiguousarray(marks, np.float32)),
             "id": str(s.row.get("id", i)),
         }
+
+
+def _row_landmarks_xy(row: dict[str, Any]) -> np.ndarray:
+    """A manifest row's 68 landmarks (x, y crop px) as (68, 2) float32; NaN when it has none."""
+    marks = row.get("landmarks")
+    if marks is not None:
+        a = np.asarray(marks, np.float32)
+        if a.ndim == 2 and a.shape[0] == N_LANDMARKS and a.shape[1] >= 2:
+            return np.ascontiguousarray(a[:, :2])
+    return np.full((N_LANDMARKS, 2), np.nan, np.float32)
 
 
 class WorkerInit:
@@ -96,6 +111,7 @@ def collate_volumes(items: list[dict[str, Any]]) -> dict[str, Any]:
         "lo": torch.stack([it["lo"] for it in items]),
         "hi": torch.stack([it["hi"] for it in items]),
         "extra": [it["extra"] for it in items],
+        "landmarks": torch.stack([it["landmarks"] for it in items]),
         "id": [it["id"] for it in items],
     }
 

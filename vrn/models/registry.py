@@ -83,3 +83,44 @@ def vrn_tiny(**kw: Any) -> VRN:
     return _variant(
         dict(features=32, stacks=1, hourglass="vrn", hourglass_depth=1, n_modules=1, stem_channels=(16, 32)), kw
     )
+
+
+def _guided(defaults: dict[str, Any], kw: dict[str, Any]) -> nn.Module:
+    from vrn.models.guidance import GuidedVRN  # guidance imports vrn.models.vrn only
+
+    return GuidedVRN(**{**defaults, **kw})
+
+
+@register_model
+def vrn_guided(**kw: Any) -> nn.Module:
+    """The paper's VRN-Guided: the released unguided network's layout with the crop's 68 landmark
+    heatmaps stacked onto the image (``groups="points"``, 71 input channels; :mod:`vrn.models.guidance`)."""
+    return _guided(dict(groups="points", features=256, stacks=2, hourglass="vrn", hourglass_depth=4, n_modules=3), kw)
+
+
+@register_model
+def vrn_medium_guided(**kw: Any) -> nn.Module:
+    """vrn_medium guided by the crop's landmarks as 9 facial-part heatmaps (12 input channels);
+    starts from vrn_medium's weights with ``model.init_weights`` (:meth:`GuidedVRN.load_unguided`)."""
+    return _guided(
+        dict(
+            groups="parts",
+            features=128,
+            stacks=1,
+            hourglass="vrn",
+            hourglass_depth=3,
+            n_modules=1,
+            stem_channels=(32, 64),
+        ),
+        kw,
+    )
+
+
+@register_model
+def vrn_tiny_guided(**kw: Any) -> nn.Module:
+    """Smallest guided variant for tests (vrn_tiny's network, 9 part heatmaps)."""
+    return _guided(
+        dict(groups="parts", features=32, stacks=1, hourglass="vrn", hourglass_depth=1, n_modules=1,
+             stem_channels=(16, 32)),
+        kw,
+    )
