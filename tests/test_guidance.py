@@ -181,3 +181,30 @@ def test_reconstructor_runs_a_guided_network_with_flip_tta():
     assert (rec.reconstruct_crops(crops, marks + 5) - p).abs().max() > 1e-3
     with pytest.raises(ValueError, match="is guided by landmarks: run it with backend=torch"):
         onnx_bytes(net, rec.layout, {"name": "vrn_tiny_guided"})
+
+
+def test_photo_to_mesh_passes_each_faces_landmarks(shared_dir, tmp_path):
+    """On a real photo (tddfa detector), the Reconstructor and the demo give a guided network
+    each face's detector landmarks in that face's crop px."""
+    from tests.helpers import compose_demo
+    from vrn.checkpoint import save_network
+    from vrn.demo import run_demo
+    from vrn.inference import Reconstructor
+
+    torch.manual_seed(0)
+    net = create_model("vrn_tiny_guided", depth_bins=DEPTH_BINS)
+    seen: list[torch.Tensor] = []
+    forward = net.forward
+    net.forward = lambda x, marks=None: (seen.append(marks.clone()), forward(x, marks))[1]  # type: ignore[method-assign]
+    rec = Reconstructor(net, detector="tddfa", model_spec={"name": "vrn_tiny_guided"})
+    photo = shared_dir / "data" / "images" / "trump_hillary.jpg"
+    faces = rec(photo)
+    assert len(faces) == 2 and len(seen) == 1 and seen[0].shape == (2, 68, 2)
+    for k, f in enumerate(faces):
+        np.testing.assert_allclose(seen[0][k].numpy(), f.transform.apply(f.landmarks), atol=1e-3)
+        # the face's own crop: its landmarks sit inside it, around the crop centre
+        assert np.abs(seen[0][k].numpy().mean(0) - rec.layout.crop_size / 2).max() < rec.layout.crop_size / 8
+    ckpt = save_network(tmp_path / "guided.ckpt", net, {"name": "vrn_tiny_guided", "depth_bins": DEPTH_BINS})
+    cfg = compose_demo(photo, ckpt, tmp_path / "out", "turntable=false", "num_workers=0", set_output=True)
+    (rep,) = run_demo(cfg)
+    assert rep.status == "ok" and len(rep.faces) == 2
