@@ -95,7 +95,8 @@ def test_augmented_landmarks_follow_the_image():
     np.testing.assert_allclose(blob, moved[45], atol=0.3)
     assert np.linalg.norm(blob - moved[36]) > 5  # the unpermuted index would be elsewhere
     # no augmentation: the same points (x, y only)
-    _, _, same = augment_sample(image, code, AugmentConfig(enabled=False), np.random.default_rng(0), np.c_[xy, xy[:, :1]])
+    off = AugmentConfig(enabled=False)
+    _, _, same = augment_sample(image, code, off, np.random.default_rng(0), np.c_[xy, xy[:, :1]])
     np.testing.assert_allclose(same, xy, atol=1e-5)
 
 

@@ -120,7 +120,14 @@ def vrn_medium_guided(**kw: Any) -> nn.Module:
 def vrn_tiny_guided(**kw: Any) -> nn.Module:
     """Smallest guided variant for tests (vrn_tiny's network, 9 part heatmaps)."""
     return _guided(
-        dict(groups="parts", features=32, stacks=1, hourglass="vrn", hourglass_depth=1, n_modules=1,
-             stem_channels=(16, 32)),
+        dict(
+            groups="parts",
+            features=32,
+            stacks=1,
+            hourglass="vrn",
+            hourglass_depth=1,
+            n_modules=1,
+            stem_channels=(16, 32),
+        ),
         kw,
     )
