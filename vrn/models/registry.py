@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from vrn.models.guidance import GuidedVRN
 from vrn.models.vrn import VRN
 
 __all__ = ["register_model", "create_model", "list_models"]
@@ -86,8 +87,6 @@ def vrn_tiny(**kw: Any) -> VRN:
 
 
 def _guided(defaults: dict[str, Any], kw: dict[str, Any]) -> nn.Module:
-    from vrn.models.guidance import GuidedVRN  # guidance imports vrn.models.vrn only
-
     return GuidedVRN(**{**defaults, **kw})
 
 
