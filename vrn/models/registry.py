@@ -38,10 +38,17 @@ def _variant(defaults: dict[str, Any], overrides: dict[str, Any]) -> VRN:
     return VRN(**{**defaults, **overrides})
 
 
+# the sizes of the variants, shared by the unguided and the guided factories (a guided variant
+# starts from its unguided twin's weights: GuidedVRN.load_unguided)
+_RELEASED = dict(features=256, stacks=2, hourglass="vrn", hourglass_depth=4, n_modules=3)
+_MEDIUM = dict(features=128, stacks=1, hourglass="vrn", hourglass_depth=3, n_modules=1, stem_channels=(32, 64))
+_TINY = dict(features=32, stacks=1, hourglass="vrn", hourglass_depth=1, n_modules=1, stem_channels=(16, 32))
+
+
 @register_model
 def vrn_unguided(**kw: Any) -> VRN:
     """The released VRN-unguided network: 2 stacks, 256 features, 4-level VRN hourglass (19.18 M params)."""
-    return _variant(dict(features=256, stacks=2, hourglass="vrn", hourglass_depth=4, n_modules=3), kw)
+    return _variant(_RELEASED, kw)
 
 
 @register_model
@@ -62,9 +69,7 @@ def vrn_small(**kw: Any) -> VRN:
 def vrn_medium(**kw: Any) -> VRN:
     """A CPU-trainable VRN for real faces: 1 stack, 128 features, 3-level VRN hourglass (0.87 M
     params; ~1.6x the step time of vrn_small, whose cost is mostly the 200-bin head and loss)."""
-    return _variant(
-        dict(features=128, stacks=1, hourglass="vrn", hourglass_depth=3, n_modules=1, stem_channels=(32, 64)), kw
-    )
+    return _variant(_MEDIUM, kw)
 
 
 @register_model
@@ -81,52 +86,28 @@ def vrn_compact(**kw: Any) -> VRN:
 @register_model
 def vrn_tiny(**kw: Any) -> VRN:
     """Smallest variant for tests: 1 stack, 32 features, 1-level hourglass."""
-    return _variant(
-        dict(features=32, stacks=1, hourglass="vrn", hourglass_depth=1, n_modules=1, stem_channels=(16, 32)), kw
-    )
+    return _variant(_TINY, kw)
 
 
-def _guided(defaults: dict[str, Any], kw: dict[str, Any]) -> nn.Module:
-    return GuidedVRN(**{**defaults, **kw})
+def _guided(defaults: dict[str, Any], groups: str, overrides: dict[str, Any]) -> nn.Module:
+    return GuidedVRN(**{**defaults, "groups": groups, **overrides})
 
 
 @register_model
 def vrn_guided(**kw: Any) -> nn.Module:
     """The paper's VRN-Guided: the released unguided network's layout with the crop's 68 landmark
     heatmaps stacked onto the image (``groups="points"``, 71 input channels; :mod:`vrn.models.guidance`)."""
-    return _guided(dict(groups="points", features=256, stacks=2, hourglass="vrn", hourglass_depth=4, n_modules=3), kw)
+    return _guided(_RELEASED, "points", kw)
 
 
 @register_model
 def vrn_medium_guided(**kw: Any) -> nn.Module:
     """vrn_medium guided by the crop's landmarks as 9 facial-part heatmaps (12 input channels);
     starts from vrn_medium's weights with ``model.init_weights`` (:meth:`GuidedVRN.load_unguided`)."""
-    return _guided(
-        dict(
-            groups="parts",
-            features=128,
-            stacks=1,
-            hourglass="vrn",
-            hourglass_depth=3,
-            n_modules=1,
-            stem_channels=(32, 64),
-        ),
-        kw,
-    )
+    return _guided(_MEDIUM, "parts", kw)
 
 
 @register_model
 def vrn_tiny_guided(**kw: Any) -> nn.Module:
     """Smallest guided variant for tests (vrn_tiny's network, 9 part heatmaps)."""
-    return _guided(
-        dict(
-            groups="parts",
-            features=32,
-            stacks=1,
-            hourglass="vrn",
-            hourglass_depth=1,
-            n_modules=1,
-            stem_channels=(16, 32),
-        ),
-        kw,
-    )
+    return _guided(_TINY, "parts", kw)
