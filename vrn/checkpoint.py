@@ -49,6 +49,8 @@ __all__ = [
     "CheckpointIntegrityError",
     "PRETRAINED_MODELS",
     "DEFAULT_PRETRAINED",
+    "PRETRAINED_NETWORKS",
+    "pretrained_for_network",
     "pretrained_path",
     "resolve_model_file",
 ]
@@ -56,7 +58,17 @@ __all__ = [
 
 #: the project's pretrained models: name -> asset registry name (:mod:`vrn.assets`)
 PRETRAINED_MODELS: dict[str, str] = {"vrn_medium_aflw": "pretrained/vrn_medium_aflw.ckpt"}
+#: the registered network (:mod:`vrn.models.registry`) of each pretrained model
+PRETRAINED_NETWORKS: dict[str, str] = {"vrn_medium_aflw": "vrn_medium"}
 DEFAULT_PRETRAINED = "vrn_medium_aflw"
+
+
+def pretrained_for_network(net_name: str) -> str:
+    """The pretrained model whose network is ``net_name`` (what ``model.init_weights=pretrained``
+    starts a run of that network from); the default pretrained model when none is."""
+    if PRETRAINED_NETWORKS.get(DEFAULT_PRETRAINED) == net_name:
+        return DEFAULT_PRETRAINED
+    return next((k for k, v in PRETRAINED_NETWORKS.items() if v == net_name), DEFAULT_PRETRAINED)
 
 
 def pretrained_path(name: str = DEFAULT_PRETRAINED) -> Path:

@@ -12,7 +12,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vrn.checkpoint import check_network_layout, layout_for_network, load_network, resolve_model_file
+from vrn.checkpoint import (
+    check_network_layout,
+    layout_for_network,
+    load_network,
+    pretrained_for_network,
+    resolve_model_file,
+)
 from vrn.conventions import VolumeLayout
 from vrn.losses import volume_bce_loss
 from vrn.metrics import GlobalVoxelIoU, SumRatio, front_depth_error_sums
@@ -47,6 +53,8 @@ def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayou
             vrn.conventions.LayoutMismatchError (a ValueError): its volume layout differs.
         FileNotFoundError: no such file.
     """
+    if path == "pretrained":  # the shipped model of this run's network
+        path = pretrained_for_network(str(spec.get("name")))
     src, src_spec, src_layout = load_network(resolve_model_file(path))
     load_unguided = getattr(net, "load_unguided", None)
     if load_unguided is not None and not getattr(src, "needs_landmarks", False):
@@ -103,11 +111,12 @@ class VRNLitModule(pl.LightningModule):
             Saved in the checkpoint as ``hyper_parameters["layout"]`` (a plain dict) and
             checked against the datamodule's ``layout`` when fitting / testing starts.
         init_weights: a checkpoint (path or URL; a ``vrn.train`` .ckpt, a file of
-            ``Reconstructor.save`` or the released .t7; ``pretrained`` = the shipped model,
-            with ``model=vrn_medium``) whose network weights start this
-            training: fine-tuning / warm start. Only the weights are taken (optimiser, epoch and
-            step start fresh; ``ckpt_path`` resumes a run instead). Its model spec and layout
-            must equal this model's.
+            ``Reconstructor.save`` or the released .t7; a pretrained model's name; ``pretrained``
+            = the shipped model of this run's network, :func:`vrn.checkpoint.pretrained_for_network`)
+            whose network weights start this training: fine-tuning / warm start. Only the weights
+            are taken (optimiser, epoch and step start fresh; ``ckpt_path`` resumes a run
+            instead). Its model spec and layout must equal this model's, except that a guided
+            variant starts from its unguided twin (:meth:`vrn.models.guidance.GuidedVRN.load_unguided`).
 
     Attributes:
         layout: the :class:`~vrn.conventions.VolumeLayout` in use.
