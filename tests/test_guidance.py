@@ -209,3 +209,14 @@ def test_photo_to_mesh_passes_each_faces_landmarks(shared_dir, tmp_path):
     cfg = compose_demo(photo, ckpt, tmp_path / "out", "turntable=false", "num_workers=0", set_output=True)
     (rep,) = run_demo(cfg)
     assert rep.status == "ok" and len(rep.faces) == 2
+
+
+def test_a_guided_model_warns_about_detectors_with_other_landmarks(caplog):
+    from vrn.inference import Reconstructor
+
+    net = create_model("vrn_tiny_guided", depth_bins=DEPTH_BINS)
+    with caplog.at_level("WARNING", logger="vrn.inference"):
+        Reconstructor(net, detector="tddfa")
+        assert "guided model" not in caplog.text
+        Reconstructor(net, detector="fan")  # face-alignment loads its weights on first use only
+        assert "guided model with detector 'fan'" in caplog.text

@@ -356,6 +356,10 @@ def _to_input(crops: np.ndarray | torch.Tensor, crop_size: int | None = None) ->
     return x
 
 
+#: detectors whose landmarks are those the guided models were trained with (the 3DDFA_V2 port's)
+GUIDANCE_DETECTORS = ("tddfa", "tddfa_roi")
+
+
 class Reconstructor:
     """A trained VRN with its face detector and post-processing.
 
@@ -444,6 +448,12 @@ class Reconstructor:
         if isinstance(detector, str):
             detector = get_detector(detector, device=detector_device or str(self.device), **(detector_kwargs or {}))
         self.detector = detector
+        name = getattr(detector, "name", None)
+        if detector is not None and self.needs_landmarks and name not in GUIDANCE_DETECTORS:
+            log.warning(
+                f"guided model with detector {name!r}: it learnt from the 3DDFA_V2 port's landmarks (detector=tddfa), "
+                f"whose convention other detectors need not share (most visibly the jaw line of profiles)"
+            )
         #: seconds per stage of the last :meth:`__call__`
         self.timings: dict[str, float] = {}
         #: face template of the pose / 3D-landmark fit ("bfm": AFLW2000-3D's frame; None: skip it)
