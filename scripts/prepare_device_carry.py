@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init", default=None, help="a checkpoint whose network weights start the run (slimmed)")
     ap.add_argument("--python312", default=None, help="a Python of the device's version with cython + numpy")
     ap.add_argument("--no-wheels", action="store_true", help="skip pip wheel (no network here)")
+    ap.add_argument(
+        "--manifest-fields",
+        nargs="*",
+        default=[],
+        help="manifest fields kept besides id and split: 'landmarks' for the guided models (about 1.5 KB a row)",
+    )
     args = ap.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                 {"train": args.train, "val": args.val},
                 seed=args.seed,
                 part=(k, args.parts),
-                manifest_fields=(),
+                manifest_fields=tuple(args.manifest_fields),
                 jpeg_quality=args.jpeg_quality or None,
             )
         )

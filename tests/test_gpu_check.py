@@ -214,6 +214,8 @@ def test_prepare_device_carry_writes_parts_and_sizes_each_call(synthetic_packed,
             "--no-wheels",
             "--init",
             str(ROOT / "vrn" / "pretrained" / "vrn_medium_aflw.ckpt"),
+            "--manifest-fields",
+            "landmarks",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -223,7 +225,9 @@ def test_prepare_device_carry_writes_parts_and_sizes_each_call(synthetic_packed,
     assert r.returncode == 0, r.stderr[-2000:]
     ids = [{row["id"] for row in PackedReader(out / f"p{k}").rows} for k in range(3)]
     assert sum(len(i) for i in ids) == 12 and len(set().union(*ids)) == 12  # disjoint parts, all kept
-    assert all(set(row) == {"id", "split", "index"} for row in PackedReader(out / "p0").rows)  # slim
+    # slim rows: only the landmarks asked for (the guided models train on them)
+    assert all(set(row) == {"id", "split", "index", "landmarks"} for row in PackedReader(out / "p0").rows)
+    assert all(len(row["landmarks"]) == 68 for row in PackedReader(out / "p0").rows)
     assert (out / "init" / "init.ckpt").is_file()
     calls = [ln for ln in r.stdout.splitlines() if ln.startswith("call ")]
     assert len(calls) == 3 and all(ln.endswith("MiB OK") for ln in calls)
