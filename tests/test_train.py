@@ -187,16 +187,23 @@ def test_init_weights_warm_starts_the_network_only(synthetic_packed, tmp_path):
     assert load_network(saved)[1]["name"] == "vrn_tiny"
 
 
-def test_init_weights_pretrained_is_the_shipped_model(tmp_path):
+@pytest.mark.parametrize(
+    ("model", "shipped_name"), [("vrn_medium", "vrn_medium_aflw"), ("vrn_medium_guided", "vrn_medium_guided_aflw")]
+)
+def test_init_weights_pretrained_is_the_shipped_model(tmp_path, model, shipped_name):
+    """init_weights=pretrained starts a run from the shipped model of its own network."""
     from hydra.utils import instantiate
 
     from vrn.checkpoint import load_network, pretrained_path
 
-    cfg = compose_config("train", ["model=vrn_medium", "model.init_weights=pretrained"], output_dir=tmp_path)
+    cfg = compose_config("train", [f"model={model}", "model.init_weights=pretrained"], output_dir=tmp_path)
     module = instantiate(cfg.model)
-    shipped, _, _ = load_network(pretrained_path())
-    for (k, a), b in zip(shipped.state_dict().items(), module.net.state_dict().values()):
-        assert torch.equal(a, b), k
+    shipped, spec, _ = load_network(pretrained_path(shipped_name))
+    assert spec["name"] == model
+    state = module.net.state_dict()
+    assert list(state) == list(shipped.state_dict())
+    for k, a in shipped.state_dict().items():
+        assert torch.equal(a, state[k]), k
     with pytest.raises(ValueError, match="Unknown pretrained model 'nope'"):
         pretrained_path("nope")
 

@@ -75,8 +75,10 @@ def _a(name: str, url: str | None, sha: str | None, desc: str = "") -> Asset:
     return Asset(name, url, sha, desc)
 
 
-#: sha256 of the shipped pretrained checkpoint (vrn/pretrained/vrn_medium_aflw.ckpt)
+#: sha256 of the shipped unguided pretrained checkpoint (vrn/pretrained/vrn_medium_aflw.ckpt)
 PRETRAINED_SHA256 = "2c3051e3d4603bbad8e5ab322feb50779502a9611d923847a2584d3ce1094d60"
+#: sha256 of the shipped guided pretrained checkpoint, the default (vrn/pretrained/vrn_medium_guided_aflw.ckpt)
+PRETRAINED_GUIDED_SHA256 = "50f9b221ee77b487fd9f3170c19456d7d40845ebcfcad7f2c54a5fec3a1a16a7"
 #: where bundled assets live (inside the installed package)
 BUNDLED_DIR = Path(__file__).resolve().parent
 
@@ -187,6 +189,16 @@ REGISTRY: dict[str, Asset] = {
             "16 on all 18,040 train faces with a moving average of the weights (callbacks=ema), AFLW val "
             "IoU 0.802; layout source_roi_px=120 (faces resampled through 3DDFA's 120 px ROI, as its "
             "training crops); docs/benchmarks.md",
+            bundled=True,
+        ),
+        Asset(
+            "pretrained/vrn_medium_guided_aflw.ckpt",
+            None,
+            PRETRAINED_GUIDED_SHA256,
+            "vrn_medium_guided (VRN-Guided: the crop's 68 landmarks as 9 facial-part heatmaps beside the "
+            "image) started from vrn_medium_aflw, 3,633 CPU steps at batch 16 on the 18,040 AFLW train "
+            "faces (experiment=aflw_real_guided: bf16, NHWC, lr 3e-4, EMA 0.998), AFLW val IoU 0.909; "
+            "layout source_roi_px=120; docs/benchmarks.md",
             bundled=True,
         ),
         _a(

@@ -57,10 +57,15 @@ __all__ = [
 
 
 #: the project's pretrained models: name -> asset registry name (:mod:`vrn.assets`)
-PRETRAINED_MODELS: dict[str, str] = {"vrn_medium_aflw": "pretrained/vrn_medium_aflw.ckpt"}
+PRETRAINED_MODELS: dict[str, str] = {
+    "vrn_medium_guided_aflw": "pretrained/vrn_medium_guided_aflw.ckpt",
+    "vrn_medium_aflw": "pretrained/vrn_medium_aflw.ckpt",
+}
 #: the registered network (:mod:`vrn.models.registry`) of each pretrained model
-PRETRAINED_NETWORKS: dict[str, str] = {"vrn_medium_aflw": "vrn_medium"}
-DEFAULT_PRETRAINED = "vrn_medium_aflw"
+PRETRAINED_NETWORKS: dict[str, str] = {"vrn_medium_guided_aflw": "vrn_medium_guided", "vrn_medium_aflw": "vrn_medium"}
+#: the best model on the AFLW val split (docs/benchmarks.md): what ``ckpt=`` left out and
+#: ``Reconstructor.from_pretrained()`` load
+DEFAULT_PRETRAINED = "vrn_medium_guided_aflw"
 
 
 def pretrained_for_network(net_name: str) -> str:
