@@ -105,15 +105,18 @@ class WorkerInit:
 
 
 def collate_volumes(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images and run maps; keep the variable-length extra runs as a list."""
-    return {
+    """Stack images, run maps and (when every item has them) landmarks; keep the
+    variable-length extra runs as a list."""
+    batch = {
         "image": torch.stack([it["image"] for it in items]),
         "lo": torch.stack([it["lo"] for it in items]),
         "hi": torch.stack([it["hi"] for it in items]),
         "extra": [it["extra"] for it in items],
-        "landmarks": torch.stack([it["landmarks"] for it in items]),
         "id": [it["id"] for it in items],
     }
+    if all("landmarks" in it for it in items):
+        batch["landmarks"] = torch.stack([it["landmarks"] for it in items])
+    return batch
 
 
 class PackedDataModule(pl.LightningDataModule):
