@@ -59,7 +59,7 @@ def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayou
     load_unguided = getattr(net, "load_unguided", None)
     if load_unguided is not None and not getattr(src, "needs_landmarks", False):
         # a guided network started from an unguided one of its size (vrn.models.guidance)
-        src_layout.check_matches(layout, f"model.init_weights={path}", "this run")
+        _check_init_layout(src_layout, layout, path)
         try:
             load_unguided(src.state_dict())
         except ValueError as e:
@@ -75,10 +75,15 @@ def _load_init_weights(net: nn.Module, spec: dict[str, Any], layout: VolumeLayou
             f"model.init_weights={path} holds network {src_spec}, but this run builds {spec}: "
             f"choose the matching model= (or its net overrides), or drop init_weights"
         )
-    # the volume numbers must match (source_roi_px comes from this run's data)
-    src_layout.check_matches(layout, f"model.init_weights={path}", "this run")
+    _check_init_layout(src_layout, layout, path)
     net.load_state_dict(src.state_dict())
     log.info(f"network weights initialised from {path}")
+
+
+def _check_init_layout(src: VolumeLayout, layout: VolumeLayout, path: str) -> None:
+    """The init checkpoint's volume numbers must be this run's (source_roi_px comes from this
+    run's data, so it may differ)."""
+    src.check_matches(layout, f"model.init_weights={path}", "this run")
 
 
 class VRNLitModule(pl.LightningModule):
