@@ -21,6 +21,7 @@ from vrn.aflw_benchmark import (
 )
 from vrn.eval_datasets import AFLW2000Dataset
 from vrn.face_models.tddfa_models import load_tddfa
+from vrn.geometry.crop import crop_for_layout
 from vrn.image_io import read_image_rgb
 from vrn.nme import interocular_distance, summarize
 
@@ -173,3 +174,23 @@ def test_dataset_adds_benchmark_rows_and_table(sample_benchmark: Path) -> None:
     # without the arrays: no benchmark, every jpg + mat pair
     plain = AFLW2000Dataset(sample_benchmark, crop="gt", benchmark=False)
     assert plain[0].benchmark is None
+    with pytest.raises(ValueError, match="roi_box needs"):
+        AFLW2000Dataset(sample_benchmark, crop="roi_box", benchmark=False)
+
+
+def test_roi_box_crop_is_the_ports_landmarks_on_the_roi_box(sample_benchmark: Path) -> None:
+    """data.crop=roi_box (3DDFA's protocol): the crop and landmark x, y are the port's on the
+    benchmark roi_box, the same port result the baselines use (run once per face)."""
+    ds = AFLW2000Dataset(sample_benchmark, crop="roi_box")
+    port = load_tddfa()
+    arrays = load_benchmark(sample_benchmark)
+    for i in range(len(ds)):
+        s = ds[i]
+        image = read_image_rgb(sample_benchmark / f"{s.id}.jpg")
+        ref = port.from_roi_boxes(image, [arrays.roi_box[arrays.row(s.id)]])[0].pts68[:2].T
+        np.testing.assert_allclose(s.pred_landmarks_xy, ref, atol=1e-4)
+        np.testing.assert_allclose(s.benchmark["port_pts68"][:2].T, ref, atol=1e-4)
+        assert s.landmarks_xy_from == "detector" and s.info["crop"] == "port on roi_box"
+        # the crop is cut with the model's rule around those landmarks
+        crop, T = crop_for_layout(image, ref, ds.layout)
+        assert np.array_equal(s.crop, crop) and T == s.transform

@@ -178,3 +178,45 @@ def test_a_photo_of_another_size_is_skipped_with_a_reason(tmp_path, shared_dir):
     (fail,) = crop["failures"]
     assert fail["reason"] == "not_source_roi_size" and "emma" in json.dumps(fail)
     assert crop["params"]["source_roi_px"] == 120
+
+
+def test_packed_eval_through_the_detector(aflw, shared_dir):
+    """``data=folder data.crop=detector``: the packed rows' source photos through the detector and
+    the crop rule, ground truth mapped back to photo px through each row's transform."""
+    from vrn.eval_datasets import PackedEvalDataset
+
+    inp = aflw.parent / "aflw_crops"
+    packed = PackedEvalDataset(aflw / "packed", split="all")
+    ds = PackedEvalDataset(
+        aflw / "packed", split="all", crop="detector", detector="tddfa", source_root=inp, source_margin=0.5
+    )
+    assert ds.cuts_crops and not packed.cuts_crops and len(ds) == len(IMAGES)
+    port_roi = get_detector("tddfa_roi")
+    n_detected = 0
+    for i in range(len(ds)):
+        s, p = ds[i], packed[i]
+        assert s.error is None and s.id == p.id and s.gt_code is None
+        m = s.info["source_margin_px"]
+        assert m == 60  # 0.5 x the 120 px photo
+        # the GT landmarks in photo px sit where the port put them on the 120 px source (+ the margin)
+        src = read_image_rgb(inp / s.info["image"])
+        (d,) = port_roi(src)
+        err = np.linalg.norm(s.gt_landmarks[:, :2] - (d.landmarks + m), axis=1)
+        assert err.mean() < 5.0, (s.id, err.mean())
+        # depth scales with the crop: photo-px z = packed z / the row transform's scale
+        scale = CropTransform.from_dict(PackedReader(aflw / "packed")[i].row["transform"]).scale
+        np.testing.assert_allclose(np.ptp(s.gt_verts[:, 2]), np.ptp(p.gt_verts[:, 2]) / scale, rtol=1e-9)
+        assert s.crop.shape == p.crop.shape
+        xy_crop = s.transform.apply(s.pred_landmarks_xy)
+        assert (xy_crop > 0).all() and (xy_crop < s.crop.shape[0]).all()
+        if s.landmarks_xy_from == "detector":
+            n_detected += 1
+            box = np.sqrt(np.prod(np.ptp(s.gt_landmarks[:, :2], axis=0)))
+            assert np.linalg.norm(s.pred_landmarks_xy - s.gt_landmarks[:, :2], axis=1).mean() / box < 0.08, s.id
+        else:
+            assert s.info["crop"] == "gt (no face detected)"
+    assert n_detected >= len(IMAGES) // 2
+    with pytest.raises(ValueError, match="source_root"):
+        PackedEvalDataset(aflw / "packed", split="all", crop="detector", detector="tddfa")
+    with pytest.raises(ValueError, match="packed' or 'detector"):
+        PackedEvalDataset(aflw / "packed", split="all", crop="gt")

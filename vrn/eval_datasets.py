@@ -4,7 +4,8 @@ Each config is a ``_target_`` that :func:`hydra.utils.instantiate` builds, with 
 checkpoint's :class:`~vrn.conventions.VolumeLayout` and ``max_samples`` passed in by
 :func:`vrn.evaluate.build_dataset`. Every dataset yields :class:`EvalSample` items:
 
-* :class:`PackedEvalDataset`: any packed folder (``data=folder``); crop px = image px.
+* :class:`PackedEvalDataset`: any packed folder (``data=folder``): its packed crops (crop px =
+  image px), or (``data.crop=detector``) its source photos through the detector and crop rule.
 * :func:`synthetic_test_set`: the synthetic test split of the *training* data config
   (``data=synthetic``): the training cache when it exists, else only the test split is
   rendered (sample ``i`` is the same either way).
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
@@ -46,6 +48,28 @@ log = logging.getLogger(__name__)
 __all__ = ["EvalSample", "PackedEvalDataset", "AFLW2000Dataset", "synthetic_test_set"]
 
 _IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
+def detector_landmarks(
+    detector: FaceDetector, image: np.ndarray, path: Path, gt_lm: np.ndarray
+) -> tuple[np.ndarray | None, str, str]:
+    """The detected face nearest the annotated one (the datasets annotate one face per row).
+
+    Args:
+        detector: any :class:`~vrn.detectors.FaceDetector`.
+        image: (H, W, 3) uint8 RGB photo.
+        path: the photo's path (detector caches and messages).
+        gt_lm: (68, 2 or 3) annotated landmarks, image px.
+    Returns:
+        (68, 2) detected landmark x, y (image px) or None when no face was found, where they
+        came from ("detector" / "ground truth"), and a crop note for the report.
+    """
+    dets = detector.detect(image, str(path))
+    if not dets:
+        return None, "ground truth", "gt (no face detected)"
+    c_gt = (gt_lm[:, :2].min(0) + gt_lm[:, :2].max(0)) / 2
+    d = min(dets, key=lambda d: float(np.linalg.norm((d.box[:2] + d.box[2:]) / 2 - c_gt)))
+    return np.asarray(d.landmarks, np.float64), "detector", "detector"
 
 
 @dataclass
@@ -86,19 +110,30 @@ class EvalSample:
 
 
 class PackedEvalDataset(Dataset):
-    """Samples of a packed folder (crop px = image px).
+    """Samples of a packed folder.
+
+    ``crop="packed"``: the packed crops as they are (crop px = image px), guided by the rows'
+    landmarks. ``crop="detector"``: the whole photo path on the rows' *source photos*
+    (``source_root / row["source_image"]``): detect, cut the crop with the model's rule, and
+    score in photo px against the packed target mapped back through the row's ``transform``
+    (source px -> packed crop px). This measures detector + crop + model on a split that is not
+    a benchmark (e.g. AFLW val); the voxel IoU is then not reported (different crop frames).
 
     Args:
         root: packed folder.
         split: manifest split ("test"); None or "all" = all rows.
         max_samples: keep the first N.
         layout: the model's layout; the folder's (``meta.json``) must match it.
+        crop: "packed" or "detector".
+        detector: a ``FaceDetector`` or registered detector name (built only for crop="detector").
+        detector_device: the detector's device when built from a name.
+        source_root: folder of the rows' ``source_image`` files (crop="detector").
+        source_margin: crop="detector" pads each source photo on every side by this fraction
+            of its longer side with mid-grey before detecting, for tight source crops such as
+            the 120 px AFLW ones (FaceBoxes needs context); 0 for whole photos.
     Raises:
         vrn.conventions.LayoutMismatchError: the folder was packed with another layout.
     """
-
-    #: the crops are the packed ones (the layout's ``source_roi_px`` does not apply)
-    cuts_crops = False
 
     def __init__(
         self,
@@ -106,6 +141,11 @@ class PackedEvalDataset(Dataset):
         split: str | None = "test",
         max_samples: int | None = None,
         layout: VolumeLayout = DEFAULT_LAYOUT,
+        crop: str = "packed",
+        detector: FaceDetector | str | None = None,
+        detector_device: str = "cpu",
+        source_root: str | os.PathLike | None = None,
+        source_margin: float = 0.0,
     ) -> None:
         split = None if split in (None, "all") else str(split)
         self.reader = PackedReader(Path(os.path.expanduser(str(root))), split=split)
@@ -114,7 +154,32 @@ class PackedEvalDataset(Dataset):
             raise ValueError(f"{root} has no samples in split '{split}'")
         self.n = len(self.reader) if max_samples is None else min(len(self.reader), int(max_samples))
         self.depth_factor = layout.depth_factor
+        self.layout = layout
         self.root = str(root)
+        if crop not in ("packed", "detector"):
+            raise ValueError(f"data.crop must be 'packed' or 'detector', got {crop!r}")
+        self.crop = crop
+        #: crops cut from the source photos with the layout (reported by vrn.evaluate)
+        self.cuts_crops = crop == "detector"
+        self.detector: FaceDetector | None = None
+        self.source_root: Path | None = None
+        self.source_margin = float(source_margin)
+        if crop == "detector":
+            if source_root in (None, "", "null"):
+                raise ValueError(
+                    "data.crop=detector needs data.source_root: the folder of the packed rows' source "
+                    "photos (the pipeline's input_dir)"
+                )
+            self.source_root = Path(os.path.expanduser(str(source_root)))
+            if not self.source_root.is_dir():
+                raise FileNotFoundError(f"data.source_root={self.source_root} is not a folder")
+            if not 0.0 <= self.source_margin <= 4.0:
+                raise ValueError(f"data.source_margin must be in [0, 4] (share of the photo side), got {source_margin}")
+            if detector is None:
+                raise ValueError("data.crop=detector needs a detector")
+            if isinstance(detector, str):
+                detector = get_detector(detector, device=str(detector_device))
+            self.detector = detector
 
     def __len__(self) -> int:
         return self.n
@@ -135,7 +200,7 @@ class PackedEvalDataset(Dataset):
             yaw = yaw_from_rotation(np.asarray(row["rotation"], np.float64))
         else:
             yaw = float("nan")
-        return EvalSample(
+        sample = EvalSample(
             id=str(row.get("id", i)),
             crop=s.image,
             transform=CropTransform(_IDENTITY, s.image.shape[:2]),
@@ -146,6 +211,38 @@ class PackedEvalDataset(Dataset):
             pred_landmarks_xy=None if lm is None else lm[:, :2].copy(),
             landmarks_xy_from="ground truth",
             info={"source": str(row.get("source", "packed")), "gt_surface": "front surface of the GT volume"},
+        )
+        return self._through_detector(sample, row) if self.crop == "detector" else sample
+
+    def _through_detector(self, s: EvalSample, row: dict[str, Any]) -> EvalSample:
+        """``s`` (packed crop px) re-cut from its source photo by the detector, GT in photo px."""
+        name, to_packed = row.get("source_image"), row.get("transform")
+        if not name or to_packed is None or s.gt_landmarks is None:
+            return EvalSample(s.id, None, None, s.yaw, error="row lacks source_image, transform or 68 3D landmarks")
+        path = self.source_root / str(name)  # type: ignore[operator]
+        try:
+            source = read_image_rgb(path)
+        except Exception as e:  # noqa: BLE001 - unreadable photo: recorded as a failed sample
+            return EvalSample(s.id, None, None, s.yaw, error=f"{type(e).__name__}: {e}")
+        m = int(round(self.source_margin * max(source.shape[:2])))
+        photo = cv2.copyMakeBorder(source, m, m, m, m, cv2.BORDER_CONSTANT, value=(128, 128, 128)) if m else source
+        # photo px -> source px (the margin) -> packed crop px (the row's transform)
+        unpad = CropTransform(np.array([[1.0, 0.0, -m], [0.0, 1.0, -m]]), source.shape[:2])
+        photo_to_packed = CropTransform.from_dict(to_packed).compose(unpad)
+        gt_lm = photo_to_packed.apply_inverse(s.gt_landmarks)
+        xy, xy_from, crop_info = detector_landmarks(self.detector, photo, path, gt_lm)  # type: ignore[arg-type]
+        xy = gt_lm[:, :2] if xy is None else xy
+        crop, T = crop_for_layout(photo, xy, self.layout)
+        return EvalSample(
+            s.id,
+            crop,
+            T,
+            s.yaw,
+            gt_verts=photo_to_packed.apply_inverse(s.gt_verts),  # type: ignore[arg-type]
+            gt_landmarks=gt_lm,
+            pred_landmarks_xy=xy,
+            landmarks_xy_from=xy_from,
+            info={**s.info, "image": str(name), "crop": crop_info, "source_margin_px": m},
         )
 
 
@@ -184,7 +281,10 @@ class AFLW2000Dataset(Dataset):
             landmark spline; for testing the code path, NOT a benchmark), or the path of
             face3d's ``BFM.mat`` / 3DDFA_V2's ``bfm_noneck_v3.pkl`` (dense GT mesh).
         crop: "detector" (crop and landmark x, y from ``detector``; falls back to the
-            ground-truth crop when no face is found) or "gt" (crop from ``pt3d_68``).
+            ground-truth crop when no face is found: the user's path), "roi_box" (3DDFA's
+            protocol: the 3DDFA_V2 port on the benchmark's ``roi_box``, the input every
+            3DDFA-family number and the two baselines get; needs ``benchmark.npz``) or "gt"
+            (crop from ``pt3d_68``).
         detector: a ``FaceDetector`` or a registered detector name (built only for crop="detector").
         detector_device: the detector's device when built from a name.
         max_samples: keep the first N images (sorted by name).
@@ -229,8 +329,10 @@ class AFLW2000Dataset(Dataset):
         self._port = None
         if max_samples is not None:
             self.images = self.images[: int(max_samples)]
-        if crop not in ("detector", "gt"):
-            raise ValueError(f"data.crop must be 'detector' or 'gt', got {crop!r}")
+        if crop not in ("detector", "roi_box", "gt"):
+            raise ValueError(f"data.crop must be 'detector', 'roi_box' or 'gt', got {crop!r}")
+        if crop == "roi_box" and self.arrays is None:
+            raise ValueError(f"data.crop=roi_box needs 3DDFA's {BENCHMARK_FILE} in data.root={self.root}")
         if crop == "detector" and detector is None:
             raise ValueError("data.crop=detector needs a detector")
         if crop == "detector" and isinstance(detector, str):
@@ -254,8 +356,16 @@ class AFLW2000Dataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_bfm": None, "_port": None}
 
-    def _benchmark_for(self, name: str, image: np.ndarray) -> dict[str, Any]:
-        """The face's benchmark arrays, and (``baselines``) the port's landmarks and meshes on its roi_box."""
+    def _port_on_roi_box(self, name: str, image: np.ndarray) -> Any:
+        """The 3DDFA_V2 port's result on the face's benchmark ``roi_box`` (3DDFA's protocol)."""
+        assert self.arrays is not None
+        if self._port is None:
+            self._port = load_tddfa()
+        return self._port.from_roi_boxes(image, [self.arrays.roi_box[self.arrays.row(name)]])[0]
+
+    def _benchmark_for(self, name: str, image: np.ndarray, res: Any = None) -> dict[str, Any]:
+        """The face's benchmark arrays, and (``baselines``) the port's landmarks and meshes on its
+        roi_box (``res``: that port result when already computed)."""
         assert self.arrays is not None
         i = self.arrays.row(name)
         bench: dict[str, Any] = {
@@ -265,9 +375,7 @@ class AFLW2000Dataset(Dataset):
             "yaw_abs_deg": float(self.arrays.yaw_abs_deg[i]),
         }
         if self.baselines:
-            if self._port is None:
-                self._port = load_tddfa()
-            res = self._port.from_roi_boxes(image, [self.arrays.roi_box[i]])[0]
+            res = self._port_on_roi_box(name, image) if res is None else res
             bench["port_pts68"] = res.pts68
             bench["port_pose_deg"] = np.array(pose_angles_from_rotation(res.R, model_frame=True))
             bench["meshes"] = port_meshes(res, self._port.bfm)
@@ -277,13 +385,7 @@ class AFLW2000Dataset(Dataset):
         """(68, 2) landmark x, y of the crop (None = ground truth), where they came from, crop info."""
         if self.crop != "detector":
             return None, "ground truth", "gt"
-        dets = self.detector.detect(image, str(path))  # type: ignore[union-attr]
-        if not dets:
-            return None, "ground truth", "gt (no face detected)"
-        # the detection nearest the annotated face (AFLW2000-3D annotates one face)
-        c_gt = (gt_lm[:, :2].min(0) + gt_lm[:, :2].max(0)) / 2
-        d = min(dets, key=lambda d: float(np.linalg.norm((d.box[:2] + d.box[2:]) / 2 - c_gt)))
-        return np.asarray(d.landmarks, np.float64), "detector", "detector"
+        return detector_landmarks(self.detector, image, path, gt_lm)  # type: ignore[arg-type]
 
     def _add_dense_gt(self, s: EvalSample, mat: dict[str, Any], pose: np.ndarray, height: int) -> None:
         """The dense GT mesh of the ``.mat`` fit (image px) and its solid voxelised in the crop."""
@@ -316,7 +418,12 @@ class AFLW2000Dataset(Dataset):
             return EvalSample(sid, None, None, yaw, error="no pt3d_68 in the .mat")
         p3 = np.asarray(mat["pt3d_68"], np.float64)
         gt_lm = np.stack([p3[0] - 1.0, p3[1] - 1.0, p3[2]], 1)  # MATLAB 1-based -> 0-based pixel centres
-        xy, xy_from, crop_info = self._crop_landmarks(image, path, gt_lm)
+        port_res = None
+        if self.crop == "roi_box":
+            port_res = self._port_on_roi_box(sid, image)
+            xy, xy_from, crop_info = np.asarray(port_res.pts68[:2].T, np.float64), "detector", "port on roi_box"
+        else:
+            xy, xy_from, crop_info = self._crop_landmarks(image, path, gt_lm)
         xy = gt_lm[:, :2] if xy is None else xy
         crop, T = crop_for_layout(image, xy, self.layout)
         s = EvalSample(
@@ -333,6 +440,6 @@ class AFLW2000Dataset(Dataset):
         if self.bfm_path is not None:
             self._add_dense_gt(s, mat, pose, image.shape[0])
         if self.arrays is not None:
-            s.benchmark = self._benchmark_for(sid, image)
+            s.benchmark = self._benchmark_for(sid, image, port_res)
             s.yaw = s.benchmark["yaw_abs_deg"]  # 3DDFA's buckets come from the arrays' pose
         return s
