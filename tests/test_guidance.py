@@ -100,6 +100,39 @@ def test_augmented_landmarks_follow_the_image():
     np.testing.assert_allclose(same, xy, atol=1e-5)
 
 
+def test_landmark_noise_moves_only_the_guidance():
+    """landmark_* noise: the image and target are those of the noise-free draw, the landmarks
+    move by the configured amounts (statistically), NaN rows stay NaN; all 0 = exact."""
+    s = 64
+    xy = _face_landmarks(3)
+    image = np.random.default_rng(0).random((s, s, 3)).astype(np.float32)
+    code = encode(np.zeros((8, s, s), bool))
+    base = dict(rotation_deg=0, translation_px=0, scale_min=1, scale_max=1, flip_prob=0, colour_min=1, colour_max=1)
+    img0, _, lm0 = augment_sample(image, code, AugmentConfig(**base), np.random.default_rng(1), xy)
+    np.testing.assert_allclose(lm0, xy, atol=1e-4)  # no noise configured: exact
+    jit = AugmentConfig(**base, landmark_jitter_px=2.0)
+    img1, _, lm1 = augment_sample(image, code, jit, np.random.default_rng(1), xy)
+    assert np.array_equal(img0, img1)
+    d = lm1 - xy
+    assert 1.6 < d.std() < 2.4 and np.abs(d.mean(0)).max() < 0.8  # per point, no common shift
+    shifts = np.array(
+        [
+            augment_sample(image, code, AugmentConfig(**base, landmark_shift_px=3.0), np.random.default_rng(k), xy)[2]
+            - xy
+            for k in range(200)
+        ]
+    )
+    assert np.allclose(shifts, shifts[:, :1], atol=1e-4)  # one shift for all 68
+    assert 2.5 < shifts[:, 0].std() < 3.5
+    _, _, lm3 = augment_sample(image, code, AugmentConfig(**base, landmark_scale=0.1), np.random.default_rng(5), xy)
+    r = np.linalg.norm(lm3 - xy.mean(0), axis=1) / np.linalg.norm(xy - xy.mean(0), axis=1)
+    assert np.allclose(r, r[0], atol=1e-4) and abs(r[0] - 1) > 1e-3  # a uniform scale about the mean
+    gap = xy.copy()
+    gap[5] = np.nan
+    _, _, lm4 = augment_sample(image, code, jit, np.random.default_rng(1), gap)
+    assert np.isnan(lm4[5]).all() and np.isfinite(np.delete(lm4, 5, 0)).all()
+
+
 def test_guided_network_starts_as_the_unguided_one():
     torch.manual_seed(0)
     kw = dict(depth_bins=12, features=16, hourglass_depth=1, stem_channels=(8, 16))

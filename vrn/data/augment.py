@@ -17,7 +17,7 @@ import numpy as np
 from vrn.models.guidance import LANDMARK_MIRROR
 from vrn.volume.codec import VolumeCode
 
-__all__ = ["AugmentConfig", "augment_sample", "warp_code", "sample_params"]
+__all__ = ["AugmentConfig", "augment_sample", "landmark_noise", "warp_code", "sample_params"]
 
 
 @dataclass
@@ -30,6 +30,11 @@ class AugmentConfig:
     colour_min: float = 0.6         # per-channel multiplier range
     colour_max: float = 1.4
     enabled: bool = True
+    # guidance landmarks only (the image and target stay): detector noise, so a guided model
+    # learns not to trust its landmarks blindly; all three 0 = no noise (and no extra draws)
+    landmark_jitter_px: float = 0.0  # per-point Gaussian sigma, crop px
+    landmark_shift_px: float = 0.0   # one Gaussian shift of all 68 (sigma per axis), crop px
+    landmark_scale: float = 0.0      # all 68 scaled about their mean by 1 + N(0, sigma)
 
 
 def sample_params(cfg: AugmentConfig, rng: np.random.Generator) -> dict[str, float | bool | np.ndarray]:
@@ -139,4 +144,22 @@ def augment_sample(
         moved = (xy @ M[:, :2].T + M[:, 2]).astype(np.float32)
         if p["flip"]:
             moved = moved[LANDMARK_MIRROR]
+        moved = landmark_noise(moved, cfg, rng)
     return out, warp_code(code, M, float(p["scale"])), moved  # type: ignore[arg-type]
+
+
+def landmark_noise(xy: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Detector-like noise on guidance landmarks (:class:`AugmentConfig` ``landmark_*``).
+
+    Args:
+        xy: (68, 2) float32 landmarks, crop px (NaN rows stay NaN).
+    Returns:
+        (68, 2) float32 crop px; ``xy`` itself when every ``landmark_*`` setting is 0 (no draws).
+    """
+    if cfg.landmark_jitter_px <= 0 and cfg.landmark_shift_px <= 0 and cfg.landmark_scale <= 0:
+        return xy
+    centre = np.nanmean(xy, axis=0) if np.isfinite(xy).any() else np.zeros(2, np.float32)
+    scale = 1.0 + cfg.landmark_scale * rng.standard_normal()
+    shift = cfg.landmark_shift_px * rng.standard_normal(2)
+    jitter = cfg.landmark_jitter_px * rng.standard_normal(xy.shape)
+    return ((xy - centre) * scale + centre + shift + jitter).astype(np.float32)
