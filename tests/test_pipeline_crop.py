@@ -117,6 +117,25 @@ def test_detector_registry():
         Detection(box=[0, 0, 1, 1], score=1.0, landmarks=np.zeros((5, 2)))
 
 
+def test_tddfa_refines_by_default(shared_dir):
+    """``tddfa`` runs the port a second time from the ROI of its first landmarks (chosen on the
+    AFLW val photos, docs/benchmarks.md); ``refine=false`` keeps the one-pass landmarks."""
+    from vrn.image_io import read_image_rgb
+
+    img = read_image_rgb(shared_dir / "data" / "images" / "emma.jpg")
+    det = get_detector("tddfa")
+    assert det.refine and det.describe()["refine"] is True
+    one = get_detector("tddfa", refine=False)(img)
+    two = det(img)
+    assert len(one) == len(two) == 3  # emma.jpg: 3 faces, the same boxes
+    port = det._m_tddfa
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a.box, b.box)
+        again = port.from_landmarks(img, a.landmarks.T)[0].pts68[:2].T
+        np.testing.assert_allclose(b.landmarks, again, atol=1e-3)
+        assert np.abs(b.landmarks - a.landmarks).max() > 0.5  # the second pass moved them
+
+
 def test_dlib_backend_says_how_to_install():
     try:
         import dlib  # noqa: F401
