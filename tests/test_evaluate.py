@@ -320,6 +320,24 @@ def test_evaluate_aflw2000_3d(slab_ckpt: Path, tmp_path: Path) -> None:
     assert "input crops from the photo" in res["notes"][0]
 
 
+def test_evaluate_report_names_the_detector(slab_ckpt: Path, tmp_path: Path) -> None:
+    """The report records the detector that cut the crops (its settings change the numbers)."""
+    from vrn.evaluate import evaluate
+
+    base = [f"ckpt={slab_ckpt}", "data=aflw2000_3d", f"data.root={AFLW}", "max_samples=1"]
+    res = evaluate(compose_eval(base, output_dir=tmp_path / "a"))
+    (line,) = [n for n in res["notes"] if n.startswith("detector: ")]
+    det = json.loads(line[len("detector: ") :])
+    assert det["name"] == "tddfa" and det["refine"] is True
+    one = ["data.detector={_target_: vrn.detectors.tddfa.TDDFADetector, refine: false}"]
+    res = evaluate(compose_eval(base + one, output_dir=tmp_path / "b"))
+    assert any('"refine": false' in n for n in res["notes"])
+    assert "crops cut from: detector (1)" in res["notes"]
+    res = evaluate(compose_eval(base + ["data.crop=gt"], output_dir=tmp_path / "c"))
+    assert not any(n.startswith("detector: ") for n in res["notes"])
+    assert "crops cut from: gt (1)" in res["notes"]
+
+
 def test_evaluate_aflw2000_3d_cuts_crops_with_the_checkpoint_layout(slab_ckpt: Path, tmp_path: Path) -> None:
     """A checkpoint trained on 3DDFA's 120 px crops (layout source_roi_px) is evaluated on crops cut
     the same way (vrn.geometry.crop.crop_for_layout), and the report says so."""

@@ -348,6 +348,15 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     summary = summarize(rows, [m[0] for m in METRICS] + [c[0] for c in BENCHMARK_COLUMNS])
     present = [m for m in METRICS if summary["all"].get(m[0]) is not None]
     notes = _notes(cfg, rec, rows, len(failures), bool(getattr(ds, "cuts_crops", False)))
+    detector = getattr(ds, "detector", None)
+    if detector is not None and hasattr(detector, "describe"):
+        notes.insert(2, f"detector: {json.dumps(detector.describe(), sort_keys=True)}")
+    cut_from: dict[str, int] = {}
+    for r in rows:
+        if r.get("info_crop"):
+            cut_from[str(r["info_crop"])] = cut_from.get(str(r["info_crop"]), 0) + 1
+    if cut_from:
+        notes.insert(2, "crops cut from: " + ", ".join(f"{k} ({v})" for k, v in sorted(cut_from.items())))
     table = markdown_table(summary, present) if present else "(no metric could be computed)\n"
     md = "# VRN evaluation\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + table
     if any(summary["all"].get(c[0]) is not None for c in BENCHMARK_COLUMNS):
