@@ -204,7 +204,7 @@ def test_packed_eval_through_the_detector(aflw, shared_dir):
         err = np.linalg.norm(s.gt_landmarks[:, :2] - (d.landmarks + m), axis=1)
         assert err.mean() < 5.0, (s.id, err.mean())
         # depth scales with the crop: photo-px z = packed z / the row transform's scale
-        scale = CropTransform.from_dict(PackedReader(aflw / "packed")[i].row["transform"]).scale
+        scale = CropTransform.from_dict(packed.reader[i].row["transform"]).scale
         np.testing.assert_allclose(np.ptp(s.gt_verts[:, 2]), np.ptp(p.gt_verts[:, 2]) / scale, rtol=1e-9)
         assert s.crop.shape == p.crop.shape
         xy_crop = s.transform.apply(s.pred_landmarks_xy)

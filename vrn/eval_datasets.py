@@ -50,6 +50,13 @@ __all__ = ["EvalSample", "PackedEvalDataset", "AFLW2000Dataset", "synthetic_test
 _IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
+def _build_detector(detector: FaceDetector | str | None, device: str) -> FaceDetector:
+    """The detector of a ``crop=detector`` dataset: given, or built from its registered name."""
+    if detector is None:
+        raise ValueError("data.crop=detector needs a detector")
+    return get_detector(detector, device=str(device)) if isinstance(detector, str) else detector
+
+
 def detector_landmarks(
     detector: FaceDetector, image: np.ndarray, path: Path, gt_lm: np.ndarray
 ) -> tuple[np.ndarray | None, str, str]:
@@ -175,11 +182,7 @@ class PackedEvalDataset(Dataset):
                 raise FileNotFoundError(f"data.source_root={self.source_root} is not a folder")
             if not 0.0 <= self.source_margin <= 4.0:
                 raise ValueError(f"data.source_margin must be in [0, 4] (share of the photo side), got {source_margin}")
-            if detector is None:
-                raise ValueError("data.crop=detector needs a detector")
-            if isinstance(detector, str):
-                detector = get_detector(detector, device=str(detector_device))
-            self.detector = detector
+            self.detector = _build_detector(detector, detector_device)
 
     def __len__(self) -> int:
         return self.n
@@ -333,12 +336,8 @@ class AFLW2000Dataset(Dataset):
             raise ValueError(f"data.crop must be 'detector', 'roi_box' or 'gt', got {crop!r}")
         if crop == "roi_box" and self.arrays is None:
             raise ValueError(f"data.crop=roi_box needs 3DDFA's {BENCHMARK_FILE} in data.root={self.root}")
-        if crop == "detector" and detector is None:
-            raise ValueError("data.crop=detector needs a detector")
-        if crop == "detector" and isinstance(detector, str):
-            detector = get_detector(detector, device=str(detector_device))
         self.crop = crop
-        self.detector = detector if crop == "detector" else None
+        self.detector = _build_detector(detector, detector_device) if crop == "detector" else None
         self.bfm_path = None if bfm_path in (None, "", "null", "none") else str(bfm_path)
         self.layout = layout
         self._bfm = None

@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -269,14 +270,23 @@ def _score_all(rec: Reconstructor, ds: Dataset, cfg: DictConfig) -> tuple[list[d
     return rows, failures
 
 
-def _notes(
-    cfg: DictConfig, rec: Reconstructor, rows: list[dict[str, Any]], n_failed: int, cuts_crops: bool
-) -> list[str]:
-    """The report's bullet points: what was evaluated and how each metric is defined."""
+def _counts(values: Any) -> str:
+    """``"a (3), b (1)"``: each distinct value with its count, sorted by value."""
+    return ", ".join(f"{k} ({v})" for k, v in sorted(Counter(values).items()))
+
+
+def _notes(cfg: DictConfig, rec: Reconstructor, rows: list[dict[str, Any]], n_failed: int, ds: Dataset) -> list[str]:
+    """The report's bullet points: what was evaluated (with the dataset's detector and what the
+    crops were cut from, where it has them) and how each metric is defined."""
     n_empty = sum(bool(r["no_surface"]) for r in rows)
-    sources: dict[str, int] = {}
-    for r in rows:
-        sources[r["landmarks_xy_from"]] = sources.get(r["landmarks_xy_from"], 0) + 1
+    cuts_crops = bool(getattr(ds, "cuts_crops", False))
+    detector = getattr(ds, "detector", None)
+    provenance = []
+    cut_from = _counts(str(r["info_crop"]) for r in rows if r.get("info_crop"))
+    if cut_from:
+        provenance.append(f"crops cut from: {cut_from}")
+    if detector is not None and hasattr(detector, "describe"):
+        provenance.append(f"detector: {json.dumps(detector.describe(), sort_keys=True)}")
     if not cuts_crops:
         crops = "as packed"
     elif rec.layout.source_roi_px:
@@ -289,13 +299,14 @@ def _notes(
         + (", flip test-time augmentation" if rec.flip_tta else ""),
         f"data: `{cfg.data_name}` ({len(rows)} samples scored, {n_failed} failed to load, "
         f"{n_empty} with an empty prediction: their NMEs are missing, IoU counts)",
+        *provenance,
         "surface NME: mean GT-vertex -> nearest predicted vertex distance / 3D outer interocular distance; "
         "'ICP corr.' = ICP finds the pairs, distances unaligned up to a z shift (VRN paper); "
         "'rigid' = after the rigid alignment",
         "68-lmk NME: / sqrt(w*h) of the GT landmark box; z of each landmark read from the predicted (front) "
         "surface, z offset removed; '51-lmk' leaves out the 17 jaw-contour points, which the cheek often hides "
         "(their front-surface depth is wrong even for a perfect volume); landmark x, y from: "
-        + (", ".join(f"{k} ({v})" for k, v in sorted(sources.items())) or "-")
+        + (_counts(r["landmarks_xy_from"] for r in rows) or "-")
         + " (2D NME only where they come from a detector)",
         "yaw buckets by |yaw|; 'balanced' = mean of the three bucket means (reported only when all three have data)",
     ]
@@ -347,16 +358,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     summary = summarize(rows, [m[0] for m in METRICS] + [c[0] for c in BENCHMARK_COLUMNS])
     present = [m for m in METRICS if summary["all"].get(m[0]) is not None]
-    notes = _notes(cfg, rec, rows, len(failures), bool(getattr(ds, "cuts_crops", False)))
-    detector = getattr(ds, "detector", None)
-    if detector is not None and hasattr(detector, "describe"):
-        notes.insert(2, f"detector: {json.dumps(detector.describe(), sort_keys=True)}")
-    cut_from: dict[str, int] = {}
-    for r in rows:
-        if r.get("info_crop"):
-            cut_from[str(r["info_crop"])] = cut_from.get(str(r["info_crop"]), 0) + 1
-    if cut_from:
-        notes.insert(2, "crops cut from: " + ", ".join(f"{k} ({v})" for k, v in sorted(cut_from.items())))
+    notes = _notes(cfg, rec, rows, len(failures), ds)
     table = markdown_table(summary, present) if present else "(no metric could be computed)\n"
     md = "# VRN evaluation\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + table
     if any(summary["all"].get(c[0]) is not None for c in BENCHMARK_COLUMNS):
