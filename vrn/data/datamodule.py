@@ -19,6 +19,7 @@ from vrn.data.epoch_sampling import EpochClock, EpochShuffleSampler, ResumableLo
 from vrn.data.packed import PackedReader
 from vrn.data.sharding import eval_shard_sampler
 from vrn.models.guidance import N_LANDMARKS
+from vrn.nme import yaw_bucket, yaw_from_rotation
 from vrn.data.synthetic import SyntheticFaceConfig, cache_name, generate_packed
 
 try:  # POSIX file locks: one process builds a shared synthetic cache, the others wait for it
@@ -26,7 +27,7 @@ try:  # POSIX file locks: one process builds a shared synthetic cache, the other
 except ImportError:  # Windows: no lock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["VolumeDataset", "collate_volumes", "PackedDataModule", "SyntheticDataModule"]
+__all__ = ["VolumeDataset", "collate_volumes", "yaw_balanced_index", "PackedDataModule", "SyntheticDataModule"]
 
 
 class VolumeDataset(Dataset):
@@ -41,19 +42,27 @@ class VolumeDataset(Dataset):
     Augmentation of sample ``i`` draws from ``default_rng([seed, epoch, i])`` with the epoch of
     ``epoch_clock`` (set by :class:`vrn.data.epoch_sampling.EpochShuffleSampler`): the same in
     a run resumed at an epoch boundary as in an uninterrupted one, different every epoch.
+
+    ``rows`` (optional, (N,) int): the reader rows that make up the dataset, repeats allowed
+    (:func:`yaw_balanced_index`); item ``i`` is row ``rows[i]``, and a repeated row draws its
+    own augmentation (the draw uses ``i``, not the row).
     """
 
-    def __init__(self, reader: PackedReader, augment: AugmentConfig | None = None, seed: int = 0) -> None:
+    def __init__(self, reader: PackedReader, augment: AugmentConfig | None = None, seed: int = 0,
+                 rows: np.ndarray | None = None) -> None:
         self.reader = reader
         self.augment = augment
         self.seed = seed
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
+        if self.rows is not None and len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= len(reader)):
+            raise ValueError(f"rows must index the reader's {len(reader)} rows, got {self.rows.min()}..{self.rows.max()}")
         self.epoch_clock = EpochClock()
 
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.reader) if self.rows is None else len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        s = self.reader[i]
+        s = self.reader[i if self.rows is None else int(self.rows[i])]
         image = s.image.astype(np.float32) / 255.0
         code = s.code
         marks = _row_landmarks_xy(s.row)
@@ -104,6 +113,41 @@ class WorkerInit:
             pl_worker_init_function(worker_id, rank=self.rank)
 
 
+def yaw_balanced_index(rows: list[dict[str, Any]]) -> np.ndarray:
+    """Row indices with the rows of the rarer |yaw| buckets repeated, so that every bucket of
+    the benchmark's split ([0, 30], (30, 60], (60, 90], :data:`vrn.nme.YAW_BUCKETS`) contributes
+    about as many samples per epoch as the largest one (``data.yaw_balance=true``).
+
+    Each bucket's rows are repeated ``round(n_largest / n_bucket)`` times (whole repeats, no
+    random draws, so an epoch is still a fixed list that shuffles, shards and resumes like the
+    plain one). The yaw is the row's ``yaw`` or that of its ``rotation`` (crop frame).
+
+    Args:
+        rows: manifest rows of one split.
+    Returns:
+        (M,) int64 row indices, each row 1 or more times, in row order.
+    Raises:
+        ValueError: a row has neither ``yaw`` nor ``rotation``.
+    """
+    names = []
+    for i, row in enumerate(rows):
+        if row.get("yaw") is not None:
+            yaw = float(row["yaw"])
+        elif row.get("rotation") is not None:
+            yaw = yaw_from_rotation(np.asarray(row["rotation"], np.float64))
+        else:
+            raise ValueError(
+                f"data.yaw_balance=true needs each row's head pose, but row {i} (id {row.get('id', i)!r}) has "
+                f"neither 'yaw' nor 'rotation'; repack with the data pipeline or set data.yaw_balance=false"
+            )
+        names.append(yaw_bucket(yaw))
+    names_arr = np.asarray(names)
+    counts = {b: int(np.sum(names_arr == b)) for b in dict.fromkeys(names)}
+    largest = max(counts.values(), default=0)
+    repeats = np.array([max(1, round(largest / counts[b])) for b in names], np.int64)
+    return np.repeat(np.arange(len(rows), dtype=np.int64), repeats)
+
+
 def collate_volumes(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images, run maps and (when every item has them) landmarks; keep the
     variable-length extra runs as a list."""
@@ -128,6 +172,9 @@ class PackedDataModule(pl.LightningDataModule):
         augment: training augmentation (AugmentConfig fields as a dict), or None.
         splits: names of the train/val/test splits in the manifest.
         seed: augmentation seed.
+        yaw_balance: repeat the training rows of the rarer |yaw| buckets so that every bucket
+            contributes about equally per epoch (:func:`yaw_balanced_index`); val / test are
+            never changed.
 
     Attributes:
         layout: the crop / volume layout recorded in the folder's ``meta.json``
@@ -137,7 +184,7 @@ class PackedDataModule(pl.LightningDataModule):
 
     def __init__(self, root: str, batch_size: int = 8, num_workers: int = 0, pin_memory: bool = False,
                  augment: dict[str, Any] | None = None, train_split: str = "train", val_split: str = "val",
-                 test_split: str = "test", seed: int = 0) -> None:
+                 test_split: str = "test", seed: int = 0, yaw_balance: bool = False) -> None:
         super().__init__()
         self.root = root
         self.batch_size = int(batch_size)
@@ -148,6 +195,7 @@ class PackedDataModule(pl.LightningDataModule):
         self.augment = AugmentConfig(**augment) if augment else None
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.seed = seed
+        self.yaw_balance = bool(yaw_balance)
         self._sets: dict[str, VolumeDataset] = {}
 
     def _check_root(self) -> Path:
@@ -165,7 +213,8 @@ class PackedDataModule(pl.LightningDataModule):
             if key not in self._sets:
                 reader = PackedReader(root, split=split)
                 aug = self.augment if key == "train" else None
-                self._sets[key] = VolumeDataset(reader, aug, seed=self.seed)
+                rows = yaw_balanced_index(reader.rows) if key == "train" and self.yaw_balance else None
+                self._sets[key] = VolumeDataset(reader, aug, seed=self.seed, rows=rows)
         if len(self._sets["train"]) == 0:
             raise ValueError(f"{root} has no samples in split '{self.splits['train']}'")
 
