@@ -71,6 +71,43 @@ def test_onnx_matches_torch(onnx_extra: None, tmp_path: Path, name: str, layout)
     assert p_torch.std() > 1e-3  # the comparison is not of two constants
 
 
+def test_guided_onnx_takes_the_landmarks(onnx_extra: None, tmp_path: Path, capsys) -> None:
+    """A guided network exports with a second input, the landmarks; onnxruntime matches torch,
+    the landmarks change the output (the heatmaps are in the graph), and a missing one fails."""
+    layout = replace(DEFAULT_LAYOUT, crop_size=64, depth_bins=16, face_size=30)
+    ckpt, rec_torch = _saved(tmp_path, "vrn_tiny_guided", layout, depth_bins=16)
+    with torch.no_grad():  # the heatmap inputs of a fresh guided net are random: make them count
+        rec_torch.net.vrn.stem[0].weight[:, 3:] *= 20.0
+    ckpt = rec_torch.save(tmp_path / "guided.ckpt")
+    onnx_path = export_checkpoint(ckpt, tmp_path / "guided.onnx")
+    rec_ort = Reconstructor.from_checkpoint(onnx_path, detector=None, batch_size=2)
+    assert rec_ort.needs_landmarks and rec_ort.backend == "onnxruntime"
+    x = _crops(3, 64)
+    marks = 16.0 + 32.0 * torch.rand(3, 68, 2, generator=torch.Generator().manual_seed(2))
+    marks[1, 7] = float("nan")  # a missing point renders no heatmap, in both runtimes
+    p_torch = rec_torch.reconstruct_crops(x, marks).numpy()
+    p_ort = rec_ort.reconstruct_crops(x, marks).numpy()
+    assert float(np.abs(p_torch - p_ort).max()) <= MAX_ABS
+    assert float(np.mean((p_torch > 0.5) != (p_ort > 0.5))) <= MAX_FLIP
+    moved = rec_ort.reconstruct_crops(x, marks + 6.0).numpy()
+    assert float(np.abs(moved - p_ort).max()) > 1e-3  # the graph reads the landmarks
+    rec_ort.flip_tta = rec_torch.flip_tta = True  # mirrored landmarks go through the graph too
+    np.testing.assert_allclose(
+        rec_ort.reconstruct_crops(x, marks).numpy(), rec_torch.reconstruct_crops(x, marks).numpy(), atol=MAX_ABS
+    )
+    with pytest.raises(ValueError, match="guided by each crop's 68 landmarks"):
+        rec_ort.reconstruct_crops(x)
+    with pytest.raises(ValueError, match="is guided: pass each crop's 68"):
+        OnnxNetwork(onnx_path)(x.numpy())
+    from omegaconf import OmegaConf
+
+    from vrn.export import run_export
+
+    run_export(OmegaConf.create({"ckpt": str(ckpt), "out": str(tmp_path / "cli.onnx"), "check": True}))
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "max |p_torch - p_ort|" in ln)
+    assert float(line.split("= ")[1].split(",")[0]) <= MAX_ABS
+
+
 def test_torch_net_with_onnxruntime_backend(onnx_extra: None) -> None:
     torch.manual_seed(0)
     layout = replace(DEFAULT_LAYOUT, crop_size=64, depth_bins=16, face_size=30)
@@ -216,3 +253,13 @@ def test_demo_with_onnxruntime(onnx_extra: None, two_photos: Path, slab_model: P
     # backend=onnxruntime with a .ckpt: exported in memory
     again = _demo(two_photos, slab_model, tmp_path / "ort2", "num_workers=0", "backend=onnxruntime")
     assert [f.n_verts for r in again for f in r.faces] == [f.n_verts for r in ref for f in r.faces]
+
+
+def test_export_the_shipped_model_by_name(onnx_extra: None, tmp_path: Path) -> None:
+    """``ckpt=pretrained`` exports the default (guided) model, as the demo and evaluation accept it."""
+    from vrn.checkpoint import DEFAULT_PRETRAINED, PRETRAINED_NETWORKS
+
+    out = export_checkpoint("pretrained", tmp_path / "shipped.onnx")
+    net = OnnxNetwork(out)
+    assert net.model_spec["name"] == PRETRAINED_NETWORKS[DEFAULT_PRETRAINED]
+    assert net.needs_landmarks == net.model_spec["name"].endswith("_guided")

@@ -7,6 +7,8 @@
 The exported graph: input ``crops`` (B, 3, S, S) float32 RGB in [0, 1] (S = the layout's
 ``crop_size``, B dynamic) -> output ``prob`` (B, D, S, S) float32 occupancy probabilities
 (the sigmoid is part of the graph), index ``[b, d, r, c]`` in crop px (:mod:`vrn.conventions`).
+A guided network (:mod:`vrn.models.guidance`) has a second input, ``landmarks`` (B, 68, 2)
+float32 each crop's landmarks in crop px (x, y); the heatmap rendering is part of the graph.
 The model spec and the :class:`~vrn.conventions.VolumeLayout` travel in the file's
 ``metadata_props`` (:data:`META_SPEC`, :data:`META_LAYOUT`), so
 ``Reconstructor.from_checkpoint("model.onnx")`` rebuilds the same reconstructor without torch
@@ -38,16 +40,18 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vrn.atomic_write import atomic_write
-from vrn.checkpoint import load_network, resolve_checkpoint
+from vrn.checkpoint import PRETRAINED_MODELS, load_network, resolve_model_file
 from vrn.cli_errors import UserError, run_cli
 from vrn.conventions import VolumeLayout
 from vrn.models.blocks import SeparableBilinearUpsample
+from vrn.models.guidance import N_LANDMARKS
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "EXPORT_FORMATS",
     "INPUT_NAME",
+    "LANDMARKS_NAME",
     "OUTPUT_NAME",
     "META_SPEC",
     "META_LAYOUT",
@@ -62,6 +66,8 @@ __all__ = [
 
 EXPORT_FORMATS = ("onnx",)
 INPUT_NAME = "crops"
+#: the second input of a guided network's graph: (B, 68, 2) float32 crop px
+LANDMARKS_NAME = "landmarks"
 OUTPUT_NAME = "prob"
 #: metadata_props keys: the model spec (JSON), the layout (JSON), the file format tag
 META_SPEC = "vrn.model_spec"
@@ -87,22 +93,31 @@ def _import(name: str) -> Any:
 
 
 class _ProbNet(nn.Module):
-    """The network followed by the sigmoid: crops (B, 3, S, S) -> probabilities (B, D, S, S)."""
+    """The network followed by the sigmoid: crops (B, 3, S, S) [+ landmarks (B, 68, 2) crop px
+    for a guided network] -> probabilities (B, D, S, S)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(x))
+    def forward(self, x: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.net(x) if landmarks is None else self.net(x, landmarks))
+
+
+def _example_landmarks(n: int, crop_size: int) -> torch.Tensor:
+    """(n, 68, 2) float32 points spread over the crop's middle (a trace input and check input;
+    any finite values give the same graph)."""
+    g = torch.Generator().manual_seed(0)
+    return crop_size * (0.25 + 0.5 * torch.rand(n, N_LANDMARKS, 2, generator=g))
 
 
 @contextlib.contextmanager
-def _fixed_upsample(net: nn.Module, crop_size: int) -> Iterator[None]:
+def _fixed_upsample(net: nn.Module, crop_size: int, extra: tuple[torch.Tensor, ...] = ()) -> Iterator[None]:
     """While exporting: each SeparableBilinearUpsample returns its matrices for ``crop_size`` as
-    constants (computed by one forward pass of a zero crop)."""
+    constants (computed by one forward pass of a zero crop; ``extra``: the network's further
+    inputs, a guided network's landmarks)."""
     with torch.no_grad():
-        net(torch.zeros(1, 3, crop_size, crop_size))
+        net(torch.zeros(1, 3, crop_size, crop_size), *extra)
     patched = []
     try:
         for m in net.modules():
@@ -129,32 +144,30 @@ def onnx_bytes(
             only for ``save``; stored as given, {} when None).
         opset: ONNX opset.
     Returns:
-        the serialised ``ModelProto``.
-    Raises:
-        ValueError: a guided network (:mod:`vrn.models.guidance`; its second input, the
-            landmarks, has no ONNX graph here yet).
+        the serialised ``ModelProto``; a guided network's has the second input
+        :data:`LANDMARKS_NAME`.
     """
-    if getattr(net, "needs_landmarks", False):
-        raise ValueError(
-            f"ONNX export covers the unguided VRN variants; {(model_spec or {}).get('name', 'this network')} "
-            f"is guided by landmarks: run it with backend=torch"
-        )
     onnx = _import("onnx")
     training = net.training
     net = net.to("cpu").eval()
     s = layout.crop_size
+    guided = bool(getattr(net, "needs_landmarks", False))
+    args: tuple[torch.Tensor, ...] = (torch.zeros(1, 3, s, s),)
+    names = [INPUT_NAME]
+    if guided:
+        args, names = (*args, _example_landmarks(1, s)), [INPUT_NAME, LANDMARKS_NAME]
     buf = io.BytesIO()
     try:
-        with _fixed_upsample(net, s), warnings.catch_warnings():
+        with _fixed_upsample(net, s, args[1:]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings: the crop size is fixed on purpose
             torch.onnx.export(
                 _ProbNet(net).eval(),
-                (torch.zeros(1, 3, s, s),),
+                args,
                 buf,
                 dynamo=False,
-                input_names=[INPUT_NAME],
+                input_names=names,
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                dynamic_axes={**{k: {0: "batch"} for k in names}, OUTPUT_NAME: {0: "batch"}},
                 opset_version=int(opset),
                 do_constant_folding=True,
             )
@@ -187,9 +200,9 @@ def export_onnx(
 def export_checkpoint(
     ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET, weights_only: bool = True
 ) -> Path:
-    """A checkpoint (``.ckpt`` of vrn.train, ``Reconstructor.save``, the released ``.t7``; path
-    or URL) -> ``out`` (.onnx) with its spec and layout."""
-    net, spec, layout = load_network(resolve_checkpoint(ckpt), "cpu", weights_only=weights_only)
+    """A checkpoint (``.ckpt`` of vrn.train, ``Reconstructor.save``, the released ``.t7``; path,
+    URL, or a shipped model's name such as ``pretrained``) -> ``out`` (.onnx) with its spec and layout."""
+    net, spec, layout = load_network(resolve_model_file(ckpt), "cpu", weights_only=weights_only)
     return export_onnx(out, net, layout, spec, opset)
 
 
@@ -210,6 +223,11 @@ def _providers(ort: Any, device: str) -> list[Any]:
             )
         return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
     raise ValueError(f"device={device}: backend=onnxruntime runs on cpu or cuda")
+
+
+def _float32(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    x = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 class OnnxNetwork:
@@ -256,35 +274,54 @@ class OnnxNetwork:
         self.model_spec: dict[str, Any] = json.loads(meta.get(META_SPEC, "{}"))
         self.depth_bins = self.layout.depth_bins
         self.device = str(device)
+        #: True for a guided network's graph (second input :data:`LANDMARKS_NAME`)
+        self.needs_landmarks = LANDMARKS_NAME in {i.name for i in self.session.get_inputs()}
 
-    def __call__(self, crops: np.ndarray | torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) float32 crops in [0, 1] -> (B, D, S, S) float32 probabilities."""
-        x = crops.detach().cpu().numpy() if isinstance(crops, torch.Tensor) else np.asarray(crops)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    def __call__(
+        self, crops: np.ndarray | torch.Tensor, landmarks: np.ndarray | torch.Tensor | None = None
+    ) -> np.ndarray:
+        """(B, 3, S, S) float32 crops in [0, 1] [+ (B, 68, 2) crop px landmarks, guided graphs
+        only] -> (B, D, S, S) float32 probabilities."""
+        feeds = {INPUT_NAME: _float32(crops)}
+        if self.needs_landmarks:
+            if landmarks is None:
+                raise ValueError(
+                    f"this ONNX model ({self.model_spec.get('name', 'guided')}) is guided: pass each crop's 68 "
+                    f"landmarks (B, {N_LANDMARKS}, 2) crop px beside the crops"
+                )
+            feeds[LANDMARKS_NAME] = _float32(landmarks)[..., :2]
+        return self.session.run([OUTPUT_NAME], feeds)[0]
 
     def __repr__(self) -> str:
         return f"OnnxNetwork(model={self.model_spec.get('name')}, device={self.device})"
 
 
-def compare_backends(net: nn.Module, onnx_net: OnnxNetwork, crops: np.ndarray | torch.Tensor) -> dict[str, float]:
+def compare_backends(
+    net: nn.Module,
+    onnx_net: OnnxNetwork,
+    crops: np.ndarray | torch.Tensor,
+    landmarks: np.ndarray | torch.Tensor | None = None,
+) -> dict[str, float]:
     """Torch vs onnxruntime probabilities on the same crops.
 
     Args:
         net: the torch network (logits); run in eval mode, float32, on the CPU.
         onnx_net: its export.
         crops: (B, 3, S, S) float32 in [0, 1].
+        landmarks: (B, 68, 2) float32 crop px, for a guided network.
     Returns:
         ``max_abs``: max |p_torch - p_ort|; ``flip_fraction``: fraction of voxels whose
         occupancy at 0.5 differs; ``voxels``: voxels compared.
     """
     x = torch.as_tensor(np.asarray(crops, np.float32))
+    marks = None if landmarks is None else torch.as_tensor(np.asarray(landmarks, np.float32))
+    extra = () if marks is None else (marks,)
     training = net.training
     net.eval()
     with torch.inference_mode():
-        p_torch = torch.sigmoid(net.cpu()(x).float()).numpy()
+        p_torch = torch.sigmoid(net.cpu()(x, *extra).float()).numpy()
     net.train(training)
-    p_ort = onnx_net(x.numpy())
+    p_ort = onnx_net(x.numpy(), None if marks is None else marks.numpy())
     return {
         "max_abs": float(np.abs(p_torch - p_ort).max()),
         "flip_fraction": float(np.mean((p_torch > 0.5) != (p_ort > 0.5))),
@@ -306,16 +343,20 @@ def run_export(cfg: DictConfig) -> Path:
     ckpt = cfg.get("ckpt")
     if not ckpt:
         raise UserError("ckpt= is required: the .ckpt (or .t7, or URL) to export")
-    out = Path(str(cfg.get("out") or Path(str(ckpt).split("?")[0]).with_suffix(".onnx").name))
+    path = resolve_model_file(str(ckpt))  # a path, a URL, or a shipped model's name ("pretrained")
+    named = str(ckpt) == "pretrained" or str(ckpt) in PRETRAINED_MODELS
+    default_out = path.with_suffix(".onnx").name if named else Path(str(ckpt).split("?")[0]).with_suffix(".onnx").name
+    out = Path(str(cfg.get("out") or default_out))
     if out.suffix.lower() != ".onnx":
         raise UserError(f"out={out} must end in .onnx")
-    net, spec, layout = load_network(resolve_checkpoint(str(ckpt)), "cpu")
+    net, spec, layout = load_network(path, "cpu")
     export_onnx(out, net, layout, spec, int(cfg.get("opset", DEFAULT_OPSET)))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; model {spec.get('name')}, layout {layout.to_dict()})")
     if cfg.get("check", True):
         n = int(cfg.get("check_batch", 2))
         crops = torch.rand(n, 3, layout.crop_size, layout.crop_size, generator=torch.Generator().manual_seed(0))
-        d = compare_backends(net, OnnxNetwork(out), crops)
+        marks = _example_landmarks(n, layout.crop_size) if getattr(net, "needs_landmarks", False) else None
+        d = compare_backends(net, OnnxNetwork(out), crops, marks)
         print(
             f"check on {n} random crop(s): max |p_torch - p_ort| = {d['max_abs']:.2e}, "
             f"occupancy (p > 0.5) differs at {d['flip_fraction']:.2e} of {int(d['voxels'])} voxels"

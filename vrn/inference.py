@@ -622,7 +622,8 @@ class Reconstructor:
         out = []
         if self.onnx is not None:
             for i in range(0, len(x), self.batch_size):
-                out.append(torch.from_numpy(self.onnx(x[i : i + self.batch_size].numpy())))
+                mb = None if marks is None else marks[i : i + self.batch_size].numpy()
+                out.append(torch.from_numpy(self.onnx(x[i : i + self.batch_size].numpy(), mb)))
             if not out:
                 return torch.zeros((0, self.layout.depth_bins) + tuple(x.shape[-2:]))
             return torch.cat(out)
