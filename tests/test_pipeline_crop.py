@@ -136,6 +136,32 @@ def test_tddfa_refines_by_default(shared_dir):
         assert np.abs(b.landmarks - a.landmarks).max() > 0.5  # the second pass moved them
 
 
+def test_tddfa_flip_averages_with_the_mirrored_photo(shared_dir):
+    """``flip=true`` is the mean of the port's landmarks on the photo and, mirrored back, on the
+    mirrored photo; on a whole-image ROI that makes them exactly mirror-equivariant."""
+    from vrn.image_io import read_image_rgb
+    from vrn.models.guidance import mirror_landmarks
+
+    img = read_image_rgb(shared_dir / "data" / "aflw_crops" / "image04378.jpg")  # a 120 px 3DDFA ROI crop
+    w = img.shape[1]
+    plain = get_detector("tddfa_roi")(img)[0].landmarks
+    det = get_detector("tddfa_roi", flip=True)
+    assert det.describe()["flip"] is True and "flip" not in get_detector("tddfa_roi").describe()
+    both = det(img)[0].landmarks
+    mirrored_img = np.ascontiguousarray(img[:, ::-1])
+    other = get_detector("tddfa_roi")(mirrored_img)[0].landmarks
+    np.testing.assert_allclose(both, (plain + mirror_landmarks(other, w)) / 2, atol=1e-4)
+    assert 0.05 < np.abs(both - plain).max() < 5.0  # a small correction, not a no-op
+    np.testing.assert_allclose(det(mirrored_img)[0].landmarks, mirror_landmarks(both, w), atol=1e-3)
+    # tddfa (FaceBoxes): the boxes are mirrored too, each face keeps its box
+    photo = read_image_rgb(shared_dir / "data" / "images" / "emma.jpg")
+    one, two = get_detector("tddfa")(photo), get_detector("tddfa", flip=True)(photo)
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a.box, b.box)
+        assert np.abs(b.landmarks - a.landmarks).mean() < 3.0
+
+
 def test_dlib_backend_says_how_to_install():
     try:
         import dlib  # noqa: F401

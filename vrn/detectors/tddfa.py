@@ -15,8 +15,46 @@ import numpy as np
 
 from vrn.detectors.base import Detection, FaceDetector, register_detector
 from vrn.face_models.tddfa_models import load_faceboxes, load_tddfa
+from vrn.models.guidance import mirror_landmarks
 
-__all__ = ["TDDFADetector", "TDDFARoiDetector"]
+__all__ = ["TDDFADetector", "TDDFARoiDetector", "port_landmarks"]
+
+
+def port_landmarks(
+    tddfa: Any, image_rgb: np.ndarray, boxes: np.ndarray, refine: bool, flip: bool, roi: bool = False
+) -> list[np.ndarray]:
+    """The 3DDFA_V2 port's 68 landmarks for each ROI box.
+
+    Args:
+        tddfa: a loaded port (:func:`vrn.face_models.tddfa_models.load_tddfa`).
+        image_rgb: (H, W, 3) uint8 RGB.
+        boxes: (K, 4) float boxes ``x1, y1, x2, y2`` image px (pixel edges: ``[0, 0, W, H]`` is
+            the whole image): face-detector boxes, from which the port takes upstream's ROI,
+            or (``roi``) the ROIs themselves.
+        refine: a second pass from the ROI of the first pass's landmarks.
+        flip: also run on the mirrored image (mirrored boxes) and average the two sets of
+            landmarks, mirrored back with the 68-point mirror order.
+    Returns:
+        K arrays (68, 2) float64 x, y image px (0-based pixel centres).
+    """
+
+    def one_side(img: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
+        if not len(b):
+            return []
+        results = tddfa.from_roi_boxes(img, list(b)) if roi else tddfa(img, b)
+        if refine:
+            results = [tddfa.from_landmarks(img, r.pts68)[0] for r in results]
+        return [np.asarray(r.pts68[:2].T, np.float64) for r in results]
+
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    marks = one_side(image_rgb, b)
+    if not flip:
+        return marks
+    w = image_rgb.shape[1]
+    mb = b.copy()
+    mb[:, [0, 2]] = w - b[:, [2, 0]]  # box edges mirror as x -> W - x
+    mirrored = one_side(np.ascontiguousarray(image_rgb[:, ::-1]), mb)
+    return [(m + mirror_landmarks(q, w)) / 2.0 for m, q in zip(marks, mirrored)]
 
 
 @register_detector("tddfa")
@@ -33,6 +71,8 @@ class TDDFADetector(FaceDetector):
             ``vrn.evaluate data=folder data.crop=detector``) it brings the landmarks from 1.98
             to 1.14 % 2D NME of the landmark ROI's and the shipped guided model's surface NME
             from 4.75 to 3.85 % (docs/benchmarks.md); costs one more regressor pass per face.
+        flip: also run the port on the mirrored photo and average the landmarks (twice the
+            regressor passes; :func:`port_landmarks`).
     """
 
     def __init__(
@@ -42,10 +82,12 @@ class TDDFADetector(FaceDetector):
         min_score: float = 0.5,
         max_faces: int | None = None,
         refine: bool = True,
+        flip: bool = False,
     ) -> None:
         super().__init__(device=device, min_score=min_score, max_faces=max_faces)
         self.arch = arch
         self.refine = bool(refine)
+        self.flip = bool(flip)
         self._m_boxes = None
         self._m_tddfa = None
 
@@ -57,13 +99,12 @@ class TDDFADetector(FaceDetector):
         boxes = np.asarray(self._m_boxes(image_rgb), dtype=np.float64).reshape(-1, 5)
         if len(boxes) == 0:
             return []
-        results = self._m_tddfa(image_rgb, boxes[:, :4])
-        if self.refine:
-            results = [self._m_tddfa.from_landmarks(image_rgb, r.pts68)[0] for r in results]
-        return [Detection(box=b[:4], score=float(b[4]), landmarks=r.pts68[:2].T) for b, r in zip(boxes, results)]
+        marks = port_landmarks(self._m_tddfa, image_rgb, boxes[:, :4], self.refine, self.flip)
+        return [Detection(box=b[:4], score=float(b[4]), landmarks=m) for b, m in zip(boxes, marks)]
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "arch": self.arch, "refine": self.refine}
+        d = {**super().describe(), "arch": self.arch, "refine": self.refine}
+        return {**d, "flip": self.flip} if self.flip else d
 
 
 @register_detector("tddfa_roi")
@@ -85,12 +126,14 @@ class TDDFARoiDetector(FaceDetector):
         arch: 3DDFA_V2 regressor, "mb05" (shipped asset) or "mb1".
         refine: run 3DDFA_V2 a second time from the ROI of its own landmarks (upstream's
             landmark policy, as ``tddfa``'s ``refine``).
+        flip: average with the pass on the mirrored image (:func:`port_landmarks`).
     """
 
-    def __init__(self, device: str = "cpu", arch: str = "mb05", refine: bool = False) -> None:
+    def __init__(self, device: str = "cpu", arch: str = "mb05", refine: bool = False, flip: bool = False) -> None:
         super().__init__(device=device, min_score=0.0, max_faces=1)
         self.arch = arch
         self.refine = bool(refine)
+        self.flip = bool(flip)
         self._m_tddfa = None
 
     def _load(self) -> None:
@@ -98,11 +141,9 @@ class TDDFARoiDetector(FaceDetector):
 
     def _detect(self, image_rgb: np.ndarray, image_path: str | None) -> list[Detection]:
         H, W = image_rgb.shape[:2]
-        res = self._m_tddfa.from_roi_boxes(image_rgb, [np.array([0.0, 0.0, W, H])])[0]
-        if self.refine:
-            res = self._m_tddfa.from_landmarks(image_rgb, res.pts68)[0]
-        lm = res.pts68[:2].T.astype(np.float64)
+        lm = port_landmarks(self._m_tddfa, image_rgb, np.array([[0.0, 0.0, W, H]]), self.refine, self.flip, roi=True)[0]
         return [Detection(box=np.concatenate([lm.min(0), lm.max(0)]), score=1.0, landmarks=lm)]
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "arch": self.arch, "refine": self.refine, "roi": "whole_image"}
+        d = {**super().describe(), "arch": self.arch, "refine": self.refine, "roi": "whole_image"}
+        return {**d, "flip": self.flip} if self.flip else d
