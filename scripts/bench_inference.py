@@ -8,7 +8,8 @@
 with random colours. ``--onnx``: only the network, torch vs onnxruntime (its ONNX export,
 :mod:`vrn.export`) on one crop (batch 1, fp32), with the largest probability difference and
 the fraction of voxels whose occupancy at 0.5 differs; ``--ckpt`` times a trained checkpoint
-instead of random weights.
+(a path or a shipped model's name, e.g. ``pretrained``) instead of random weights; a guided
+model gets landmarks spread over the crop as its second input.
 
 * detect / crop: the project's detector (``vrn.detectors``) and VRN crop
   (``vrn.geometry.crop.crop_face``) on a real photo, one face;
@@ -165,14 +166,16 @@ def bench_onnx(model: str, ckpt: str | None, runs: int, threads: int) -> None:
     """The network alone, batch 1, fp32: torch vs onnxruntime (same thread count)."""
     import torch
 
-    from vrn.export import OnnxNetwork, compare_backends, onnx_bytes
+    from vrn.export import OnnxNetwork, _example_landmarks, compare_backends, onnx_bytes
     from vrn.inference import Reconstructor
     from vrn.models import create_model
 
     if threads:
         torch.set_num_threads(threads)
     if ckpt:
-        rec = Reconstructor.from_checkpoint(ckpt, detector=None)
+        from vrn.checkpoint import resolve_model_file
+
+        rec = Reconstructor.from_checkpoint(resolve_model_file(ckpt), detector=None)
         net, spec, layout = rec.net, rec.model_spec, rec.layout
     else:
         torch.manual_seed(0)
@@ -183,9 +186,11 @@ def bench_onnx(model: str, ckpt: str | None, runs: int, threads: int) -> None:
     rec_t = Reconstructor(net, detector=None, layout=layout, model_spec=spec)
     rec_o = Reconstructor(onnx_net, detector=None)
     x = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0))
-    t_torch, _ = median_ms(lambda: rec_t.reconstruct_crops(x), runs)
-    t_ort, _ = median_ms(lambda: rec_o.reconstruct_crops(x), runs)
-    d = compare_backends(net, onnx_net, torch.rand(4, 3, s, s, generator=torch.Generator().manual_seed(1)))
+    guided = rec_t.needs_landmarks  # a guided network also takes (B, 68, 2) crop px landmarks
+    m1, m4 = (_example_landmarks(1, s), _example_landmarks(4, s)) if guided else (None, None)
+    t_torch, _ = median_ms(lambda: rec_t.reconstruct_crops(x, m1), runs)
+    t_ort, _ = median_ms(lambda: rec_o.reconstruct_crops(x, m1), runs)
+    d = compare_backends(net, onnx_net, torch.rand(4, 3, s, s, generator=torch.Generator().manual_seed(1)), m4)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; "
