@@ -27,6 +27,12 @@ def test_shipped_checkpoint_is_registered_small_and_matches_its_sha256(name: str
     assert p.stat().st_size <= 10 * 1024 * 1024  # the repo ships at most 10 MB of weights
 
 
+def test_from_checkpoint_takes_the_shipped_models_name() -> None:
+    rec = Reconstructor.from_checkpoint("pretrained", detector=None)
+    assert rec.model_spec["name"] == Reconstructor.from_pretrained(detector=None).model_spec["name"]
+    assert Reconstructor.from_checkpoint("vrn_medium_aflw", detector=None).model_spec["name"] == "vrn_medium"
+
+
 @pytest.fixture(scope="module")
 def pretrained() -> Reconstructor:
     return Reconstructor.from_pretrained(detector="tddfa")

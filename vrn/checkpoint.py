@@ -89,11 +89,11 @@ def pretrained_path(name: str = DEFAULT_PRETRAINED) -> Path:
     return Path(resolve_asset(PRETRAINED_MODELS[key]))
 
 
-def resolve_model_file(name_or_path: str | os.PathLike) -> Path:
+def resolve_model_file(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """A pretrained model's name (:func:`pretrained_path`) or a checkpoint path / URL
-    (:func:`resolve_checkpoint`) -> the local file."""
+    (:func:`resolve_checkpoint`, downloads into ``cache_dir``) -> the local file."""
     s = str(name_or_path)
-    return pretrained_path(s) if s == "pretrained" or s in PRETRAINED_MODELS else resolve_checkpoint(s)
+    return pretrained_path(s) if s == "pretrained" or s in PRETRAINED_MODELS else resolve_checkpoint(s, cache_dir)
 
 
 class CheckpointIntegrityError(ValueError):

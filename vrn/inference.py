@@ -62,7 +62,7 @@ from vrn.checkpoint import (
     layout_for_network,
     load_network,
     pretrained_path,
-    resolve_checkpoint,
+    resolve_model_file,
     save_network,
 )
 from vrn.cli_errors import UserError, check_device
@@ -476,7 +476,8 @@ class Reconstructor:
         """Load a checkpoint (file or URL) and build the network from its stored spec.
 
         Args:
-            path_or_url: ``.ckpt`` path or http(s) URL (downloaded once into the cache), or
+            path_or_url: ``.ckpt`` path or http(s) URL (downloaded once into the cache), a
+                shipped model's name (``"pretrained"``, or a key of ``PRETRAINED_MODELS``), or
                 a ``.onnx`` file of :mod:`vrn.export` (spec and layout from its metadata).
             device, precision, detector, threshold: see the class.
             cache_dir: download folder for URLs.
@@ -502,7 +503,7 @@ class Reconstructor:
                 backend="onnxruntime",
                 **kwargs,
             )
-        path = resolve_checkpoint(path_or_url, cache_dir)
+        path = resolve_model_file(path_or_url, cache_dir)
         net, spec, layout = load_network(path, "cpu", weights_only=weights_only)
         return cls(
             net,
