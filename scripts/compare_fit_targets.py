@@ -26,7 +26,8 @@ For each face (sorted ``image*.jpg`` of ``--data``, the first ``--limit``):
 AFLW2000-3D is a benchmark: this script evaluates, it never trains or selects a model
 (the lambda chosen here is a fitting hyper-parameter of the pipeline; see docs/pipeline.md).
 
-``python scripts/compare_fit_targets.py --limit 100``
+``python scripts/compare_fit_targets.py --limit 100`` (``--flip``: also ``fitter.flip=true``'s
+stand-in, the crop's fit averaged with the mirrored crop's)
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--lambdas", default="1,3,10,30,100,300", help="comma-separated lambda_shape = lambda_expression")
     p.add_argument("--json", default=None, help="write per-face rows here")
+    p.add_argument("--flip", action="store_true", help="also fitter.flip=true's stand-in (crop + mirror)")
     a = p.parse_args(argv)
 
     images = sorted(Path(a.data).glob("image*.jpg"))[: a.limit]
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     fitter = TDDFAFitter(smooth_standin=True)
     fitter.setup()
     sfm = load_sfm()
-    methods = ["standin"] + [f"sfm_l{lam:g}" for lam in lambdas] + ["sfm_mean"]
+    flip_fitter = TDDFAFitter(smooth_standin=True, flip=True) if a.flip else None
+    methods = ["standin"] + (["standin_flip"] if a.flip else []) + [f"sfm_l{lam:g}" for lam in lambdas] + ["sfm_mean"]
+    sfm_methods = methods[2:] if a.flip else methods[1:]
     rows = []
     t0 = time.perf_counter()
     for path in images:
@@ -130,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         port = fitter.fit(crop, T.apply(gt_img[:, :2]), {}, None)
         row = {"image": path.name, "yaw": yaw, "bucket": bucket(yaw)}
         row["standin"] = evaluate_target(gt, port.verts, port.tris, port.landmarks, iod)
-        for lam, name in zip(lambdas + [math.inf], methods[1:]):
+        if flip_fitter is not None:
+            fl = flip_fitter.fit(crop, T.apply(gt_img[:, :2]), {}, None)
+            row["standin_flip"] = evaluate_target(gt, fl.verts, fl.tris, fl.landmarks, iod)
+        for lam, name in zip(lambdas + [math.inf], sfm_methods):
             f = fit_sfm_to_landmarks(port.landmarks, sfm, lambda_shape=lam, lambda_expression=lam)
             row[name] = {**evaluate_target(gt, f.verts, f.tris, f.landmarks, iod), "residual": f.residual}
         rows.append(row)
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{100 * np.nanmean(per):.2f}",
             ]
             if key == "lmk":
-                cells.append(f"{np.mean([r[mth]['residual'] for r in rows]):.2f}" if mth != "standin" else "-")
+                cells.append(f"{np.mean([r[mth]['residual'] for r in rows]):.2f}" if mth.startswith("sfm") else "-")
             out.append(f"| {mth} | " + " | ".join(cells) + " |")
         out.append("")
     print("\n".join(out))

@@ -190,3 +190,53 @@ def test_user_supplied_face3d_bfm_mat_is_reduced_to_the_no_neck_mesh(tmp_path, s
     a_s, a_e = rng.normal(size=40) * 1e5, rng.normal(size=10)
     np.testing.assert_allclose(bfm.shape(a_s, a_e, dense=False), off.shape(a_s, a_e, dense=False), rtol=1e-4, atol=1.0)
     np.testing.assert_allclose(bfm.u, off.u, rtol=1e-5, atol=1e-2)  # v1 mean + expression mean = v2 mean
+
+
+def test_tddfa_fitter_flip_is_the_mean_with_the_mirrored_crop(shared_dir):
+    """``fitter.flip=true``: the fit of the crop averaged with the fit of the mirrored crop,
+    mirrored back (landmarks by the 68-point mirror order, vertices by the mean face's mirror
+    vertex, z onto the fit's, rotations mirrored and averaged); mirror-equivariant as a result."""
+    from data_pipeline.fit import TDDFAFitter
+    from vrn.face_models.bfm import mirror_vertex_order
+    from vrn.geometry.crop import crop_face
+    from vrn.image_io import read_image_rgb
+    from vrn.models.guidance import LANDMARK_MIRROR, mirror_landmarks
+
+    img = shared_dir / "data" / "aflw2000_3d_sample" / "image00050.jpg"
+    gt = np.asarray(sio.loadmat(str(img.with_suffix(".mat")))["pt3d_68"], np.float64)[:2].T - 1.0
+    crop, T = crop_face(read_image_rgb(img), gt)
+    lm = T.apply(gt)
+    w = crop.shape[1]
+    plain = TDDFAFitter()
+    flipped = TDDFAFitter(flip=True)
+    assert flipped.params()["flip"] is True and "flip" not in plain.params()
+    one = plain.fit(crop, lm, {}, None)
+    both = flipped.fit(crop, lm, {}, None)
+    assert both.dense_model == one.dense_model + "+flip_mean"
+    assert both.verts.shape == one.verts.shape and np.array_equal(both.tris, one.tris)
+    # by hand: the mirrored crop's landmarks mirrored back, z onto the fit's, averaged
+    mirrored_crop = np.ascontiguousarray(crop[:, ::-1])
+    other = plain.fit(mirrored_crop, mirror_landmarks(lm, w), {}, None)
+    back = np.asarray(other.landmarks, np.float64)[LANDMARK_MIRROR].copy()
+    back[:, 0] = (w - 1) - back[:, 0]
+    back[:, 2] += np.mean(one.landmarks[:, 2] - back[:, 2])
+    np.testing.assert_allclose(both.landmarks, (one.landmarks + back) / 2, atol=1e-4)
+    assert 0.05 < np.abs(both.landmarks - one.landmarks)[:, :2].max() < 5.0  # a small correction
+    # the dense mesh follows: its landmark vertices sit at the averaged landmarks
+    lv = plain._tddfa.bfm.landmark_vertices
+    assert np.abs(both.verts[lv] - both.landmarks).max() < 1e-3
+    np.testing.assert_allclose(both.R @ both.R.T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(both.R) == pytest.approx(1.0)
+    # mirror equivariance: the flip fit of the mirrored crop is the mirror of this one
+    m = flipped.fit(mirrored_crop, mirror_landmarks(lm, w), {}, None)
+    expect = np.asarray(both.landmarks, np.float64)[LANDMARK_MIRROR].copy()
+    expect[:, 0] = (w - 1) - expect[:, 0]
+    d = np.asarray(m.landmarks, np.float64) - expect
+    np.testing.assert_allclose(d[:, :2], 0.0, atol=1e-3)
+    np.testing.assert_allclose(d[:, 2], d[:, 2].mean(), atol=1e-3)  # up to the depth origin
+    F = np.diag([-1.0, 1.0, 1.0])
+    np.testing.assert_allclose(m.R, F @ both.R @ F, atol=1e-6)
+    # the mirror vertex map: the landmark vertices exactly, almost everywhere an involution
+    order = mirror_vertex_order(plain._tddfa.bfm)
+    np.testing.assert_array_equal(order[lv], lv[LANDMARK_MIRROR])
+    assert np.mean(order[order] == np.arange(len(order))) > 0.95
