@@ -166,7 +166,7 @@ def bench_onnx(model: str, ckpt: str | None, runs: int, threads: int) -> None:
     """The network alone, batch 1, fp32: torch vs onnxruntime (same thread count)."""
     import torch
 
-    from vrn.export import OnnxNetwork, _example_landmarks, compare_backends, onnx_bytes
+    from vrn.export import OnnxNetwork, compare_backends, example_landmarks, onnx_bytes
     from vrn.inference import Reconstructor
     from vrn.models import create_model
 
@@ -187,7 +187,7 @@ def bench_onnx(model: str, ckpt: str | None, runs: int, threads: int) -> None:
     rec_o = Reconstructor(onnx_net, detector=None)
     x = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0))
     guided = rec_t.needs_landmarks  # a guided network also takes (B, 68, 2) crop px landmarks
-    m1, m4 = (_example_landmarks(1, s), _example_landmarks(4, s)) if guided else (None, None)
+    m1, m4 = (example_landmarks(1, s), example_landmarks(4, s)) if guided else (None, None)
     t_torch, _ = median_ms(lambda: rec_t.reconstruct_crops(x, m1), runs)
     t_ort, _ = median_ms(lambda: rec_o.reconstruct_crops(x, m1), runs)
     d = compare_backends(net, onnx_net, torch.rand(4, 3, s, s, generator=torch.Generator().manual_seed(1)), m4)

@@ -15,6 +15,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from tests.helpers import GroundTruthNet
+from vrn.checkpoint import load_network, resolve_checkpoint
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_BINS, VolumeLayout
 from vrn.data.synthetic import SyntheticFaceConfig, render_sample
 from vrn.detectors.base import Detection
@@ -22,8 +23,6 @@ from vrn.geometry.transforms import CropTransform
 from vrn.inference import (
     PreparedImage,
     Reconstructor,
-    load_network,
-    resolve_checkpoint,
     sample_vertex_colors,
     volume_to_image_mesh,
 )

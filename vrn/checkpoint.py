@@ -50,6 +50,7 @@ __all__ = [
     "PRETRAINED_MODELS",
     "DEFAULT_PRETRAINED",
     "PRETRAINED_NETWORKS",
+    "is_pretrained_name",
     "pretrained_for_network",
     "pretrained_path",
     "resolve_model_file",
@@ -89,11 +90,17 @@ def pretrained_path(name: str = DEFAULT_PRETRAINED) -> Path:
     return Path(resolve_asset(PRETRAINED_MODELS[key]))
 
 
+def is_pretrained_name(name_or_path: str | os.PathLike) -> bool:
+    """True for ``"pretrained"`` or a key of :data:`PRETRAINED_MODELS` (a shipped model's name)."""
+    s = str(name_or_path)
+    return s == "pretrained" or s in PRETRAINED_MODELS
+
+
 def resolve_model_file(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """A pretrained model's name (:func:`pretrained_path`) or a checkpoint path / URL
     (:func:`resolve_checkpoint`, downloads into ``cache_dir``) -> the local file."""
     s = str(name_or_path)
-    return pretrained_path(s) if s == "pretrained" or s in PRETRAINED_MODELS else resolve_checkpoint(s, cache_dir)
+    return pretrained_path(s) if is_pretrained_name(s) else resolve_checkpoint(s, cache_dir)
 
 
 class CheckpointIntegrityError(ValueError):

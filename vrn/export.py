@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vrn.atomic_write import atomic_write
-from vrn.checkpoint import PRETRAINED_MODELS, load_network, resolve_model_file
+from vrn.checkpoint import is_pretrained_name, load_network, resolve_model_file
 from vrn.cli_errors import UserError, run_cli
 from vrn.conventions import VolumeLayout
 from vrn.models.blocks import SeparableBilinearUpsample
@@ -62,6 +62,7 @@ __all__ = [
     "export_onnx",
     "export_checkpoint",
     "compare_backends",
+    "example_landmarks",
 ]
 
 EXPORT_FORMATS = ("onnx",)
@@ -104,7 +105,7 @@ class _ProbNet(nn.Module):
         return torch.sigmoid(self.net(x) if landmarks is None else self.net(x, landmarks))
 
 
-def _example_landmarks(n: int, crop_size: int) -> torch.Tensor:
+def example_landmarks(n: int, crop_size: int) -> torch.Tensor:
     """(n, 68, 2) float32 points spread over the crop's middle (a trace input and check input;
     any finite values give the same graph)."""
     g = torch.Generator().manual_seed(0)
@@ -155,7 +156,7 @@ def onnx_bytes(
     args: tuple[torch.Tensor, ...] = (torch.zeros(1, 3, s, s),)
     names = [INPUT_NAME]
     if guided:
-        args, names = (*args, _example_landmarks(1, s)), [INPUT_NAME, LANDMARKS_NAME]
+        args, names = (*args, example_landmarks(1, s)), [INPUT_NAME, LANDMARKS_NAME]
     buf = io.BytesIO()
     try:
         with _fixed_upsample(net, s, args[1:]), warnings.catch_warnings():
@@ -344,7 +345,7 @@ def run_export(cfg: DictConfig) -> Path:
     if not ckpt:
         raise UserError("ckpt= is required: the .ckpt (or .t7, or URL) to export")
     path = resolve_model_file(str(ckpt))  # a path, a URL, or a shipped model's name ("pretrained")
-    named = str(ckpt) == "pretrained" or str(ckpt) in PRETRAINED_MODELS
+    named = is_pretrained_name(ckpt)
     default_out = path.with_suffix(".onnx").name if named else Path(str(ckpt).split("?")[0]).with_suffix(".onnx").name
     out = Path(str(cfg.get("out") or default_out))
     if out.suffix.lower() != ".onnx":
@@ -355,7 +356,7 @@ def run_export(cfg: DictConfig) -> Path:
     if cfg.get("check", True):
         n = int(cfg.get("check_batch", 2))
         crops = torch.rand(n, 3, layout.crop_size, layout.crop_size, generator=torch.Generator().manual_seed(0))
-        marks = _example_landmarks(n, layout.crop_size) if getattr(net, "needs_landmarks", False) else None
+        marks = example_landmarks(n, layout.crop_size) if getattr(net, "needs_landmarks", False) else None
         d = compare_backends(net, OnnxNetwork(out), crops, marks)
         print(
             f"check on {n} random crop(s): max |p_torch - p_ort| = {d['max_abs']:.2e}, "
