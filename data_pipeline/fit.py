@@ -52,7 +52,7 @@ from vrn.face_models.sfm_fit import DEFAULT_LAMBDA_EXPRESSION, DEFAULT_LAMBDA_SH
 from vrn.face_models.tddfa_models import load_tddfa
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
-from vrn.models.guidance import LANDMARK_MIRROR, mirror_landmarks
+from vrn.models.guidance import mirror_landmarks
 from vrn.volume.voxelize import solid_depth_shift
 
 __all__ = ["FitResult", "TDDFAFitter", "SFMFitter", "MatFitter", "FitStage"]
@@ -94,14 +94,9 @@ def mirror_average(fit: FitResult, mirrored: FitResult, width: int, vertex_order
         the averaged :class:`FitResult` (the fit's triangles, sources and dense model).
     """
     flip_x = np.diag([-1.0, 1.0, 1.0])
-
-    def back(points: np.ndarray, order: np.ndarray) -> np.ndarray:
-        q = np.asarray(points, np.float64)[order].copy()
-        q[:, 0] = (width - 1) - q[:, 0]
-        return q
-
-    lms_b = back(mirrored.landmarks, LANDMARK_MIRROR)
-    verts_b = back(mirrored.verts, vertex_order)
+    lms_b = mirror_landmarks(mirrored.landmarks, width)
+    verts_b = np.asarray(mirrored.verts, np.float64)[vertex_order]
+    verts_b[:, 0] = (width - 1) - verts_b[:, 0]
     dz = float(np.mean(np.asarray(fit.landmarks, np.float64)[:, 2] - lms_b[:, 2]))
     lms_b[:, 2] += dz
     verts_b[:, 2] += dz

@@ -534,7 +534,7 @@ class Reconstructor:
         onnxruntime for a ``.onnx`` ckpt, else torch), ``flip_tta``), without a detector (the
         caller runs its own)."""
         ckpt = cfg.get("ckpt")
-        path = str(ckpt) if ckpt not in (None, "", "pretrained") else pretrained_path()
+        path = str(ckpt) if ckpt not in (None, "") else "pretrained"  # from_checkpoint resolves names
         try:
             return cls.from_checkpoint(
                 path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,7 @@ def yaw_balanced_index(rows: list[dict[str, Any]]) -> np.ndarray:
                 f"neither 'yaw' nor 'rotation'; repack with the data pipeline or set data.yaw_balance=false"
             )
         names.append(yaw_bucket(yaw))
-    names_arr = np.asarray(names)
-    counts = {b: int(np.sum(names_arr == b)) for b in dict.fromkeys(names)}
+    counts = Counter(names)
     largest = max(counts.values(), default=0)
     repeats = np.array([max(1, round(largest / counts[b])) for b in names], np.int64)
     return np.repeat(np.arange(len(rows), dtype=np.int64), repeats)
