@@ -196,6 +196,16 @@ class ItemContext:
     def write_npz(self, rel: str, **arrays: Any) -> str:
         return self.write_bytes(rel, npz_bytes(**arrays))
 
+    def write_shared(self, rel: str, data: bytes) -> str:
+        """A file many items share, named by its content (e.g. ``topology/<sha256>.npy``):
+        written atomically when missing, left alone when present (same name, same bytes),
+        recorded in this item's done-record like its own files."""
+        path = self.out_dir / rel
+        if not path.is_file():
+            atomic_write(path, data, self.tmp_dir, fsync=False)
+        self.written.append(rel)
+        return rel
+
 
 class Stage:
     """Base class of a pipeline stage. Subclasses set ``name`` and implement

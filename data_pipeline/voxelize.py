@@ -22,8 +22,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from data_pipeline.fit import load_fit_mesh
 from data_pipeline.run import run_single_stage
-from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage, load_npz
+from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage
 from vrn.conventions import CROP_SIZE, DEPTH_BINS, DEPTH_FACTOR
 from vrn.volume.codec import VolumeCode, to_bytes
 from vrn.volume.voxelize import voxelize_face
@@ -88,7 +89,7 @@ class VoxelizeStage(Stage):
 
     def process(self, item: Item, ctx: ItemContext) -> list[dict[str, Any]]:
         s = dict(item.data)
-        m = load_npz(ctx.path(s["files"]["mesh"]))
+        m = load_fit_mesh(ctx.out_dir, s)
         verts, tris, R = m["verts"].astype(np.float32), m["tris"].astype(np.int32), m["R"].astype(np.float64)
         try:
             code = voxelize_face(

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from data_pipeline.stage import load_npz
+from data_pipeline.fit import load_fit_mesh
 from vrn.checkpoint import save_network
 from vrn.conventions import CROP_FACE_SIZE, CROP_SIZE, VolumeLayout
 from vrn.geometry.raster import rasterize
@@ -83,7 +83,7 @@ def target_surface_at_landmarks(
     """
     fracs, gaps = [], []
     for s in samples:
-        mesh = load_npz(stage_dir / s["files"]["mesh"])
+        mesh = load_fit_mesh(stage_dir, s)
         code = from_bytes((stage_dir / s["files"]["volume"]).read_bytes())
         fd = front_depth_of_code(code) + 0.5  # centre of the front voxel
         lm = mesh["landmarks"].astype(np.float64)

@@ -12,8 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
+from data_pipeline.fit import load_fit_mesh
 from data_pipeline.run import build_stage, run_pipeline
-from data_pipeline.stage import PipelineInputError, load_npz
+from data_pipeline.stage import PipelineInputError
 from tests.helpers import compose_pipeline, target_surface_at_landmarks
 from vrn.conventions import TDDFA_ROI_PX
 from vrn.data.packed import PackedReader
@@ -93,7 +94,7 @@ def test_fit_landmarks_are_the_ports(aflw):
     """The fit (3DDFA_V2 on the 192 crop) lands on the detector's (3DDFA_V2 on the 120 photo) landmarks."""
     for s in _samples(aflw, "fit"):
         rec = json.loads((aflw / "fit" / s["files"]["crop_record"]).read_text())
-        mesh = load_npz(aflw / "fit" / s["files"]["mesh"])
+        mesh = load_fit_mesh(aflw / "fit", s)
         err = np.linalg.norm(mesh["landmarks"][:, :2] - np.asarray(rec["landmarks_crop"]), axis=1)
         assert err.mean() < 4.0, (s["id"], err.mean())
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_pipeline.fit import load_fit_mesh
 from data_pipeline.pack import split_subjects, subject_of, upstream_layout
 from data_pipeline.run import run_pipeline
-from data_pipeline.stage import PipelineInputError, load_npz
+from data_pipeline.stage import PipelineInputError
 from tests.helpers import compose_config, compose_pipeline, target_surface_at_landmarks
 from vrn.conventions import VolumeLayout
 from vrn.data.packed import PackedReader
@@ -84,7 +85,7 @@ def test_crops_are_rgb_192_and_follow_the_rule(e2e):
 def test_fit_landmarks_map_back_to_the_crop_landmarks(e2e):
     for s in _samples(e2e, "fit"):
         rec = json.loads((e2e / "fit" / s["files"]["crop_record"]).read_text())
-        mesh = load_npz(e2e / "fit" / s["files"]["mesh"])
+        mesh = load_fit_mesh(e2e / "fit", s)
         t = CropTransform.from_dict(rec["transform"])
         back = t.apply_inverse(mesh["landmarks"].astype(np.float64))[:, :2]
         err = np.linalg.norm(back - np.asarray(rec["landmarks_image"]), axis=1) * t.scale  # at crop scale
@@ -97,7 +98,7 @@ def test_fit_rotation_poses_the_frontal_mean_face(e2e):
     bfm = load_bfm("offline_standin")
     frontal = (_F @ bfm.u.reshape(-1, 3).T.astype(np.float64)).T
     for s in _samples(e2e, "fit"):
-        mesh = load_npz(e2e / "fit" / s["files"]["mesh"])
+        mesh = load_fit_mesh(e2e / "fit", s)
         R = mesh["R"].astype(np.float64)
         assert np.linalg.det(R) == pytest.approx(1.0, abs=1e-4)
         P = frontal @ R.T

@@ -13,8 +13,9 @@ import scipy.io as sio
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from data_pipeline.fit import load_fit_mesh, topology_file
 from data_pipeline.run import run_pipeline
-from data_pipeline.stage import load_npz
+from data_pipeline.stage import npz_bytes
 from vrn.face_models.bfm import load_dense_bfm, rotation_to_crop_frame, spread_landmark_displacement
 from vrn.face_models.mat_fit import angles_to_matrix_3ddfa, mat_annotation, mat_landmarks
 from vrn.geometry.transforms import CropTransform
@@ -127,7 +128,7 @@ def test_300wlp_fit_stage_lands_on_the_mat_landmarks(lp_run):
     assert man["counts"]["samples"] == 7 and not man["failures"]
     for s in man["samples"]:
         assert s["fit_source"] == "300wlp" and s["bfm_source"] == "offline_standin"
-        mesh = load_npz(out / "fit" / s["files"]["mesh"])
+        mesh = load_fit_mesh(out / "fit", s)
         t = CropTransform.from_dict(s["transform"])
         back = t.apply_inverse(mesh["landmarks"].astype(np.float64))[:, :2]
         ann = mat_annotation(sio.loadmat(str((inp / s["source_image"]).with_suffix(".mat"))))
@@ -143,6 +144,33 @@ def test_300wlp_fit_stage_lands_on_the_mat_landmarks(lp_run):
         # placed per the convention (solid centred, visible surface kept inside): idempotent
         assert abs(solid_depth_shift(v, mesh["tris"], mesh["R"])) < 1e-3
         assert v[:, 2].max() <= 99.75 + 1e-3
+
+
+def test_fit_items_share_one_topology_file(lp_run, tmp_path):
+    _, out = lp_run
+    man = json.loads((out / "fit" / "manifest.json").read_text())
+    names = {s["files"]["topology"] for s in man["samples"]}
+    assert len(names) == 1 and sorted(p.name for p in (out / "fit" / "topology").iterdir()) == [Path(*names).name]
+    s = man["samples"][0]
+    with np.load(out / "fit" / s["files"]["mesh"]) as z:
+        assert "tris" not in z.files  # the triangles are not repeated per item
+    mesh = load_fit_mesh(out / "fit", s)
+    assert mesh["tris"].dtype == np.int32 and mesh["tris"].shape[1] == 3
+    assert mesh["tris"].max() == len(mesh["verts"]) - 1
+    # the name is the content's: the same triangles name the same file, others another
+    assert topology_file(mesh["tris"])[0] == s["files"]["topology"]
+    assert topology_file(mesh["tris"][::-1])[0] != s["files"]["topology"]
+    # the done-record lists the shared file, so a resume checks it is there
+    rec = json.loads((out / "fit" / "done" / f"{s['id']}.json").read_text())
+    assert s["files"]["topology"] in rec["files"]
+    # items written before shared topology files (tris inside the .npz) still load
+    (tmp_path / "items").mkdir()
+    (tmp_path / "items" / "old.npz").write_bytes(npz_bytes(**mesh))
+    old = load_fit_mesh(tmp_path, {"files": {"mesh": "items/old.npz"}})
+    assert np.array_equal(old["tris"], mesh["tris"]) and np.array_equal(old["verts"], mesh["verts"])
+    (tmp_path / "items" / "bad.npz").write_bytes(npz_bytes(verts=mesh["verts"]))
+    with pytest.raises(FileNotFoundError, match="no triangles"):
+        load_fit_mesh(tmp_path, {"files": {"mesh": "items/bad.npz"}})
 
 
 def test_300wlp_preset_packs(lp_run):
