@@ -31,6 +31,7 @@ head rotation, the 68 fitted landmarks (crop px) and the crop's padding fraction
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path, PurePosixPath
@@ -52,6 +53,7 @@ __all__ = [
     "PackStage",
     "subject_of",
     "split_subjects",
+    "subject_rank_key",
     "upstream_params",
     "upstream_layout",
     "DEFAULT_SUBJECT_PATTERNS",
@@ -73,21 +75,33 @@ def subject_of(source_image: str, patterns: tuple[str, ...] | list[str] = DEFAUL
     return stem
 
 
+def subject_rank_key(subject: str, seed: int) -> str:
+    """A subject's place in the split order of :func:`split_subjects`: the hex sha256 of
+    ``"<seed>:<subject>"``, independent of every other subject."""
+    return hashlib.sha256(f"{int(seed)}:{subject}".encode()).hexdigest()
+
+
 def split_subjects(subjects: list[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Assign each subject to a split, deterministically by ``seed``.
 
-    Sorted unique subjects are permuted with ``np.random.default_rng(seed)``; each split
-    other than ``train`` takes ``round(fraction * n)`` subjects (at least one when its
-    fraction is > 0 and there are at least as many subjects as splits); ``train`` the rest.
+    Unique subjects are ranked by ``sha256(f"{seed}:{subject}")`` (:func:`subject_rank_key`);
+    each split other than ``train`` takes, in name order, the next ``round(fraction * n)``
+    subjects of that ranking (at least one when its fraction is > 0 and there are at least as
+    many subjects as splits); ``train`` the rest. A subject's rank does not depend on the
+    other subjects, so a rebuild that keeps or drops a few faces (another fitter, another
+    reap threshold) keeps the split: only subjects near a cut can change side. (Until
+    pack version 2 the sorted subjects were shuffled with ``np.random.default_rng(seed)``,
+    which reshuffled the whole split when one subject came or went: a rebuild of AFLW with
+    ``fitter.flip=true`` put 891 of its 951 val faces in the earlier pack's train split.)
     """
-    uniq = sorted(set(subjects))
+    uniq = sorted(set(subjects), key=lambda subject: subject_rank_key(subject, seed))
     n = len(uniq)
     for k, v in fractions.items():
         if v < 0:
             raise ValueError(f"pack.fractions.{k} must be >= 0, got {v}")
     if "train" not in fractions:
         raise ValueError("pack.fractions needs a 'train' entry")
-    order = [uniq[i] for i in np.random.default_rng(seed).permutation(n)]
+    order = uniq
     total = sum(fractions.values()) or 1.0
     others = [k for k in sorted(fractions) if k != "train"]
     counts = {}
@@ -192,7 +206,7 @@ class PackStage(Stage):
 
     Args:
         fractions: split name -> fraction of subjects (must contain ``train``).
-        seed: shuffle seed.
+        seed: split seed (:func:`split_subjects`).
         subject_patterns: regexes (first group = subject) tried in order on the file stem.
         image_codec: ".jpg" (default) or ".png".
         jpeg_quality: JPEG quality.
@@ -200,6 +214,7 @@ class PackStage(Stage):
     """
 
     name = "pack"
+    version = 2  # 2: subjects split by their sha256 rank (split_subjects), stable under rebuilds
     kind = "reduce"
     previous = "reap"
 
