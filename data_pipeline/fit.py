@@ -54,13 +54,13 @@ from data_pipeline.stage import Item, ItemContext, ItemFailure, Stage, load_npz
 from tddfa_v2 import similar_transform, split_param
 from vrn.conventions import DEPTH_BINS, DEPTH_FACTOR
 from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, mirror_vertex_order, rotation_to_crop_frame
+from vrn.face_models.landmarks68 import mirror_landmarks
 from vrn.face_models.mat_fit import MatFitError, angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points, mat_path_for
 from vrn.face_models.sfm import load_sfm
 from vrn.face_models.sfm_fit import DEFAULT_LAMBDA_EXPRESSION, DEFAULT_LAMBDA_SHAPE, fit_sfm_to_landmarks
 from vrn.face_models.tddfa_models import load_tddfa
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import read_image_rgb
-from vrn.models.guidance import mirror_landmarks
 from vrn.volume.voxelize import solid_depth_shift
 
 __all__ = ["FitResult", "TDDFAFitter", "SFMFitter", "MatFitter", "FitStage", "load_fit_mesh", "topology_file"]

@@ -10,14 +10,9 @@ import torch
 from tests.helpers import compose_config
 from vrn.conventions import DEPTH_BINS
 from vrn.data.augment import AugmentConfig, augment_sample
+from vrn.face_models.landmarks68 import LANDMARK_MIRROR, mirror_landmarks
 from vrn.models import create_model
-from vrn.models.guidance import (
-    GUIDANCE_GROUPS,
-    LANDMARK_MIRROR,
-    LANDMARK_PARTS,
-    LandmarkHeatmaps,
-    mirror_landmarks,
-)
+from vrn.models.guidance import GUIDANCE_GROUPS, LANDMARK_PARTS, LandmarkHeatmaps
 from vrn.volume.codec import encode
 
 

@@ -139,8 +139,8 @@ def test_tddfa_refines_by_default(shared_dir):
 def test_tddfa_flip_averages_with_the_mirrored_photo(shared_dir):
     """``flip=true`` is the mean of the port's landmarks on the photo and, mirrored back, on the
     mirrored photo; on a whole-image ROI that makes them exactly mirror-equivariant."""
+    from vrn.face_models.landmarks68 import mirror_landmarks
     from vrn.image_io import read_image_rgb
-    from vrn.models.guidance import mirror_landmarks
 
     img = read_image_rgb(shared_dir / "data" / "aflw_crops" / "image04378.jpg")  # a 120 px 3DDFA ROI crop
     w = img.shape[1]

@@ -226,9 +226,9 @@ def test_tddfa_fitter_flip_is_the_mean_with_the_mirrored_crop(shared_dir):
     vertex, z onto the fit's, rotations mirrored and averaged); mirror-equivariant as a result."""
     from data_pipeline.fit import TDDFAFitter
     from vrn.face_models.bfm import mirror_vertex_order
+    from vrn.face_models.landmarks68 import LANDMARK_MIRROR, mirror_landmarks
     from vrn.geometry.crop import crop_face
     from vrn.image_io import read_image_rgb
-    from vrn.models.guidance import LANDMARK_MIRROR, mirror_landmarks
 
     img = shared_dir / "data" / "aflw2000_3d_sample" / "image00050.jpg"
     gt = np.asarray(sio.loadmat(str(img.with_suffix(".mat")))["pt3d_68"], np.float64)[:2].T - 1.0

@@ -43,8 +43,8 @@ from vrn.atomic_write import atomic_write
 from vrn.checkpoint import is_pretrained_name, load_network, resolve_model_file
 from vrn.cli_errors import UserError, run_cli
 from vrn.conventions import VolumeLayout
+from vrn.face_models.landmarks68 import N_LANDMARKS
 from vrn.models.blocks import SeparableBilinearUpsample
-from vrn.models.guidance import N_LANDMARKS
 
 log = logging.getLogger(__name__)
 

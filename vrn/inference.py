@@ -69,11 +69,11 @@ from vrn.cli_errors import UserError, check_device
 from vrn.conventions import DEFAULT_LAYOUT, DEPTH_FACTOR, VolumeLayout
 from vrn.detectors.base import DEFAULT_DETECTOR, Detection, FaceDetector, get_detector
 from vrn.export import OnnxNetwork, is_onnx_file, onnx_bytes
+from vrn.face_models.landmarks68 import N_LANDMARKS, mirror_landmarks
 from vrn.geometry.crop import crop_for_layout
 from vrn.geometry.head_pose import HeadPose
 from vrn.geometry.transforms import CropTransform
 from vrn.image_io import check_rgb_image, read_image_rgb
-from vrn.models.guidance import N_LANDMARKS, mirror_landmarks
 from vrn.pose_landmarks import PoseLandmarks, estimate_pose_landmarks
 from vrn.volume.codec import VolumeCode, encode
 from vrn.volume.confidence import vertex_confidence

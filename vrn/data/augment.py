@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from vrn.models.guidance import LANDMARK_MIRROR
+from vrn.face_models.landmarks68 import LANDMARK_MIRROR
 from vrn.volume.codec import VolumeCode
 
 __all__ = ["AugmentConfig", "augment_sample", "landmark_noise", "warp_code", "sample_params"]
@@ -125,7 +125,7 @@ def augment_sample(
         image: (H, W, 3) float32 RGB in [0, 1], crop px.
         code: its compact target.
         landmarks: optional (68, 2+) landmarks, crop px; their x, y move with the image (same
-            affine), and a flip also reorders them (:data:`vrn.models.guidance.LANDMARK_MIRROR`),
+            affine), and a flip also reorders them (:data:`vrn.face_models.landmarks68.LANDMARK_MIRROR`),
             so index k stays landmark k.
     Returns:
         the augmented image (same shape, [0, 1]), target, and landmarks (68, 2) float32 crop px

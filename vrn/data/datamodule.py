@@ -19,7 +19,7 @@ from vrn.data.augment import AugmentConfig, augment_sample
 from vrn.data.epoch_sampling import EpochClock, EpochShuffleSampler, ResumableLoader, trainer_progress
 from vrn.data.packed import PackedReader
 from vrn.data.sharding import eval_shard_sampler
-from vrn.models.guidance import N_LANDMARKS
+from vrn.face_models.landmarks68 import N_LANDMARKS
 from vrn.nme import yaw_bucket, yaw_from_rotation
 from vrn.data.synthetic import SyntheticFaceConfig, cache_name, generate_packed
 

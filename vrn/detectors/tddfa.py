@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from vrn.detectors.base import Detection, FaceDetector, register_detector
+from vrn.face_models.landmarks68 import mirror_landmarks
 from vrn.face_models.tddfa_models import load_faceboxes, load_tddfa
-from vrn.models.guidance import mirror_landmarks
 
 __all__ = ["TDDFADetector", "TDDFARoiDetector", "port_landmarks"]
 

@@ -26,7 +26,7 @@ from scipy.spatial import cKDTree
 
 from tddfa_v2 import BFMModel, load_bfm_offline_npz, load_bfm_pkl, load_tri
 from vrn.assets import available, resolve
-from vrn.models.guidance import LANDMARK_MIRROR
+from vrn.face_models.landmarks68 import LANDMARK_MIRROR
 
 __all__ = [
     "BFM_SOURCES",
@@ -117,7 +117,7 @@ def mirror_vertex_order(bfm: Any) -> np.ndarray:
 
     The nearest vertex of the mean face mirrored about its symmetry plane ``x = c`` (model
     frame; ``c`` the mean x of the midpoints of the 68 landmarks and their mirror landmarks,
-    :data:`vrn.models.guidance.LANDMARK_MIRROR`); the 68 landmark vertices map exactly to their
+    :data:`vrn.face_models.landmarks68.LANDMARK_MIRROR`); the 68 landmark vertices map exactly to their
     mirror landmarks' vertices. On the 3DDFA_V2 mean face the matched vertices lie a median
     0.5 % of the interocular distance from the mirrored positions.
 

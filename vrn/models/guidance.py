@@ -12,8 +12,7 @@ data, inference and the checkpoint carry 68 points per face instead of 68 images
 ``groups="parts"`` sums them into the 9 facial parts of the 68-point (iBUG) scheme, which
 keeps the part geometry (what the pose is read from) at 12 instead of 71 input channels.
 
-Landmark order: the 68-point iBUG scheme (0-16 jaw, 17-21 / 22-26 brows, 27-30 nose
-bridge, 31-35 nostrils, 36-41 / 42-47 eyes, 48-59 outer lips, 60-67 inner lips).
+Landmark order: the 68-point iBUG scheme (:mod:`vrn.face_models.landmarks68`).
 """
 
 from __future__ import annotations
@@ -24,33 +23,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from vrn.face_models.landmarks68 import N_LANDMARKS
 from vrn.models.vrn import VRN
 
 __all__ = [
-    "N_LANDMARKS",
-    "LANDMARK_MIRROR",
     "LANDMARK_PARTS",
     "GUIDANCE_GROUPS",
-    "mirror_landmarks",
     "LandmarkHeatmaps",
     "GuidedVRN",
 ]
-
-N_LANDMARKS = 68
-
-#: index of each landmark's mirror image under a horizontal flip (iBUG 68-point scheme)
-LANDMARK_MIRROR = np.array(
-    list(range(16, -1, -1))  # jaw
-    + list(range(26, 21, -1))  # brows (17-21 <-> 26-22)
-    + list(range(21, 16, -1))
-    + [27, 28, 29, 30]  # nose bridge
-    + [35, 34, 33, 32, 31]  # nostrils
-    + [45, 44, 43, 42, 47, 46]  # eye 36-41 <-> 45, 44, 43, 42, 47, 46
-    + [39, 38, 37, 36, 41, 40]
-    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lips
-    + [64, 63, 62, 61, 60, 67, 66, 65],  # inner lips
-    dtype=np.int64,
-)
 
 #: facial part of each landmark: jaw, brow, brow, nose bridge, nostrils, eye, eye, outer lips,
 #: inner lips (parts 1 / 2 and 5 / 6 swap under a flip, as their landmarks do)
@@ -58,20 +39,6 @@ LANDMARK_PARTS = np.repeat(np.arange(9), [17, 5, 5, 4, 5, 6, 6, 12, 8]).astype(n
 
 #: heatmap channels of each ``groups`` value
 GUIDANCE_GROUPS = {"points": N_LANDMARKS, "parts": int(LANDMARK_PARTS.max()) + 1}
-
-
-def mirror_landmarks(xy: np.ndarray, width: int) -> np.ndarray:
-    """The landmarks of the horizontally mirrored crop.
-
-    Args:
-        xy: (..., 68, 2+) landmarks, crop px (x right, pixel centres at integers).
-        width: crop width in px.
-    Returns:
-        same shape: x -> ``width - 1 - x``, rows reordered so index k is again landmark k.
-    """
-    out = np.array(xy, dtype=np.float64)
-    out[..., 0] = (width - 1) - out[..., 0]
-    return out[..., LANDMARK_MIRROR, :]
 
 
 class LandmarkHeatmaps(nn.Module):
