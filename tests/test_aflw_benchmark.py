@@ -20,6 +20,7 @@ from vrn.aflw_benchmark import (
     surface_landmark_nme,
 )
 from vrn.eval_datasets import AFLW2000Dataset
+from vrn.face_models.landmarks68 import mirror_landmarks
 from vrn.face_models.tddfa_models import load_tddfa
 from vrn.geometry.crop import crop_for_layout
 from vrn.image_io import read_image_rgb
@@ -193,4 +194,27 @@ def test_roi_box_crop_is_the_ports_landmarks_on_the_roi_box(sample_benchmark: Pa
         assert s.landmarks_xy_from == "detector" and s.info["crop"] == "port on roi_box"
         # the crop is cut with the model's rule around those landmarks
         crop, T = crop_for_layout(image, ref, ds.layout)
+        assert np.array_equal(s.crop, crop) and T == s.transform
+
+
+def test_roi_box_flip_averages_the_models_landmarks_only(sample_benchmark: Path) -> None:
+    """data.roi_box_flip: the model's landmarks are the mean of the port's on the roi_box and,
+    mirrored back, on the mirrored photo with the mirrored box; the baselines keep one pass."""
+    ds = AFLW2000Dataset(sample_benchmark, crop="roi_box", roi_box_flip=True)
+    port = load_tddfa()
+    arrays = load_benchmark(sample_benchmark)
+    for i in (0, 3):
+        s = ds[i]
+        image = read_image_rgb(sample_benchmark / f"{s.id}.jpg")
+        x1, y1, x2, y2 = arrays.roi_box[arrays.row(s.id)]
+        one = port.from_roi_boxes(image, [arrays.roi_box[arrays.row(s.id)]])[0].pts68[:2].T
+        w = image.shape[1]
+        box_m = np.array([w - x2, y1, w - x1, y2])  # pixel edges mirror through x -> w - x
+        other = port.from_roi_boxes(np.ascontiguousarray(image[:, ::-1]), [box_m])[0].pts68[:2].T
+        back = mirror_landmarks(other, w)
+        np.testing.assert_allclose(s.pred_landmarks_xy, (one + back) / 2.0, atol=1e-4)
+        assert np.abs(s.pred_landmarks_xy - one).max() > 0.05  # the mirrored pass moved them
+        np.testing.assert_allclose(s.benchmark["port_pts68"][:2].T, one, atol=1e-4)
+        assert s.info["crop"] == "port on roi_box, flip averaged"
+        crop, T = crop_for_layout(image, s.pred_landmarks_xy, ds.layout)
         assert np.array_equal(s.crop, crop) and T == s.transform

@@ -31,6 +31,7 @@ from vrn.data.datamodule import SyntheticDataModule
 from vrn.data.packed import PackedReader
 from vrn.data.synthetic import cache_name, generate_packed
 from vrn.detectors import FaceDetector, get_detector
+from vrn.detectors.tddfa import port_landmarks
 from vrn.face_models.bfm import dense_model_shape, load_dense_bfm, rotation_to_crop_frame
 from vrn.face_models.mat_fit import angles_to_matrix_3ddfa, load_mat_fit, mat_fit_points
 from vrn.face_models.tddfa_models import load_tddfa
@@ -298,6 +299,10 @@ class AFLW2000Dataset(Dataset):
         baselines: with the benchmark arrays, also run the 3DDFA_V2 port on each ``roi_box``
             (3DDFA's protocol) for its 2D NME and the two baseline meshes (port mesh, posed
             mean face).
+        roi_box_flip: with ``crop="roi_box"``, the model's crop and guidance landmarks are the
+            port's on the ``roi_box`` averaged with its landmarks on the mirrored photo
+            (:func:`vrn.detectors.tddfa.port_landmarks` with ``flip``, as the ``tddfa``
+            detectors' ``flip: true``); the baselines keep the port's one pass.
     """
 
     #: the crops are cut from the photos with the layout (:func:`vrn.geometry.crop.crop_for_layout`)
@@ -314,8 +319,10 @@ class AFLW2000Dataset(Dataset):
         layout: VolumeLayout = DEFAULT_LAYOUT,
         benchmark: bool = True,
         baselines: bool = True,
+        roi_box_flip: bool = False,
     ) -> None:
         self.root = Path(os.path.expanduser(str(root)))
+        self.roi_box_flip = bool(roi_box_flip)
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"data.root={self.root} is not a folder: point it at your AFLW2000-3D folder (image*.jpg + image*.mat)"
@@ -421,6 +428,10 @@ class AFLW2000Dataset(Dataset):
         if self.crop == "roi_box":
             port_res = self._port_on_roi_box(sid, image)
             xy, xy_from, crop_info = np.asarray(port_res.pts68[:2].T, np.float64), "detector", "port on roi_box"
+            if self.roi_box_flip:
+                box = self.arrays.roi_box[self.arrays.row(sid)]  # type: ignore[union-attr]
+                xy = port_landmarks(self._port, image, box[None], refine=False, flip=True, roi=True)[0]
+                crop_info = "port on roi_box, flip averaged"
         else:
             xy, xy_from, crop_info = self._crop_landmarks(image, path, gt_lm)
         xy = gt_lm[:, :2] if xy is None else xy
