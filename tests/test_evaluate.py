@@ -328,7 +328,7 @@ def test_evaluate_report_names_the_detector(slab_ckpt: Path, tmp_path: Path) -> 
     res = evaluate(compose_eval(base, output_dir=tmp_path / "a"))
     (line,) = [n for n in res["notes"] if n.startswith("detector: ")]
     det = json.loads(line[len("detector: ") :])
-    assert det["name"] == "tddfa" and det["refine"] is True
+    assert det["name"] == "tddfa" and det["refine"] is True and det["flip"] is True
     one = ["data.detector={_target_: vrn.detectors.tddfa.TDDFADetector, refine: false}"]
     res = evaluate(compose_eval(base + one, output_dir=tmp_path / "b"))
     assert any('"refine": false' in n for n in res["notes"])

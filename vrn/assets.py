@@ -78,7 +78,7 @@ def _a(name: str, url: str | None, sha: str | None, desc: str = "") -> Asset:
 #: sha256 of the shipped unguided pretrained checkpoint (vrn/pretrained/vrn_medium_aflw.ckpt)
 PRETRAINED_SHA256 = "2c3051e3d4603bbad8e5ab322feb50779502a9611d923847a2584d3ce1094d60"
 #: sha256 of the shipped guided pretrained checkpoint, the default (vrn/pretrained/vrn_medium_guided_aflw.ckpt)
-PRETRAINED_GUIDED_SHA256 = "690b694eed7c9cb6f448e35564993205f909bf7cc25da5804fe9ce739a031835"
+PRETRAINED_GUIDED_SHA256 = "9176ff8cce103395a353a5eff9ec1dddf400793d54db482507aa75e2e7ba383f"
 #: where bundled assets live (inside the installed package)
 BUNDLED_DIR = Path(__file__).resolve().parent
 
@@ -198,8 +198,10 @@ REGISTRY: dict[str, Asset] = {
             "vrn_medium_guided (VRN-Guided: the crop's 68 landmarks as 9 facial-part heatmaps beside the "
             "image) started from vrn_medium_aflw, 5,889 CPU steps at batch 16 on the 18,040 AFLW train "
             "faces (experiment=aflw_real_guided: bf16, NHWC, lr 3e-4 then 3e-5 from step 4,000, EMA "
-            "0.998), then 3,089 steps at lr 3e-5 on a yaw-balanced epoch (experiment=aflw_real_guided_yaw); "
-            "AFLW val IoU 0.921; "
+            "0.998), then 3,089 steps at lr 3e-5 on a yaw-balanced epoch (experiment=aflw_real_guided_yaw), "
+            "then 2,263 steps on the same epoch of flip-averaged targets and guidance (fitter.flip=true; "
+            "experiment=aflw_real_guided_flip); AFLW val IoU 0.926 (flip-averaged targets); expects the "
+            "flip-averaged landmarks of the tddfa detectors (flip: true, their default); "
             "layout source_roi_px=120; docs/benchmarks.md",
             bundled=True,
         ),
