@@ -74,9 +74,10 @@ class TDDFADetector(FaceDetector):
         flip: also run the port on the mirrored photo and average the landmarks (twice the
             regressor passes; :func:`port_landmarks`). On by default since the shipped guided
             model learnt from flip-averaged landmarks (``fitter.flip=true``): on the AFLW val
-            photos its surface NME is 3.47 % balanced with one-sided landmarks and 3.19 % with
-            these (docs/benchmarks.md, session 9). The pipeline's ``detector=tddfa`` keeps
-            ``flip: false`` (conf/pipeline/detector/tddfa.yaml): it only cuts the crops there.
+            photos (flip-averaged targets) its surface NME is 3.47 % balanced with one-sided
+            landmarks and 3.19 % with these (docs/benchmarks.md, session 9). The pipeline's
+            ``detector=tddfa`` keeps ``flip: false`` (conf/pipeline/detector/tddfa.yaml): it
+            only cuts the crops there.
     """
 
     def __init__(
