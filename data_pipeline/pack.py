@@ -94,14 +94,13 @@ def split_subjects(subjects: list[str], fractions: dict[str, float], seed: int) 
     which reshuffled the whole split when one subject came or went: a rebuild of AFLW with
     ``fitter.flip=true`` put 891 of its 951 val faces in the earlier pack's train split.)
     """
-    uniq = sorted(set(subjects), key=lambda subject: subject_rank_key(subject, seed))
-    n = len(uniq)
+    order = sorted(set(subjects), key=lambda subject: subject_rank_key(subject, seed))
+    n = len(order)
     for k, v in fractions.items():
         if v < 0:
             raise ValueError(f"pack.fractions.{k} must be >= 0, got {v}")
     if "train" not in fractions:
         raise ValueError("pack.fractions needs a 'train' entry")
-    order = uniq
     total = sum(fractions.values()) or 1.0
     others = [k for k in sorted(fractions) if k != "train"]
     counts = {}
