@@ -35,6 +35,29 @@ def test_rarer_buckets_are_repeated_to_the_largest():
     assert per_bucket == {"[0, 30]": 6, "(30, 60]": 6, "(60, 90]": 6}
 
 
+def test_bucket_weights_scale_each_buckets_share():
+    rows = [{"id": f"f{i}", "yaw": 5.0} for i in range(8)]  # [0, 30]: 8 rows
+    rows += [{"id": f"m{i}", "yaw": 40.0} for i in range(4)]  # (30, 60]: 4
+    rows += [{"id": f"p{i}", "yaw": 80.0} for i in range(2)]  # (60, 90]: 2
+    counts = np.bincount(yaw_balanced_index(rows, [1.0, 0.5, 2.0]), minlength=len(rows))
+    # round(w * 8 / n): frontal 1, (30, 60] round(0.5 * 2) = 1, (60, 90] round(2 * 4) = 8
+    assert counts.tolist() == [1] * 8 + [1] * 4 + [8] * 2
+    assert np.array_equal(yaw_balanced_index(rows, [1, 1, 1]), yaw_balanced_index(rows))
+    for bad in ([1.0, 1.0], [1.0, 0.0, 1.0], [1.0, float("nan"), 1.0]):
+        with pytest.raises(ValueError, match=r"data\.yaw_bucket_weights must be 3 positive numbers"):
+            yaw_balanced_index(rows, bad)
+
+
+def test_bucket_weights_need_yaw_balance(synthetic_packed):
+    with pytest.raises(ValueError, match=r"yaw_bucket_weights only applies with data\.yaw_balance=true"):
+        PackedDataModule(str(synthetic_packed), yaw_bucket_weights=[1, 1, 2])
+    weights = [1, 1, 3]
+    dm = PackedDataModule(str(synthetic_packed), batch_size=2, yaw_balance=True, yaw_bucket_weights=weights, augment={})
+    dm.setup()
+    rows = PackedReader(synthetic_packed, split="train").rows
+    assert len(dm._sets["train"]) == len(yaw_balanced_index(rows, weights)) > len(yaw_balanced_index(rows))
+
+
 def test_rows_without_a_pose_name_the_setting():
     with pytest.raises(ValueError, match=r"data\.yaw_balance.*'x1'"):
         yaw_balanced_index([{"id": "x0", "yaw": 3.0}, {"id": "x1"}])

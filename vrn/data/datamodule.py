@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from vrn.data.epoch_sampling import EpochClock, EpochShuffleSampler, ResumableLo
 from vrn.data.packed import PackedReader
 from vrn.data.sharding import eval_shard_sampler
 from vrn.face_models.landmarks68 import N_LANDMARKS
-from vrn.nme import yaw_bucket, yaw_from_rotation
+from vrn.nme import bucket_names, yaw_bucket, yaw_from_rotation
 from vrn.data.synthetic import SyntheticFaceConfig, cache_name, generate_packed
 
 try:  # POSIX file locks: one process builds a shared synthetic cache, the others wait for it
@@ -114,22 +116,37 @@ class WorkerInit:
             pl_worker_init_function(worker_id, rank=self.rank)
 
 
-def yaw_balanced_index(rows: list[dict[str, Any]]) -> np.ndarray:
+def yaw_balanced_index(rows: list[dict[str, Any]], bucket_weights: Sequence[float] | None = None) -> np.ndarray:
     """Row indices with the rows of the rarer |yaw| buckets repeated, so that every bucket of
     the benchmark's split ([0, 30], (30, 60], (60, 90], :data:`vrn.nme.YAW_BUCKETS`) contributes
-    about as many samples per epoch as the largest one (``data.yaw_balance=true``).
+    about as many samples per epoch as the largest one (``data.yaw_balance=true``), or
+    ``bucket_weights`` times as many (``data.yaw_bucket_weights``).
 
-    Each bucket's rows are repeated ``round(n_largest / n_bucket)`` times (whole repeats, no
-    random draws, so an epoch is still a fixed list that shuffles, shards and resumes like the
-    plain one). The yaw is the row's ``yaw`` or that of its ``rotation`` (crop frame).
+    Each bucket's rows are repeated ``max(1, round(w_bucket * n_largest / n_bucket))`` times
+    (whole repeats, no random draws, so an epoch is still a fixed list that shuffles, shards and
+    resumes like the plain one). The yaw is the row's ``yaw`` or that of its ``rotation`` (crop
+    frame).
 
     Args:
         rows: manifest rows of one split.
+        bucket_weights: one weight > 0 per bucket of :data:`vrn.nme.YAW_BUCKETS`, in that
+            order; None weighs them equally. E.g. (1, 1, 1.5) draws the profiles half as often
+            again as the other buckets.
     Returns:
         (M,) int64 row indices, each row 1 or more times, in row order.
     Raises:
-        ValueError: a row has neither ``yaw`` nor ``rotation``.
+        ValueError: a row has neither ``yaw`` nor ``rotation``; bad ``bucket_weights``.
     """
+    names_in_order = bucket_names()
+    if bucket_weights is None:
+        bucket_weights = [1.0] * len(names_in_order)
+    weights = [float(w) for w in bucket_weights]
+    if len(weights) != len(names_in_order) or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(
+            f"data.yaw_bucket_weights must be {len(names_in_order)} positive numbers, one per |yaw| bucket "
+            f"{names_in_order}; got {list(bucket_weights)}"
+        )
+    weight_of = dict(zip(names_in_order, weights, strict=True))
     names = []
     for i, row in enumerate(rows):
         if row.get("yaw") is not None:
@@ -144,7 +161,7 @@ def yaw_balanced_index(rows: list[dict[str, Any]]) -> np.ndarray:
         names.append(yaw_bucket(yaw))
     counts = Counter(names)
     largest = max(counts.values(), default=0)
-    repeats = np.array([max(1, round(largest / counts[b])) for b in names], np.int64)
+    repeats = np.array([max(1, round(weight_of[b] * largest / counts[b])) for b in names], np.int64)
     return np.repeat(np.arange(len(rows), dtype=np.int64), repeats)
 
 
@@ -175,6 +192,8 @@ class PackedDataModule(pl.LightningDataModule):
         yaw_balance: repeat the training rows of the rarer |yaw| buckets so that every bucket
             contributes about equally per epoch (:func:`yaw_balanced_index`); val / test are
             never changed.
+        yaw_bucket_weights: with ``yaw_balance``, each bucket's share relative to the others
+            (one weight per :data:`vrn.nme.YAW_BUCKETS` bucket); None = equal.
 
     Attributes:
         layout: the crop / volume layout recorded in the folder's ``meta.json``
@@ -184,7 +203,8 @@ class PackedDataModule(pl.LightningDataModule):
 
     def __init__(self, root: str, batch_size: int = 8, num_workers: int = 0, pin_memory: bool = False,
                  augment: dict[str, Any] | None = None, train_split: str = "train", val_split: str = "val",
-                 test_split: str = "test", seed: int = 0, yaw_balance: bool = False) -> None:
+                 test_split: str = "test", seed: int = 0, yaw_balance: bool = False,
+                 yaw_bucket_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.root = root
         self.batch_size = int(batch_size)
@@ -196,6 +216,9 @@ class PackedDataModule(pl.LightningDataModule):
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.seed = seed
         self.yaw_balance = bool(yaw_balance)
+        self.yaw_bucket_weights = None if yaw_bucket_weights is None else [float(w) for w in yaw_bucket_weights]
+        if self.yaw_bucket_weights is not None and not self.yaw_balance:
+            raise ValueError("data.yaw_bucket_weights only applies with data.yaw_balance=true; set both or neither")
         self._sets: dict[str, VolumeDataset] = {}
 
     def _check_root(self) -> Path:
@@ -213,7 +236,11 @@ class PackedDataModule(pl.LightningDataModule):
             if key not in self._sets:
                 reader = PackedReader(root, split=split)
                 aug = self.augment if key == "train" else None
-                rows = yaw_balanced_index(reader.rows) if key == "train" and self.yaw_balance else None
+                rows = (
+                    yaw_balanced_index(reader.rows, self.yaw_bucket_weights)
+                    if key == "train" and self.yaw_balance
+                    else None
+                )
                 self._sets[key] = VolumeDataset(reader, aug, seed=self.seed, rows=rows)
         if len(self._sets["train"]) == 0:
             raise ValueError(f"{root} has no samples in split '{self.splits['train']}'")
