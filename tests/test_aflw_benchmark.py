@@ -218,3 +218,8 @@ def test_roi_box_flip_averages_the_models_landmarks_only(sample_benchmark: Path)
         assert s.info["crop"] == "port on roi_box, flip averaged"
         crop, T = crop_for_layout(image, s.pred_landmarks_xy, ds.layout)
         assert np.array_equal(s.crop, crop) and T == s.transform
+
+
+def test_roi_box_flip_without_roi_box_names_the_setting(sample_benchmark: Path) -> None:
+    with pytest.raises(ValueError, match=r"data\.roi_box_flip=true only applies with data\.crop=roi_box.*crop=gt"):
+        AFLW2000Dataset(sample_benchmark, crop="gt", roi_box_flip=True)

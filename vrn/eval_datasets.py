@@ -343,6 +343,11 @@ class AFLW2000Dataset(Dataset):
             raise ValueError(f"data.crop must be 'detector', 'roi_box' or 'gt', got {crop!r}")
         if crop == "roi_box" and self.arrays is None:
             raise ValueError(f"data.crop=roi_box needs 3DDFA's {BENCHMARK_FILE} in data.root={self.root}")
+        if self.roi_box_flip and crop != "roi_box":
+            raise ValueError(
+                f"data.roi_box_flip=true only applies with data.crop=roi_box (got data.crop={crop}); with "
+                f"data.crop=detector set the detector's own flip (data.detector.flip) instead"
+            )
         self.crop = crop
         self.detector = _build_detector(detector, detector_device) if crop == "detector" else None
         self.bfm_path = None if bfm_path in (None, "", "null", "none") else str(bfm_path)
