@@ -226,7 +226,10 @@ def test_photo_to_mesh_passes_each_faces_landmarks(shared_dir, tmp_path):
     rec = Reconstructor(net, detector="tddfa", model_spec={"name": "vrn_tiny_guided"})
     photo = shared_dir / "data" / "images" / "trump_hillary.jpg"
     faces = rec(photo)
-    assert len(faces) == 2 and len(seen) == 1 and seen[0].shape == (2, 68, 2)
+    # flip_tta (the default): a second call on the mirrored crops with the mirrored landmarks
+    assert len(faces) == 2 and len(seen) == 2 and seen[0].shape == seen[1].shape == (2, 68, 2)
+    S = rec.layout.crop_size
+    np.testing.assert_allclose(seen[1].numpy(), mirror_landmarks(seen[0].numpy(), S), atol=1e-5)
     for k, f in enumerate(faces):
         np.testing.assert_allclose(seen[0][k].numpy(), f.transform.apply(f.landmarks), atol=1e-3)
         # the face's own crop: its landmarks sit inside it, around the crop centre

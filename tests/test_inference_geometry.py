@@ -83,7 +83,7 @@ def test_gt_volume_mesh_lands_on_the_true_surface_in_the_photo(faces, seed, scal
     T = CropTransform.from_center_scale(centre, scale, angle)
     rng = np.random.default_rng(seed)
     photo = _paste(crop, T, hw, rng)
-    rec = Reconstructor(GroundTruthNet(vol), detector=None)
+    rec = Reconstructor(GroundTruthNet(vol), detector=None, flip_tta=False)
     det = Detection(
         box=np.r_[T.apply_inverse(np.array([[0.0, 0.0], [191.0, 191.0]])).ravel()],
         score=1.0,
@@ -143,7 +143,7 @@ def test_z_is_scaled_back_to_photo_px() -> None:
 
 def test_empty_volume_gives_no_surface() -> None:
     vol = np.zeros((200, 192, 192), bool)
-    rec = Reconstructor(GroundTruthNet(vol), detector=None)
+    rec = Reconstructor(GroundTruthNet(vol), detector=None, flip_tta=False)
     T = CropTransform.from_center_scale((100.0, 100.0), 1.0)
     det = Detection(box=np.array([0, 0, 191, 191.0]), score=0.9, landmarks=np.zeros((68, 2)))
     (face,) = rec.reconstruct_prepared(
@@ -202,8 +202,8 @@ def test_flip_tta_is_exactly_mirror_symmetric() -> None:
     net = create_model("vrn_tiny", depth_bins=8)
     layout = VolumeLayout(crop_size=64, face_size=30.0, depth_bins=8)
     crops = torch.rand(2, 3, 64, 64)
-    plain = Reconstructor(net, detector=None, layout=layout)
-    tta = Reconstructor(net, detector=None, layout=layout, flip_tta=True)
+    plain = Reconstructor(net, detector=None, layout=layout, flip_tta=False)
+    tta = Reconstructor(net, detector=None, layout=layout)  # on by default
     a, b = tta.reconstruct_crops(crops), tta.reconstruct_crops(crops.flip(-1))
     torch.testing.assert_close(b, a.flip(-1), atol=1e-6, rtol=0)
     pa, pb = plain.reconstruct_crops(crops), plain.reconstruct_crops(crops.flip(-1))
