@@ -86,7 +86,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     net = create_model(args.model).eval()
-    rec = Reconstructor(net, detector=None)
+    rec = Reconstructor(net, detector=None, flip_tta=False)  # one network pass (flip_tta doubles it)
     x = crop.transpose(2, 0, 1)[None]
     t_net, _ = median_ms(lambda: rec.reconstruct_crops(x), args.runs)
 
@@ -175,7 +175,7 @@ def bench_onnx(model: str, ckpt: str | None, runs: int, threads: int) -> None:
     if ckpt:
         from vrn.checkpoint import resolve_model_file
 
-        rec = Reconstructor.from_checkpoint(resolve_model_file(ckpt), detector=None)
+        rec = Reconstructor.from_checkpoint(resolve_model_file(ckpt), detector=None, flip_tta=False)
         net, spec, layout = rec.net, rec.model_spec, rec.layout
     else:
         torch.manual_seed(0)
@@ -183,8 +183,9 @@ def bench_onnx(model: str, ckpt: str | None, runs: int, threads: int) -> None:
         layout = Reconstructor(net, detector=None).layout
     s = layout.crop_size
     onnx_net = OnnxNetwork(onnx_bytes(net, layout, spec))
-    rec_t = Reconstructor(net, detector=None, layout=layout, model_spec=spec)
-    rec_o = Reconstructor(onnx_net, detector=None)
+    # one network pass each (flip_tta, on by default, would double both)
+    rec_t = Reconstructor(net, detector=None, layout=layout, model_spec=spec, flip_tta=False)
+    rec_o = Reconstructor(onnx_net, detector=None, flip_tta=False)
     x = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0))
     guided = rec_t.needs_landmarks  # a guided network also takes (B, 68, 2) crop px landmarks
     m1, m4 = (example_landmarks(1, s), example_landmarks(4, s)) if guided else (None, None)
