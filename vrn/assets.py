@@ -78,7 +78,7 @@ def _a(name: str, url: str | None, sha: str | None, desc: str = "") -> Asset:
 #: sha256 of the shipped unguided pretrained checkpoint (vrn/pretrained/vrn_medium_aflw.ckpt)
 PRETRAINED_SHA256 = "2c3051e3d4603bbad8e5ab322feb50779502a9611d923847a2584d3ce1094d60"
 #: sha256 of the shipped guided pretrained checkpoint, the default (vrn/pretrained/vrn_medium_guided_aflw.ckpt)
-PRETRAINED_GUIDED_SHA256 = "9176ff8cce103395a353a5eff9ec1dddf400793d54db482507aa75e2e7ba383f"
+PRETRAINED_GUIDED_SHA256 = "38811a494a62348b43cfae6e29d6c6ed32b18a3051e1d9b7fff65d53e24ceff7"
 #: where bundled assets live (inside the installed package)
 BUNDLED_DIR = Path(__file__).resolve().parent
 
