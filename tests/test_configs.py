@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import hydra
@@ -102,3 +103,13 @@ def test_logger_none_builds_a_trainer_without_lr_monitor(tmp_path):
 def test_demo_detector_default_is_the_api_default(tmp_path):
     cfg = compose_config("demo", ["input=x.jpg", "ckpt=x.ckpt"], output_dir=tmp_path)
     assert cfg.detector == DEFAULT_DETECTOR
+
+
+def test_flip_tta_default_is_the_api_default(tmp_path):
+    from tests.helpers import EVAL_CONF_DIR
+    from vrn.inference import DEFAULT_FLIP_TTA, Reconstructor
+
+    demo = compose_config("demo", ["input=x.jpg", "ckpt=x.ckpt"], output_dir=tmp_path)
+    ev = compose_config("evaluate", ["data=folder", "data.root=x"], output_dir=tmp_path, config_dir=EVAL_CONF_DIR)
+    default = inspect.signature(Reconstructor).parameters["flip_tta"].default
+    assert demo.flip_tta is ev.flip_tta is default is DEFAULT_FLIP_TTA

@@ -200,7 +200,8 @@ REGISTRY: dict[str, Asset] = {
             "faces (experiment=aflw_real_guided: bf16, NHWC, lr 3e-4 then 3e-5 from step 4,000, EMA "
             "0.998), then 3,089 steps at lr 3e-5 on a yaw-balanced epoch (experiment=aflw_real_guided_yaw), "
             "then 2,263 steps on the same epoch of flip-averaged targets and guidance (fitter.flip=true; "
-            "experiment=aflw_real_guided_flip); AFLW val IoU 0.926 (flip-averaged targets); expects the "
+            "experiment=aflw_real_guided_flip), then 1,418 steps with the (60, 90] rows drawn 1.5x "
+            "(experiment=aflw_real_guided_profile); AFLW val IoU 0.926 (flip-averaged targets); expects the "
             "flip-averaged landmarks of the tddfa detectors (flip: true, their default); "
             "layout source_roi_px=120; docs/benchmarks.md",
             bundled=True,

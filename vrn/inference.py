@@ -93,7 +93,13 @@ __all__ = [
     "sample_vertex_colors",
     "PRECISIONS",
     "BACKENDS",
+    "DEFAULT_FLIP_TTA",
 ]
+
+#: ``flip_tta`` of the API and of a demo / evaluation config without the key (the configs'
+#: ``flip_tta: true`` matches, tests/test_configs.py checks): on since the shipped model learnt
+#: from flip-averaged targets (docs/benchmarks.md, session 10)
+DEFAULT_FLIP_TTA = True
 
 #: network runtimes: PyTorch, or the ONNX export run with onnxruntime (:mod:`vrn.export`)
 BACKENDS = ("torch", "onnxruntime")
@@ -406,7 +412,7 @@ class Reconstructor:
         model_spec: dict[str, Any] | None = None,
         detector_kwargs: dict[str, Any] | None = None,
         backend: str | None = None,
-        flip_tta: bool = True,
+        flip_tta: bool = DEFAULT_FLIP_TTA,
     ) -> None:
         precision = str(precision)
         if precision not in PRECISIONS:
@@ -547,7 +553,7 @@ class Reconstructor:
                 threshold=float(cfg.get("threshold", 0.5)),
                 batch_size=int(cfg.get("batch_size", 8)),
                 backend=cfg.get("backend") or None,
-                flip_tta=bool(cfg.get("flip_tta", True)),
+                flip_tta=bool(cfg.get("flip_tta", DEFAULT_FLIP_TTA)),
             )
         except ImportError as e:  # onnxruntime / onnx missing: the message says what to install
             raise UserError(str(e)) from e
