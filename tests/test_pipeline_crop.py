@@ -163,6 +163,33 @@ def test_tddfa_flip_averages_with_the_mirrored_photo(shared_dir):
         assert np.abs(b.landmarks - a.landmarks).mean() < 3.0
 
 
+def test_port_landmarks_reuses_a_given_unflipped_pass(shared_dir):
+    """``unflipped=``: the caller's own unmirrored pass is used as is (the port runs once, on the
+    mirrored photo) and the result equals the full two-pass average; a count mismatch is named."""
+    from vrn.detectors.tddfa import port_landmarks
+    from vrn.face_models.tddfa_models import load_tddfa
+    from vrn.image_io import read_image_rgb
+
+    img = read_image_rgb(shared_dir / "data" / "aflw_crops" / "image04378.jpg")
+    port = load_tddfa()
+    box = np.array([[0.0, 0.0, img.shape[1], img.shape[0]]])
+    both = port_landmarks(port, img, box, refine=False, flip=True, roi=True)
+    one = port_landmarks(port, img, box, refine=False, flip=False, roi=True)
+
+    calls = []
+
+    class Counting:
+        def from_roi_boxes(self, image, boxes):
+            calls.append(image.ctypes.data)
+            return port.from_roi_boxes(image, boxes)
+
+    reused = port_landmarks(Counting(), img, box, refine=False, flip=True, roi=True, unflipped=one)
+    assert len(calls) == 1 and calls[0] != img.ctypes.data  # only the mirrored photo was run
+    np.testing.assert_allclose(reused[0], both[0], atol=1e-6)
+    with pytest.raises(ValueError, match=r"2 unflipped landmark sets for 1 boxes"):
+        port_landmarks(port, img, box, refine=False, flip=True, roi=True, unflipped=one * 2)
+
+
 def test_dlib_backend_says_how_to_install():
     try:
         import dlib  # noqa: F401

@@ -435,7 +435,7 @@ class AFLW2000Dataset(Dataset):
             xy, xy_from, crop_info = np.asarray(port_res.pts68[:2].T, np.float64), "detector", "port on roi_box"
             if self.roi_box_flip:
                 box = self.arrays.roi_box[self.arrays.row(sid)]  # type: ignore[union-attr]
-                xy = port_landmarks(self._port, image, box[None], refine=False, flip=True, roi=True)[0]
+                xy = port_landmarks(self._port, image, box[None], refine=False, flip=True, roi=True, unflipped=[xy])[0]
                 crop_info = "port on roi_box, flip averaged"
         else:
             xy, xy_from, crop_info = self._crop_landmarks(image, path, gt_lm)

@@ -21,7 +21,13 @@ __all__ = ["TDDFADetector", "TDDFARoiDetector", "port_landmarks"]
 
 
 def port_landmarks(
-    tddfa: Any, image_rgb: np.ndarray, boxes: np.ndarray, refine: bool, flip: bool, roi: bool = False
+    tddfa: Any,
+    image_rgb: np.ndarray,
+    boxes: np.ndarray,
+    refine: bool,
+    flip: bool,
+    roi: bool = False,
+    unflipped: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """The 3DDFA_V2 port's 68 landmarks for each ROI box.
 
@@ -34,6 +40,8 @@ def port_landmarks(
         refine: a second pass from the ROI of the first pass's landmarks.
         flip: also run on the mirrored image (mirrored boxes) and average the two sets of
             landmarks, mirrored back with the 68-point mirror order.
+        unflipped: the K (68, 2) landmark sets of the unmirrored pass when the caller already
+            has them (the same boxes, ``refine`` and ``roi``): that pass is not run again.
     Returns:
         K arrays (68, 2) float64 x, y image px (0-based pixel centres).
     """
@@ -47,7 +55,9 @@ def port_landmarks(
         return [np.asarray(r.pts68[:2].T, np.float64) for r in results]
 
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    marks = one_side(image_rgb, b)
+    if unflipped is not None and len(unflipped) != len(b):
+        raise ValueError(f"port_landmarks: {len(unflipped)} unflipped landmark sets for {len(b)} boxes")
+    marks = one_side(image_rgb, b) if unflipped is None else [np.asarray(m, np.float64) for m in unflipped]
     if not flip:
         return marks
     w = image_rgb.shape[1]
