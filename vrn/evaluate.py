@@ -16,6 +16,9 @@ Metrics per sample (the math is in :mod:`vrn.nme`):
   surface where visible, from the fitted mean face where hidden);
 * ``bench_pose_*`` (where the ground truth has ``Pose_Para``): head pose error in degrees of
   VRN's template fit and of the 3DDFA_V2 port (:func:`vrn.aflw_benchmark.pose_errors`).
+* ``confidence_mean``: the face's mean vertex confidence (:mod:`vrn.volume.confidence`, as
+  the demo reports it); the report's "Face confidence vs error" section says how well it
+  flags the faces with the largest surface NME (:mod:`vrn.confidence_calibration`).
 
 Config: ``conf/eval_data/evaluate.yaml`` (evaluation has its own config folder, so that its
 ``data`` group is ``conf/eval_data/data/``; ``paths``, ``hydra`` and ``train_data`` there are
@@ -60,11 +63,13 @@ from torch.utils.data import DataLoader, Dataset
 from vrn.aflw_benchmark import BENCHMARK_COLUMNS, benchmark_table, pose_errors, score_benchmark
 from vrn.atomic_write import atomic_write
 from vrn.cli_errors import check_device, prepare_output_dir, remove_empty, run_cli
+from vrn.confidence_calibration import MIN_FACES, confidence_vs_error
 from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.eval_datasets import AFLW2000Dataset, EvalSample, PackedEvalDataset, synthetic_test_set
 from vrn.inference import Reconstructor, volume_to_image_mesh
 from vrn.metrics import voxel_iou
 from vrn.nme import (
+    bucket_names,
     interocular_distance,
     landmark_box_size,
     landmark_nme,
@@ -76,6 +81,7 @@ from vrn.nme import (
 )
 from vrn.pose_landmarks import estimate_pose_landmarks
 from vrn.volume.codec import decode
+from vrn.volume.confidence import vertex_confidence
 from vrn.wandb_logging import finish_run, start_run
 
 log = logging.getLogger(__name__)
@@ -171,6 +177,7 @@ def score_sample(
     _score_pose(row, s, prob, threshold, depth_factor, len(faces) > 0)
     if len(faces) == 0:
         return row
+    row["confidence_mean"] = _f(float(vertex_confidence(prob, s.transform.apply(verts), depth_factor).mean()))
     iod = interocular_distance(s.gt_landmarks) if s.gt_landmarks is not None else float("nan")
     if s.gt_verts is not None and len(s.gt_verts) and math.isfinite(iod) and iod > 0:
         r = surface_nme(verts, s.gt_verts, iod, **(icp or {}))
@@ -312,6 +319,54 @@ def _notes(cfg: DictConfig, rec: Reconstructor, rows: list[dict[str, Any]], n_fa
     ]
 
 
+#: the per-face error that the confidence is checked against, first present wins
+CALIBRATION_ERRORS: list[tuple[str, str]] = [
+    ("bench_surf_vrn", "68 GT points to surface, ICP corr."),
+    ("nme_icp", "surface NME, ICP corr."),
+]
+
+
+def confidence_section(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The report's "Face confidence vs error" section and its JSON: per yaw bucket and over all
+    faces, :func:`vrn.confidence_calibration.confidence_vs_error` of ``confidence_mean``
+    against the first error of :data:`CALIBRATION_ERRORS` the rows have. ("", {}) when the
+    rows have no confidence or no such error."""
+    key = next((k for k, _ in CALIBRATION_ERRORS if any(r.get(k) is not None for r in rows)), None)
+    if key is None or not any(r.get("confidence_mean") is not None for r in rows):
+        return "", {}
+    label = dict(CALIBRATION_ERRORS)[key]
+
+    def values(rs: list[dict[str, Any]], k: str) -> np.ndarray:
+        return np.array([np.nan if r.get(k) is None else float(r[k]) for r in rs], np.float64)
+
+    present = {r.get("bucket") for r in rows}
+    order = [b for b in bucket_names() if b in present] + sorted(str(b) for b in present - set(bucket_names()) if b)
+    groups: dict[str, list[dict[str, Any]]] = {b: [r for r in rows if r.get("bucket") == b] for b in order}
+    groups["all"] = rows
+    stats = {b: confidence_vs_error(values(rs, "confidence_mean"), values(rs, key)) for b, rs in groups.items()}
+
+    def cell(v: float, fmt: str) -> str:
+        return "-" if not math.isfinite(v) else format(v, fmt)
+
+    lines = [
+        "| yaw | faces | Spearman (confidence, error) | lowest-confidence 10 % among the 10 % worst (chance 0.10) "
+        f"| {label} (%), lowest-confidence 10 % | the other faces |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for b, st in stats.items():
+        lines.append(
+            f"| {b} | {st.n} | {cell(st.spearman, '+.2f')} | {cell(st.low_in_worst, '.2f')} "
+            f"| {cell(100 * st.error_low, '.2f')} | {cell(100 * st.error_rest, '.2f')} |"
+        )
+    md = (
+        "\n## Face confidence vs error\n\n"
+        f"Each face's `confidence_mean` (mean vertex confidence, vrn.volume.confidence) against its {label} "
+        "(vrn.confidence_calibration; a negative Spearman means low confidence goes with large error; "
+        f"'-' below {MIN_FACES} faces).\n\n" + "\n".join(lines) + "\n"
+    )
+    return md, {"error": key, **{b: st.to_dict() for b, st in stats.items()}}
+
+
 def _log_wandb(cfg: DictConfig, results: dict[str, Any], present: list[tuple[str, str, float, int]]) -> None:
     """The summary to W&B (``wandb=true``): a table (bucket x metric) and ``<bucket>/<metric>`` scalars."""
     import wandb
@@ -368,8 +423,11 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             + "\n"
             + BENCHMARK_NOTES
         )
+    calibration_md, calibration = confidence_section(rows)
+    md += calibration_md
     results = {
         "summary": summary,
+        "confidence_calibration": calibration,
         "metrics": [m[0] for m in present],
         "notes": notes,
         "seconds": dt,
