@@ -58,10 +58,10 @@ def test_bad_inputs_are_named() -> None:
 def test_report_section_per_bucket_in_order() -> None:
     rng = np.random.default_rng(1)
     rows = []
-    for bucket, n in (("(60, 90]", 30), ("[0, 30]", 40), ("(30, 60]", 10)):
+    for yaw, n in ((75.0, 30), (-10.0, 40), (45.0, 10)):  # (60, 90], [0, 30], (30, 60]
         e = rng.random(n)
-        rows += [{"bucket": bucket, "bench_surf_vrn": x, "nme_icp": 5.0, "confidence_mean": -x} for x in e.tolist()]
-    rows.append({"bucket": "[0, 30]", "bench_surf_vrn": None, "confidence_mean": None})  # an empty prediction
+        rows += [{"yaw": yaw, "bench_surf_vrn": x, "nme_icp": 5.0, "confidence_mean": -x} for x in e.tolist()]
+    rows.append({"yaw": 3.0, "bench_surf_vrn": None, "confidence_mean": None})  # an empty prediction
     md, js = confidence_section(rows)
     assert js["error"] == "bench_surf_vrn"  # the benchmark's surface metric wins over nme_icp
     table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| yaw")]
@@ -69,7 +69,7 @@ def test_report_section_per_bucket_in_order() -> None:
     assert js["[0, 30]"]["n"] == 40 and js["(30, 60]"]["spearman"] is None  # 10 faces: too few
     assert js["all"]["n"] == 80 and js["(60, 90]"]["spearman"] == pytest.approx(-1.0)
     assert "| (30, 60] | 10 | - | - | - | - |" in md
-    assert confidence_section([{"bucket": "[0, 30]", "nme_icp": 0.1}]) == ("", {})  # no confidence
+    assert confidence_section([{"yaw": 0.0, "nme_icp": 0.1}]) == ("", {})  # no confidence
 
 
 def test_score_sample_records_the_face_confidence(synthetic_packed) -> None:

@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-__all__ = ["ConfidenceCalibration", "confidence_vs_error"]
+__all__ = ["ConfidenceCalibration", "confidence_vs_error", "DEFAULT_FRACTION", "MIN_FACES"]
+
+#: the share of faces in the "lowest confidence" and "largest error" groups (a decile)
+DEFAULT_FRACTION = 0.1
 
 #: fewer faces than this give no statistics (a decile of fewer than 2 faces means little)
 MIN_FACES = 20
@@ -42,7 +45,9 @@ class ConfidenceCalibration:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def confidence_vs_error(confidence: np.ndarray, error: np.ndarray, fraction: float = 0.1) -> ConfidenceCalibration:
+def confidence_vs_error(
+    confidence: np.ndarray, error: np.ndarray, fraction: float = DEFAULT_FRACTION
+) -> ConfidenceCalibration:
     """Calibration of per-face confidence against per-face error.
 
     Args:

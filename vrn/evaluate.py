@@ -63,17 +63,17 @@ from torch.utils.data import DataLoader, Dataset
 from vrn.aflw_benchmark import BENCHMARK_COLUMNS, benchmark_table, pose_errors, score_benchmark
 from vrn.atomic_write import atomic_write
 from vrn.cli_errors import check_device, prepare_output_dir, remove_empty, run_cli
-from vrn.confidence_calibration import MIN_FACES, confidence_vs_error
+from vrn.confidence_calibration import DEFAULT_FRACTION, MIN_FACES, confidence_vs_error
 from vrn.conventions import DEFAULT_LAYOUT, VolumeLayout
 from vrn.eval_datasets import AFLW2000Dataset, EvalSample, PackedEvalDataset, synthetic_test_set
 from vrn.inference import Reconstructor, volume_to_image_mesh
 from vrn.metrics import voxel_iou
 from vrn.nme import (
-    bucket_names,
     interocular_distance,
     landmark_box_size,
     landmark_nme,
     markdown_table,
+    rows_by_yaw_bucket,
     summarize,
     surface_depth_at,
     surface_nme,
@@ -339,18 +339,17 @@ def confidence_section(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]
     def values(rs: list[dict[str, Any]], k: str) -> np.ndarray:
         return np.array([np.nan if r.get(k) is None else float(r[k]) for r in rs], np.float64)
 
-    present = {r.get("bucket") for r in rows}
-    order = [b for b in bucket_names() if b in present] + sorted(str(b) for b in present - set(bucket_names()) if b)
-    groups: dict[str, list[dict[str, Any]]] = {b: [r for r in rows if r.get("bucket") == b] for b in order}
+    groups = {b: rs for b, rs in rows_by_yaw_bucket(rows).items() if rs}  # the summary table's buckets
     groups["all"] = rows
     stats = {b: confidence_vs_error(values(rs, "confidence_mean"), values(rs, key)) for b, rs in groups.items()}
 
     def cell(v: float, fmt: str) -> str:
         return "-" if not math.isfinite(v) else format(v, fmt)
 
+    low = f"lowest-confidence {100 * DEFAULT_FRACTION:.0f} %"
     lines = [
-        "| yaw | faces | Spearman (confidence, error) | lowest-confidence 10 % among the 10 % worst (chance 0.10) "
-        f"| {label} (%), lowest-confidence 10 % | the other faces |",
+        f"| yaw | faces | Spearman (confidence, error) | {low} among the {100 * DEFAULT_FRACTION:.0f} % worst "
+        f"(chance {DEFAULT_FRACTION:.2f}) | {label} (%), {low} | the other faces |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for b, st in stats.items():

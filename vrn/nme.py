@@ -52,6 +52,7 @@ __all__ = [
     "yaw_bucket",
     "YAW_BUCKETS",
     "summarize",
+    "rows_by_yaw_bucket",
     "markdown_table",
     "yaw_from_rotation",
 ]
@@ -381,6 +382,16 @@ def bucket_names() -> list[str]:
     return [yaw_bucket((lo + hi) / 2) for lo, hi in YAW_BUCKETS]
 
 
+def rows_by_yaw_bucket(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows grouped by :func:`yaw_bucket` of their ``"yaw"`` (degrees; missing = NaN):
+    every bucket of :data:`YAW_BUCKETS` in order (empty ones too), then any other group
+    ("unknown") in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {b: [] for b in bucket_names()}
+    for r in rows:
+        groups.setdefault(yaw_bucket(r.get("yaw", float("nan"))), []).append(r)
+    return groups
+
+
 def summarize(rows: Sequence[dict[str, Any]], metrics: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Mean of each metric per yaw bucket, over all samples, and the bucket-balanced mean.
 
@@ -393,9 +404,7 @@ def summarize(rows: Sequence[dict[str, Any]], metrics: Iterable[str]) -> dict[st
         3DDFA reports AFLW2000-3D).
     """
     metrics = list(metrics)
-    groups: dict[str, list[dict[str, Any]]] = {b: [] for b in bucket_names()}
-    for r in rows:
-        groups.setdefault(yaw_bucket(r.get("yaw", float("nan"))), []).append(r)
+    groups = rows_by_yaw_bucket(rows)
 
     def agg(rs: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {"n": len(rs)}
