@@ -260,6 +260,9 @@ class SFMFitter(TDDFAFitter):
 
     Args:
         arch, device, bfm_source, iterations: the port, as :class:`TDDFAFitter`.
+        flip: the port also runs on the mirrored crop and the SFM is fitted to the two landmark
+            sets' average (:func:`mirror_average`, as ``fitter=tddfa flip=true`` makes its
+            targets); twice the port's time, the SFM fit once.
         lambda_shape, lambda_expression, expression_max, fit_iterations, contour:
             :func:`fit_sfm_to_landmarks` (``fit_iterations`` = its ``iterations``).
         max_residual: crop px; a fit whose mean landmark residual exceeds it fails with
@@ -280,9 +283,12 @@ class SFMFitter(TDDFAFitter):
         fit_iterations: int = 5,
         contour: bool = True,
         max_residual: float = 10.0,
+        flip: bool = False,
     ) -> None:
         # smooth_standin=False: the port's dense mesh is discarded, only its landmarks are used
-        super().__init__(arch=arch, device=device, bfm_source=bfm_source, smooth_standin=False, iterations=iterations)
+        super().__init__(
+            arch=arch, device=device, bfm_source=bfm_source, smooth_standin=False, iterations=iterations, flip=flip
+        )
         self.lambda_shape, self.lambda_expression = float(lambda_shape), float(lambda_expression)
         self.expression_max = float(expression_max)
         self.fit_iterations = max(1, int(fit_iterations))
@@ -336,7 +342,7 @@ class SFMFitter(TDDFAFitter):
             R=f.R,
             landmarks=port.landmarks,
             bfm_source="sfm_3448",
-            dense_model="sfm_fit_to_tddfa_landmarks",
+            dense_model="sfm_fit_to_tddfa_landmarks" + ("+flip_mean" if self.flip else ""),
         )
 
 

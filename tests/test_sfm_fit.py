@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from data_pipeline.fit import SFMFitter
+from data_pipeline.fit import SFMFitter, TDDFAFitter
 from data_pipeline.run import run_pipeline
 from tests.helpers import compose_pipeline
+from vrn.face_models.landmarks68 import mirror_landmarks
 from vrn.face_models.mat_fit import load_mat_fit
 from vrn.face_models.sfm import load_sfm, load_sfm_contours
 from vrn.face_models.sfm_fit import (
@@ -119,6 +120,32 @@ def test_sfm_fitter_on_a_real_aflw2000_face(shared_dir):
     occupied = int((code.hi > code.lo).sum())
     assert occupied > 3000, occupied
     assert int((code.hi == code.depth_bins).sum()) < 0.01 * occupied  # the front is not clipped
+
+
+def test_sfm_fitter_flip_fits_the_mirror_averaged_landmarks(shared_dir):
+    img = shared_dir / "data" / "aflw2000_3d_sample" / "image00050.jpg"
+    gt = np.asarray(load_mat_fit(img.with_suffix(".mat"))["pt3d_68"], np.float64)[:2].T - 1.0
+    crop, T = crop_face(read_image_rgb(img), gt)
+    lm = T.apply(gt)
+    flipped = SFMFitter(flip=True)
+    r = flipped.fit(crop, lm, {}, None)
+    assert flipped.params()["flip"] is True and "flip" not in SFMFitter().params()
+    assert r.dense_model == "sfm_fit_to_tddfa_landmarks+flip_mean"
+    # the landmarks the SFM took are the port's flip average (fitter=tddfa flip=true's), not one pass
+    np.testing.assert_allclose(
+        r.landmarks, TDDFAFitter(flip=True, smooth_standin=False).fit(crop, lm, {}, None).landmarks, atol=1e-4
+    )
+    one = SFMFitter().fit(crop, lm, {}, None)
+    assert np.abs(r.landmarks[:, :2] - one.landmarks[:, :2]).mean() > 0.05
+    # a flip average is mirror-symmetric: the mirrored crop gives the mirrored landmarks (x, y)
+    w = crop.shape[1]
+    m = flipped.fit(np.ascontiguousarray(crop[:, ::-1]), mirror_landmarks(lm[:, :2], w), {}, None)
+    np.testing.assert_allclose(mirror_landmarks(m.landmarks, w)[:, :2], r.landmarks[:, :2], atol=1e-3)
+    # and the SFM mesh follows them as closely as the one-pass fit follows its own
+    lv = sfm_landmark_vertices(load_sfm())
+    ok = lv >= 0
+    d = np.linalg.norm(r.verts[lv[ok]] - r.landmarks[ok], axis=1)
+    assert d.mean() < 3.0, d.mean()
 
 
 def test_fitter_config_and_pickling():
