@@ -27,7 +27,8 @@ AFLW2000-3D is a benchmark: this script evaluates, it never trains or selects a 
 (the lambda chosen here is a fitting hyper-parameter of the pipeline; see docs/pipeline.md).
 
 ``python scripts/compare_fit_targets.py --limit 100`` (``--flip``: also ``fitter.flip=true``'s
-stand-in, the crop's fit averaged with the mirrored crop's)
+stand-in, the crop's fit averaged with the mirrored crop's, and the SFM fitted to the averaged
+landmarks for each ``--lambdas`` value, ``fitter=sfm flip=true``)
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--lambdas", default="1,3,10,30,100,300", help="comma-separated lambda_shape = lambda_expression")
     p.add_argument("--json", default=None, help="write per-face rows here")
-    p.add_argument("--flip", action="store_true", help="also fitter.flip=true's stand-in (crop + mirror)")
+    p.add_argument("--flip", action="store_true", help="also fitter.flip=true's stand-in and SFM fits (crop + mirror)")
     a = p.parse_args(argv)
 
     images = sorted(Path(a.data).glob("image*.jpg"))[: a.limit]
@@ -119,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     fitter.setup()
     sfm = load_sfm()
     flip_fitter = TDDFAFitter(smooth_standin=True, flip=True) if a.flip else None
-    methods = ["standin"] + (["standin_flip"] if a.flip else []) + [f"sfm_l{lam:g}" for lam in lambdas] + ["sfm_mean"]
-    sfm_methods = methods[2:] if a.flip else methods[1:]
+    sfm_methods = [f"sfm_l{lam:g}" for lam in lambdas] + ["sfm_mean"]
+    sfm_flip_methods = [f"sfm_l{lam:g}_flip" for lam in lambdas] if a.flip else []
+    methods = ["standin"] + (["standin_flip"] if a.flip else []) + sfm_methods + sfm_flip_methods
     rows = []
     t0 = time.perf_counter()
     for path in images:
@@ -137,9 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         if flip_fitter is not None:
             fl = flip_fitter.fit(crop, T.apply(gt_img[:, :2]), {}, None)
             row["standin_flip"] = evaluate_target(gt, fl.verts, fl.tris, fl.landmarks, iod)
-        for lam, name in zip(lambdas + [math.inf], sfm_methods):
-            f = fit_sfm_to_landmarks(port.landmarks, sfm, lambda_shape=lam, lambda_expression=lam)
-            row[name] = {**evaluate_target(gt, f.verts, f.tris, f.landmarks, iod), "residual": f.residual}
+        fits = [(port.landmarks, zip(lambdas + [math.inf], sfm_methods, strict=True))]
+        if flip_fitter is not None:  # fitter=sfm flip=true: the SFM on the port's mirror-averaged landmarks
+            fits.append((fl.landmarks, zip(lambdas, sfm_flip_methods, strict=True)))
+        for landmarks, named in fits:
+            for lam, name in named:
+                f = fit_sfm_to_landmarks(landmarks, sfm, lambda_shape=lam, lambda_expression=lam)
+                row[name] = {**evaluate_target(gt, f.verts, f.tris, f.landmarks, iod), "residual": f.residual}
         rows.append(row)
     wall = time.perf_counter() - t0
 
