@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vrn.data.packed import PackedReader, PackedWriter, merge_packed, write_subset
+from vrn.data.packed import PackedReader, PackedWriter, merge_packed, resplit_packed, write_subset
 from vrn.volume.codec import from_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +145,48 @@ def test_merge_refuses_different_layouts(synthetic_packed, tmp_path):
     assert not (tmp_path / "ab").exists() and not (tmp_path / "ab.partial").exists()
     with pytest.raises(ValueError, match="at least one"):
         merge_packed([], tmp_path / "none")
+
+
+def test_resplit_moves_exactly_the_listed_ids(synthetic_packed, tmp_path):
+    src = PackedReader(synthetic_packed)
+    ids = [str(r["id"]) for r in src.rows]
+    chosen = [ids[0], ids[5], ids[-1]]  # whatever their splits were
+    out = resplit_packed(synthetic_packed, tmp_path / "re", {i: "val" for i in chosen})
+    re = PackedReader(out)
+    assert re.meta["splits"] == {"train": len(ids) - 3, "val": 3}
+    assert [str(r["id"]) for r in re.rows] == ids  # same order, same samples
+    assert {str(r["id"]) for r in re.rows if r["split"] == "val"} == set(chosen)
+    new = ["val" if i in chosen else "train" for i in ids]
+    moved = sum(r["split"] != n for r, n in zip(src.rows, new, strict=True))
+    assert re.meta["resplit_of"]["moved"] == moved and re.meta["resplit_of"]["listed"] == 3
+    for i in range(len(ids)):
+        ib, tb, row = re.encoded(i)
+        ib0, tb0, row0 = src.encoded(i)
+        assert np.array_equal(ib, ib0) and tb == tb0
+        assert {k: v for k, v in row.items() if k != "split"} == {k: v for k, v in row0.items() if k != "split"}
+    # every sample must be listed when there is no default
+    with pytest.raises(ValueError, match="have no split"):
+        resplit_packed(synthetic_packed, tmp_path / "strict", {ids[0]: "val"}, default=None)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_resplit_cli_reads_an_id_file(synthetic_packed, tmp_path):
+    ids = [str(r["id"]) for r in PackedReader(synthetic_packed).rows]
+    f = tmp_path / "val_ids.txt"
+    f.write_text(f"# val faces\n{ids[1]}\n\n{ids[2]}  # second\nnot_a_sample\n")
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "resplit_pack.py"),
+            str(synthetic_packed),
+            str(tmp_path / "cli"),
+            "--val-ids",
+            str(f),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "2 of 3 listed ids found" in r.stdout and "not_a_sample" in r.stdout
+    assert PackedReader(tmp_path / "cli").meta["splits"] == {"train": len(ids) - 2, "val": 2}

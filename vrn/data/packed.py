@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ __all__ = [
     "PackedWriter",
     "write_subset",
     "merge_packed",
+    "resplit_packed",
     "PackedReader",
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
@@ -505,3 +506,47 @@ def merge_packed(srcs: Iterable[str | os.PathLike], dst: str | os.PathLike, over
     extra = {k: v for k, v in readers[0].meta.items() if k not in _FORMAT_KEYS and k != "merged_from"}
     extra["merged_from"] = [str(Path(r.root).absolute()) for r in readers]
     return _copy_samples([(r, list(range(len(r)))) for r in readers], dst, extra, overwrite, None, None)
+
+
+def resplit_packed(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    split_of_id: Mapping[str, str],
+    default: str | None = "train",
+    overwrite: bool = False,
+) -> Path:
+    """Copy a packed folder with each sample's split replaced, bytes unchanged.
+
+    For continuing a model on the split it was trained with after the data was rebuilt under
+    another split rule (e.g. AFLW packed before pack version 2): ``split_of_id`` gives the
+    split of the listed sample ids, every other sample gets ``default``.
+    ``meta.json["resplit_of"]`` records the source and the counts moved.
+
+    Args:
+        split_of_id: sample id -> split name.
+        default: split of the samples not in ``split_of_id``; None: every sample must be listed.
+    Raises:
+        PackedFormatError: ``src`` is not a readable packed folder.
+        ValueError: ``default`` is None and a sample is not listed.
+    """
+    reader = PackedReader(src)
+    ids = [str(row["id"]) for row in reader.rows]
+    if default is None:
+        missing = [i for i in ids if i not in split_of_id]
+        if missing:
+            raise ValueError(f"resplit_packed: {len(missing)} samples of {src} have no split (first: {missing[0]!r})")
+    new_split = [str(split_of_id.get(i, default)) for i in ids]
+    moved = sum(str(row["split"]) != s for row, s in zip(reader.rows, new_split, strict=True))
+    extra = {k: v for k, v in reader.meta.items() if k not in _FORMAT_KEYS and k != "resplit_of"}
+    extra["resplit_of"] = {
+        "root": str(Path(src).absolute()),
+        "listed": int(sum(i in split_of_id for i in ids)),
+        "unlisted_to": default,
+        "moved": int(moved),
+    }
+    codec = reader.meta.get("image_codec", ".png")
+    with PackedWriter(dst, image_codec=codec, extra_meta=extra, overwrite=overwrite, layout=reader.layout) as w:
+        for i, split in enumerate(new_split):
+            ib, tb, row = reader.encoded(i)
+            w.add_encoded(ib, tb, {**{k: v for k, v in row.items() if k != "index"}, "split": split})
+    return Path(dst)
