@@ -158,6 +158,22 @@ def test_ddp_configs_and_auto_mixed_precision(tmp_path, monkeypatch):
     assert resolve_precision(OmegaConf.merge(gpu, {"accelerator": "cpu"})).precision == "32-true"
 
 
+def test_cpu_bf16_falls_back_to_fp32_without_native_bf16(tmp_path, monkeypatch, caplog):
+    cpu = compose_config("train", ["trainer=cpu_bf16"], output_dir=tmp_path).trainer
+    assert (cpu.accelerator, cpu.precision) == ("cpu", "bf16-mixed")
+    monkeypatch.setattr("vrn.builders.cpu_has_native_bf16", lambda: True)
+    assert resolve_precision(cpu).precision == "bf16-mixed"
+    monkeypatch.setattr("vrn.builders.cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="vrn.builders"):
+        assert resolve_precision(cpu).precision == "32-true"
+    assert "no native bfloat16" in caplog.text and "trainer.precision=32" in caplog.text
+    # a GPU run keeps it: the CPU's bf16 does not matter there
+    assert resolve_precision(OmegaConf.merge(cpu, {"accelerator": "gpu"})).precision == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("vrn.builders.cuda_device_count", lambda: 0)
+    assert resolve_precision(OmegaConf.merge(cpu, {"accelerator": "auto"})).precision == "32-true"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_gpu_ddp_without_gpu_stops_with_one_line(tmp_path):
     """A DDP config without GPUs is pointed at CPU DDP too; a one-GPU config only at trainer=cpu."""

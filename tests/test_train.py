@@ -29,7 +29,9 @@ def _overrides(packed: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("extra", [[], ["trainer=cpu_bf16", "model.channels_last=true"]], ids=["fp32", "bf16_nhwc"])
-def test_fast_dev_run(synthetic_packed, tmp_path, extra):
+def test_fast_dev_run(synthetic_packed, tmp_path, extra, monkeypatch):
+    # bf16 on every CPU (emulated where not native, fine for one tiny step): the bf16 path itself
+    monkeypatch.setattr("vrn.builders.cpu_has_native_bf16", lambda: True)
     cfg = compose_config(
         "train", _overrides(synthetic_packed, "trainer.fast_dev_run=true", *extra), output_dir=tmp_path
     )
