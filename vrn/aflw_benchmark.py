@@ -230,13 +230,21 @@ class SurfaceLandmarkNME:
 
 
 def surface_landmark_nme(
-    gt_points: np.ndarray, verts: np.ndarray, faces: np.ndarray, max_iterations: int = 50, tolerance: float = 1e-6
+    gt_points: np.ndarray,
+    verts: np.ndarray,
+    faces: np.ndarray,
+    max_iterations: int = 50,
+    tolerance: float = 1e-6,
+    iod: float | None = None,
 ) -> SurfaceLandmarkNME:
     """The 68 ground-truth 3D points against a reconstructed surface (module doc).
 
     Args:
-        gt_points: (68, 3) ground-truth landmarks, image px (any z origin).
+        gt_points: (68, 3) ground-truth landmarks, image px (any z origin); or (N, 3), any subset
+            of them, with ``iod`` given.
         verts: (V, 3) reconstructed surface, image px; faces: (F, 3).
+        iod: the normaliser (3D outer interocular distance, image px); None: from ``gt_points``
+            (iBUG 37 and 46).
     Returns:
         :class:`SurfaceLandmarkNME`; NaNs for an empty mesh.
     """
@@ -244,7 +252,7 @@ def surface_landmark_nme(
     v = np.asarray(verts, np.float64)
     if len(v) == 0 or len(faces) == 0:
         return SurfaceLandmarkNME(float("nan"), float("nan"))
-    iod = interocular_distance(g)
+    iod = interocular_distance(g) if iod is None else float(iod)
     tree = cKDTree(v)
     # x, y are registered (same photo); start with the fronts (nose region) matched in depth
     t0 = np.array([0.0, 0.0, np.percentile(v[:, 2], 99) - np.percentile(g[:, 2], 99)])
