@@ -8,7 +8,7 @@ import math
 import pytest
 
 from vrn.cli_errors import UserError
-from vrn.eval_comparison import compare_rows, load_side, main, markdown
+from vrn.eval_comparison import _SCALE, compare_rows, load_side, main, markdown
 
 
 def _write(path, rows):
@@ -109,3 +109,15 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
         main([str(tmp_path / "missing.json"), str(old)])
     assert e.value.code == 2
     assert "vrn.eval_comparison: error:" in capsys.readouterr().err
+
+
+def test_every_report_metric_is_shown_in_the_reports_scale(tmp_path):
+    """The scales come from vrn.evaluate's table definitions, so a metric added there (nme_lmk_surf)
+    is compared in percent too, not as a raw fraction."""
+    from vrn.evaluate import METRICS
+
+    a = _write(tmp_path / "a.json", _rows([0.02, 0.03], [10, 20], key="nme_lmk_surf"))
+    b = _write(tmp_path / "b.json", _rows([0.03, 0.03], [10, 20], key="nme_lmk_surf"))
+    r = compare_rows(load_side(str(a), "nme_lmk_surf"), load_side(str(b), "nme_lmk_surf"))
+    assert r["buckets"][0].diff == pytest.approx(-0.5)  # percent points
+    assert {m[0] for m in METRICS} <= set(_SCALE)

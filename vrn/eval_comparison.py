@@ -30,22 +30,14 @@ import numpy as np
 from vrn.aflw_benchmark import BENCHMARK_COLUMNS
 from vrn.atomic_write import atomic_write
 from vrn.cli_errors import UserError, run_cli
+from vrn.evaluate import METRICS
 from vrn.nme import YAW_BUCKETS, bucket_names, rows_by_yaw_bucket
 
 __all__ = ["BucketDifference", "Side", "compare_rows", "load_side", "markdown", "main"]
 
-#: report scale of each metric (100 = shown in percent), from vrn.evaluate's tables
-_SCALE: dict[str, float] = {
-    "nme_icp": 100.0,
-    "nme_rigid": 100.0,
-    "nme_lmk_2d": 100.0,
-    "nme_lmk_3d": 100.0,
-    "nme_lmk_3d_51": 100.0,
-    "nme_lmk_3d_fit": 100.0,
-    "iou": 1.0,
-    "confidence_mean": 1.0,
-    **{c[0]: c[3] for c in BENCHMARK_COLUMNS},
-}
+#: report scale of each metric (100 = shown in percent): vrn.evaluate's own table definitions
+#: (any other row key, e.g. confidence_mean, is shown as stored)
+_SCALE: dict[str, float] = {**{m[0]: m[2] for m in METRICS}, **{c[0]: c[3] for c in BENCHMARK_COLUMNS}}
 
 
 @dataclass(frozen=True)
