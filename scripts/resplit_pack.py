@@ -37,10 +37,11 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     ids = read_ids(args.val_ids)
-    have = {str(r["id"]) for r in PackedReader(args.src).rows}
-    missing = [i for i in ids if i not in have]
     out = resplit_packed(args.src, args.dst, {i: "val" for i in ids}, default=args.others, overwrite=args.overwrite)
-    splits = PackedReader(out).meta.get("splits", {})
+    written = PackedReader(out)  # the same samples as src: its ids say which listed ones were there
+    have = {str(r["id"]) for r in written.rows}
+    missing = [i for i in ids if i not in have]
+    splits = written.meta.get("splits", {})
     print(f"{out}: {splits}; {len(ids) - len(missing)} of {len(ids)} listed ids found in {args.src}")
     if missing:
         print(f"  not in the pack (skipped): {len(missing)}, e.g. {', '.join(missing[:5])}")

@@ -16,6 +16,13 @@ from vrn.volume.codec import from_bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``python scripts/<name> args...`` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+
 def test_subset_keeps_bytes_counts_and_layout(synthetic_packed, tmp_path):
     src = PackedReader(synthetic_packed)
     out = write_subset(synthetic_packed, tmp_path / "sub", {"train": 5, "val": 2}, seed=1)
@@ -44,19 +51,7 @@ def test_subset_unknown_split_and_cli(synthetic_packed, tmp_path):
     with pytest.raises(ValueError, match="no split 'holdout'"):
         write_subset(synthetic_packed, tmp_path / "bad", {"holdout": 3})
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "pack_subset.py"),
-            str(synthetic_packed),
-            str(tmp_path / "cli"),
-            "--train",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = _script("pack_subset.py", str(synthetic_packed), str(tmp_path / "cli"), "--train", "3")
     assert r.returncode == 0, r.stderr
     assert "3 samples" in r.stdout
     assert PackedReader(tmp_path / "cli").meta["splits"] == {"train": 3}
@@ -117,9 +112,7 @@ def test_slim_manifest_and_jpeg_reencoding(synthetic_packed, tmp_path):
 
 def test_cli_parts_and_merge(synthetic_packed, tmp_path):
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "pack_subset.py"), *args], capture_output=True, text=True, cwd=ROOT
-        )
+        return _script("pack_subset.py", *args)
 
     for k in range(2):
         r = cli(str(synthetic_packed), str(tmp_path / f"p{k}"), "--train", "6", "--part", f"{k}/2", "--slim")
@@ -174,19 +167,7 @@ def test_resplit_cli_reads_an_id_file(synthetic_packed, tmp_path):
     ids = [str(r["id"]) for r in PackedReader(synthetic_packed).rows]
     f = tmp_path / "val_ids.txt"
     f.write_text(f"# val faces\n{ids[1]}\n\n{ids[2]}  # second\nnot_a_sample\n")
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "resplit_pack.py"),
-            str(synthetic_packed),
-            str(tmp_path / "cli"),
-            "--val-ids",
-            str(f),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = _script("resplit_pack.py", str(synthetic_packed), str(tmp_path / "cli"), "--val-ids", str(f))
     assert r.returncode == 0, r.stderr
     assert "2 of 3 listed ids found" in r.stdout and "not_a_sample" in r.stdout
     assert PackedReader(tmp_path / "cli").meta["splits"] == {"train": len(ids) - 2, "val": 2}
